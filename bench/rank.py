@@ -1,0 +1,160 @@
+"""Cost of the latent ranking SQL (all scores) against a bare scan of the same Parquet columns.
+
+What: writes N synthetic `latent_tokens` rows (default 10 M in 50 Parquet files, RunPaths layout in a temp store:
+doc_id int64, pos int32, latent_id int32 uniform over 16 384 latents, activation float32, kl_attribution float32;
+documents of 256 tokens x 32 active latents, so about 1 220 documents and ~8 M (latent, document) pairs) plus a
+docs table with 2 % of the documents labelled with one of two planted behaviours. On one `storage.duck.connect`
+connection it times
+  - ranking: `storage.ranking.rank_latents(con, "total")` = rank_latents.sql: every score and rank, dominant
+    behaviour, result as a pyarrow table (n_tokens passed in, as the pipeline knows it);
+  - bare scan: `SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM
+    latent_tokens` - the same files and exactly the columns the ranking reads, decoded and aggregated once, i.e.
+    the floor any query over these columns pays;
+each `--repeat` times after one warm-up run (best time reported), and prints both times and the ratio (target <= 3).
+
+Why: ranking must stay a cheap post-processing step over the attribution output, not a second pipeline stage.
+
+    python bench/rank.py                                  # 10 M rows; appends to docs/BENCHMARKS.md with --write
+    python bench/rank.py --rows 1000000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from typing import Callable, NamedTuple
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.duck import connect
+from storage.paths import RunPaths
+from storage.ranking import rank_latents, recovery
+
+BARE_SCAN = "SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM latent_tokens"
+TOKENS_PER_DOC, LATENTS_PER_TOKEN = 256, 32
+
+
+class BenchResult(NamedTuple):
+    rows: int
+    files: int
+    latents: int
+    threads: int
+    bare_s: float
+    rank_s: float
+    recovery_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.rank_s / self.bare_s
+
+
+def write_data(paths: RunPaths, rows: int, files: int, n_latents: int, seed: int = 0) -> int:
+    """The synthetic run; returns the number of analysed tokens."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(paths.latent_tokens_part(0)), exist_ok=True)
+    bounds = np.linspace(0, rows, files + 1).astype(np.int64)
+    for i in range(files):
+        idx = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
+        token = idx // LATENTS_PER_TOKEN
+        table = pa.table({
+            "doc_id": token // TOKENS_PER_DOC,
+            "pos": (token % TOKENS_PER_DOC).astype(np.int32),
+            "latent_id": rng.integers(0, n_latents, len(idx), dtype=np.int32),
+            "activation": np.abs(rng.standard_normal(len(idx), dtype=np.float32)),
+            "kl_attribution": (0.01 * rng.standard_normal(len(idx), dtype=np.float32) + 0.002).astype(np.float32),
+        })  # fmt: skip
+        pq.write_table(table, paths.latent_tokens_part(i))
+    n_tokens = -(-rows // LATENTS_PER_TOKEN)
+    n_docs = -(-n_tokens // TOKENS_PER_DOC)
+    labels = np.full(n_docs, "none", dtype=object)
+    planted = rng.choice(n_docs, max(2, n_docs // 50), replace=False)
+    labels[planted] = np.where(np.arange(len(planted)) % 2 == 0, "planted_a", "planted_b")
+    docs = pa.table({"doc_id": np.arange(n_docs, dtype=np.int64), "behaviour": pa.array(labels, pa.string())})
+    pq.write_table(docs, paths.table("docs"))
+    return n_tokens
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: file metadata, OS page cache
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_bench(rows: int, files: int, n_latents: int, threads: int | None, repeat: int, keep: str | None) -> BenchResult:
+    tmp = keep or tempfile.mkdtemp(prefix="diffsae-bench-rank-")
+    paths = RunPaths(tmp, "bench")
+    try:
+        t0 = time.perf_counter()
+        n_tokens = write_data(paths, rows, files, n_latents)
+        print(f"wrote {rows:,} latent_tokens rows in {files} files under {paths.root} ({time.perf_counter() - t0:.1f} s)")
+        con = connect(paths.store, paths.run, harden_connection=False)
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        used_threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        bare = best_of(lambda: con.execute(BARE_SCAN).fetchall(), repeat)
+        latents: list[pa.Table] = []
+        rank = best_of(lambda: latents.append(rank_latents(con, "total", n_tokens=n_tokens)), repeat)
+        rec = best_of(lambda: recovery(con, latents[-1]), 1)
+        assert latents[-1].num_rows == n_latents and "dominant_behaviour" in latents[-1].column_names
+        return BenchResult(rows, files, n_latents, int(used_threads), bare, rank, rec)
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(r: BenchResult) -> str:
+    return "\n".join([
+        f"- {r.rows:,} rows, {r.files} files, {r.latents:,} latents, DuckDB {duckdb.__version__}, {r.threads} threads, "
+        f"{platform.machine()} ({os.cpu_count()} CPUs visible)",
+        f"- bare scan (count + 4 sums of the ranked columns): {r.bare_s:.3f} s",
+        f"- ranking (all {7} scores, ranks, dominant behaviour): {r.rank_s:.3f} s",
+        f"- ratio ranking / bare scan: {r.ratio:.2f}x (target <= 3x)",
+        f"- recovery (all scores x planted behaviours): {r.recovery_s:.3f} s",
+    ])  # fmt: skip
+
+
+def append_benchmarks(text: str, path: str = "docs/BENCHMARKS.md") -> None:
+    """Add a dated entry under '## Ranking (bench/rank.py)', creating the file or the section if absent."""
+    head = "## Ranking (bench/rank.py)"
+    entry = f"\n{time.strftime('%Y-%m-%d')}, `python bench/rank.py`:\n{text}\n"
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if head not in old:
+        old = old.rstrip("\n") + f"\n\n{head}\n"
+    start = old.index(head) + len(head)
+    nxt = old.find("\n## ", start)
+    end = len(old) if nxt < 0 else nxt
+    section = old[start:end].rstrip("\n") + "\n" + entry
+    with open(path, "w") as f:
+        f.write(old[:start] + section + old[end:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--files", type=int, default=50)
+    ap.add_argument("--latents", type=int, default=16_384)
+    ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: DuckDB's)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", default=None, help="write the data here and keep it (default: a temp dir, removed)")
+    ap.add_argument("--write", action="store_true", help="append the figures to docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    result = run_bench(args.rows, args.files, args.latents, args.threads, args.repeat, args.keep)
+    text = report(result)
+    print(text)
+    if args.write:
+        append_benchmarks(text)
+
+
+if __name__ == "__main__":
+    main()

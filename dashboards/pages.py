@@ -1,0 +1,232 @@
+"""The data model of the site: everything the templates show, computed from the tables in one pass.
+
+`build(tables, cfg, window)` returns a `Site`: the index rows, the per-token KL histogram, the recovery table,
+one `LatentPage` per listed latent (histograms, contexts by attribution and by activation, prev/next) and the
+high-KL token rows. All selection runs in polars (dashboards/select.py); Python only reshapes selected rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import polars as pl
+
+from dashboards import select
+from dashboards.plots import SvgPlot, fmt, histogram, histograms, svg_histogram
+from dashboards.select import Context
+from dashboards.tables import SiteTables
+from diffsae.config import DashboardsConfig
+
+PATCH_COLS = ("kl_patch_base", "kl_patch_bias", "kl_patch_recon")
+N_CREDITS = 5
+
+
+class LatentRow(NamedTuple):
+    latent_id: int
+    rank: int | None
+    kl_attr_sum: float
+    kl_attr_mean: float
+    kl_attr_max: float
+    frequency: float
+    mean_activation: float
+    max_activation: float
+    n_active: int
+    ranks: tuple[int | None, ...]  # the rank_* columns, in Site.rank_cols order
+    scores: tuple[float | None, ...]  # the score_* columns, in Site.score_cols order
+    behaviour: str | None
+    share: float | None
+    promoted: tuple[str, ...]
+    suppressed: tuple[str, ...]
+
+
+class Firing(NamedTuple):
+    ctx: Context
+    activation: float
+    attribution: float
+
+
+class LatentPage(NamedTuple):
+    row: LatentRow
+    prev: int | None
+    next: int | None
+    attr_plot: SvgPlot | None
+    act_plot: SvgPlot | None
+    by_attr: tuple[Firing, ...]
+    by_act: tuple[Firing, ...]
+
+
+class Credit(NamedTuple):
+    latent_id: int
+    attribution: float
+    activation: float
+    linked: bool  # the latent has a page
+
+
+class TokenRow(NamedTuple):
+    ctx: Context
+    kl: float
+    patches: tuple[tuple[str, float | None], ...]
+    credits: tuple[Credit, ...]
+
+
+class RecoveryGroup(NamedTuple):
+    score: str
+    rows: tuple[tuple[tuple[str, str], ...], ...]  # per row: (text, css class) per column
+    n_recovered: int
+
+
+class Recovery(NamedTuple):
+    columns: tuple[str, ...]
+    groups: tuple[RecoveryGroup, ...]
+
+
+class Site(NamedTuple):
+    rows: tuple[LatentRow, ...]
+    rank_cols: tuple[str, ...]
+    score_cols: tuple[str, ...]
+    has_labels: bool
+    n_latents: int
+    n_dead: int
+    n_tokens: int
+    kl_plot: SvgPlot | None
+    kl_scale: float
+    recovery: Recovery | None
+    latent_pages: tuple[LatentPage, ...]
+    token_rows: tuple[TokenRow, ...]
+    window: int
+
+
+def build(tables: SiteTables, cfg: DashboardsConfig, window: int) -> Site:
+    lat = select.top_latents(tables.latents, cfg.top_latents)
+    rank_cols = tuple(c for c in tables.latents.columns if c.startswith("rank_"))
+    score_cols = tuple(c for c in tables.latents.columns if c.startswith("score_"))
+    has_labels = "dominant_behaviour" in tables.latents.columns
+    rows = tuple(_latent_row(r, rank_cols, score_cols) for r in lat.iter_rows(named=True))
+    scale = select.kl_scale(tables.tokens)
+    kl_hist = histogram(tables.tokens["kl"].cast(pl.Float64), bins=50)
+    return Site(
+        rows=rows,
+        rank_cols=rank_cols,
+        score_cols=score_cols,
+        has_labels=has_labels,
+        n_latents=tables.latents.height,
+        n_dead=int((tables.latents["n_active"] == 0).sum()),
+        n_tokens=tables.tokens.height,
+        kl_plot=svg_histogram(kl_hist, "per-token KL(ft \u2016 base), nats", log_y=True) if kl_hist else None,
+        kl_scale=scale,
+        recovery=_recovery(tables.recovery),
+        latent_pages=_latent_pages(tables, lat["latent_id"], rows, cfg, window, scale),
+        token_rows=_token_rows(tables, {r.latent_id for r in rows}, cfg, window, scale),
+        window=window,
+    )
+
+
+def _latent_row(r: dict[str, Any], rank_cols: tuple[str, ...], score_cols: tuple[str, ...]) -> LatentRow:
+    return LatentRow(
+        latent_id=int(r["latent_id"]),
+        rank=r["rank"],
+        kl_attr_sum=r["kl_attr_sum"],
+        kl_attr_mean=r["kl_attr_mean"],
+        kl_attr_max=r["kl_attr_max"],
+        frequency=r["frequency"],
+        mean_activation=r["mean_activation"],
+        max_activation=r["max_activation"],
+        n_active=r["n_active"],
+        ranks=tuple(r[c] for c in rank_cols),
+        scores=tuple(r[c] for c in score_cols),
+        behaviour=r.get("dominant_behaviour"),
+        share=r.get("dominant_share"),
+        promoted=tuple(r["promoted"] or ()),
+        suppressed=tuple(r["suppressed"] or ()),
+    )
+
+
+def _latent_pages(
+    tables: SiteTables,
+    ids: pl.Series,
+    rows: tuple[LatentRow, ...],
+    cfg: DashboardsConfig,
+    window: int,
+    scale: float,
+) -> tuple[LatentPage, ...]:
+    ids = ids.cast(tables.latent_tokens.schema["latent_id"])
+    lt = tables.latent_tokens.join(pl.DataFrame({"latent_id": ids}), on="latent_id", how="semi")
+    attr_h = histograms(lt, "latent_id", "kl_attribution", bins=40)
+    act_h = histograms(lt, "latent_id", "activation", bins=40)
+    ctx = select.latent_contexts(lt, ids, cfg.n_contexts)
+    win = select.windows(ctx, tables.tokens, tables.docs, window, scale, latent_tokens=lt)
+    firings: dict[tuple[int, str], list[Firing]] = {}
+    for lid, doc_id, pos, act, attr, kind in ctx.select(
+        "latent_id", "doc_id", "pos", "activation", "kl_attribution", "kind"
+    ).iter_rows():
+        c = win.get((lid, doc_id, pos))
+        if c is not None:
+            firings.setdefault((lid, kind), []).append(Firing(c, act, attr))
+    pages = []
+    for i, row in enumerate(rows):
+        lid = row.latent_id
+        ah, vh = attr_h.get(lid), act_h.get(lid)
+        pages.append(
+            LatentPage(
+                row=row,
+                prev=rows[i - 1].latent_id if i > 0 else None,
+                next=rows[i + 1].latent_id if i + 1 < len(rows) else None,
+                attr_plot=svg_histogram(ah, "KL attribution per firing (nats)") if ah else None,
+                act_plot=svg_histogram(vh, "activation") if vh else None,
+                by_attr=tuple(firings.get((lid, "attr"), ())),
+                by_act=tuple(firings.get((lid, "act"), ())),
+            )
+        )
+    return tuple(pages)
+
+
+def _token_rows(
+    tables: SiteTables, listed: set[int], cfg: DashboardsConfig, window: int, scale: float
+) -> tuple[TokenRow, ...]:
+    top = select.high_kl_tokens(tables.tokens, cfg.n_high_kl_tokens)
+    win = select.windows(top, tables.tokens, tables.docs, window, scale)
+    credits: dict[tuple[int, int], list[Credit]] = {}
+    for doc_id, pos, lid, act, attr in (
+        select.credits_at(tables.latent_tokens, top, N_CREDITS)
+        .select("doc_id", "pos", "latent_id", "activation", "kl_attribution")
+        .iter_rows()
+    ):
+        credits.setdefault((doc_id, pos), []).append(Credit(int(lid), attr, act, int(lid) in listed))
+    patch_cols = [c for c in PATCH_COLS if c in top.columns]
+    out = []
+    for r in top.iter_rows(named=True):
+        key = (r["doc_id"], r["pos"])
+        if key not in win:
+            continue
+        out.append(
+            TokenRow(
+                ctx=win[key],
+                kl=r["kl"],
+                patches=tuple((c.removeprefix("kl_patch_"), r[c]) for c in patch_cols),
+                credits=tuple(credits.get(key, ())),
+            )
+        )
+    return tuple(out)
+
+
+def _recovery(rec: pl.DataFrame | None) -> Recovery | None:
+    if rec is None or rec.height == 0:
+        return None
+    columns = tuple(c for c in rec.columns if c != "score")
+    groups = []
+    for (score,), part in rec.partition_by("score", as_dict=True, maintain_order=True).items():
+        rows = []
+        for r in part.iter_rows(named=True):
+            cells = []
+            for c in columns:
+                v = r[c]
+                if isinstance(v, bool):
+                    cells.append(("yes" if v else "no", "ok" if v else "miss"))
+                elif isinstance(v, (int, float)):
+                    cells.append((fmt(v), "num"))
+                else:
+                    cells.append(("\u2014" if v is None else str(v), ""))
+            rows.append(tuple(cells))
+        n_rec = int(part["recovered"].cast(pl.Boolean).fill_null(False).sum())
+        groups.append(RecoveryGroup(str(score), tuple(rows), n_rec))
+    return Recovery(columns, tuple(groups))

@@ -1,0 +1,327 @@
+"""Integrated-gradients KL attribution of diff-SAE latents, per document, batched.
+
+Why: a diff-SAE is trained on diff = h_ft − h_base at layer L. Its latents are ranked by how much of the
+change of the next-token distributions, KL(p_ft ‖ p_base), each one explains: the KL attribution of
+"Overcoming Sparsity Artifacts in Crosscoders to Interpret Chat-Tuning" (Minder et al. 2025), applied to a
+diff-SAE, with integrated gradients (Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep
+Networks").
+
+How: both models run on the batch; h_base and h_ft are read at layer L (`diffsae.hooks.read_residual`) and
+the SAE encodes diff in float32, giving activations a_{s,i} (d_i = W_dec_FD[i] / scale, b = b_dec_D / scale:
+original units). The path
+
+    h(α) = h_base + b + α · Σ_i a_i d_i     (α = 1: h_base + the SAE reconstruction of diff)
+
+replaces the output of decoder block L of the FINETUNED model (`diffsae.hooks.replace_residual`), and
+KL(α) = Σ_t KL(p_ft,t ‖ p_patch,t(α)) over the document's analysed tokens. With the midpoint rule
+α_j = (j + 0.5) / steps and ḡ_s = mean_j ∇_{h_s} KL(α_j):
+
+    attr_{s,i} = −a_{s,i} · (ḡ_s · d_i),    Σ_{s,i} attr_{s,i} ≈ KL(0) − KL(1)   (completeness, per doc)
+
+so a positive attribution means the latent removes KL, i.e. it carries part of the finetuning change.
+Several α steps are stacked in the batch dimension of one forward (`steps_per_forward`); the gradient is
+taken with respect to the patched activation tensor only (model parameters are frozen during the call, and
+their requires_grad flags and train/eval mode restored afterwards).
+
+Conventions:
+- Padding: `attention_mask_BT` marks real tokens. Right padding is the usual case; left padding works too,
+  because in-document positions are computed from the mask and passed as `position_ids`. Padding positions
+  are never patched (they keep h_ft) and never reported: their per-token values are NaN.
+- skip_first: in-document positions < skip_first (default 1, the BOS attention sink, whose huge norm would
+  dominate the diff) are NOT patched: they keep h_ft in every patched run, get no latent records and are
+  left out of KL(α) (being unpatched and causally before every patched position, their patched KL is 0
+  anyway). Their plain `kl` is still reported.
+- Per-token arrays are laid out like `input_ids_BT` (column index); the records' `pos` is the in-document
+  position (cumsum of the mask − 1), which equals the column index under right padding.
+- Attributions of the active pairs use a gather of the W_dec rows of the active (token, latent) pairs,
+  chunked over pairs: O(n_active · D) work, instead of the dense ḡ @ W_decᵀ product ([N, F],
+  O(N · F · D)); with k ≈ 32 active latents of F = 73,728 the gather is ~2000× cheaper. The reconstruction
+  Σ_i a_i d_i is built the same way.
+
+`promoted_suppressed` reads each latent's direct effect on the finetuned model's logits, W_U · (γ ⊙ d_i),
+where γ is the final norm's effective gain (RMSNorm: norm(ones) = its gain, which also covers Gemma's
+(1 + w); LayerNorm: its weight; the final logit soft-cap, being monotone, is ignored).
+
+Tests: `pytest tests/test_attribution.py`; throughput: `python bench/attribution.py`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffsae.hooks import read_residual, replace_residual
+from diffsae.kl import kl_grad_logits_q, kl_per_token
+
+LOGIT_BUDGET_ELEMS = 1 << 27  # α steps stacked per forward: at most this many logits entries per forward
+PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
+
+
+class SAELike(Protocol):
+    W_dec_FD: torch.Tensor
+    b_dec_D: torch.Tensor
+    scale: torch.Tensor
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor: ...
+
+
+class AttributionBatch(NamedTuple):
+    """Per-token arrays are float32 [B, T] numpy (NaN at padding); records are flat arrays of equal length."""
+
+    kl_BT: np.ndarray  # KL(p_ft ‖ p_base)
+    kl_patch_base_BT: np.ndarray  # KL(p_ft ‖ p_ft with h_base patched in)
+    kl_patch_bias_BT: np.ndarray  # ... with h_base + b patched in (= per-token KL(α=0))
+    kl_patch_recon_BT: np.ndarray  # ... with h_base + reconstruction patched in (= per-token KL(α=1))
+    batch_idx: np.ndarray  # int64 [P] row of the batch
+    pos: np.ndarray  # int32 [P] position in the document
+    latent_id: np.ndarray  # int32 [P]
+    activation: np.ndarray  # float32 [P] a_{s,i} (SAE units)
+    attribution: np.ndarray  # float32 [P] attr_{s,i}
+    kl_drop_B: np.ndarray  # float32 [B] KL(0) − KL(1) over the analysed tokens (target of completeness)
+    attr_sum_B: np.ndarray  # float32 [B] Σ attributions of the document
+
+
+@contextmanager
+def frozen(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and requires_grad=False on every parameter; both restored on exit."""
+    saved = [(m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in models]
+    try:
+        for m in models:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+        yield
+    finally:
+        for m, (training, flags) in zip(models, saved):
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(
+    model: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor
+) -> torch.Tensor:
+    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT).logits  # [B, T, V]
+
+
+def _patched_logits(
+    model: nn.Module,
+    layer: int,
+    h_BTD: torch.Tensor,
+    ids_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    pos_BT: torch.Tensor,
+) -> torch.Tensor:
+    with replace_residual(model, layer, h_BTD):
+        return _forward(model, ids_BT, mask_BT, pos_BT)  # [B, T, V]
+
+
+def _sum_rows(rows_PD: torch.Tensor, idx_P: torch.Tensor, n: int) -> torch.Tensor:
+    out_ND = torch.zeros(n, rows_PD.shape[1], dtype=rows_PD.dtype, device=rows_PD.device)
+    return out_ND.index_add_(0, idx_P, rows_PD)  # [N, D]
+
+
+def _nan_outside(x_BT: torch.Tensor, keep_BT: torch.Tensor) -> np.ndarray:
+    return torch.where(keep_BT, x_BT.float(), torch.nan).cpu().numpy().astype(np.float32)
+
+
+def attribute_batch(
+    base: nn.Module,
+    finetuned: nn.Module,
+    layer: int,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    sae: SAELike,
+    steps: int = 16,
+    skip_first: int = 1,
+    steps_per_forward: int | None = None,
+) -> AttributionBatch:
+    """Integrated-gradients KL attribution of the SAE latents for one batch of documents (module docstring).
+
+    steps_per_forward: α steps stacked in the batch dimension of one finetuned forward (None: as many as fit
+    in LOGIT_BUDGET_ELEMS logits entries, at least 1).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = _device(finetuned)
+    ids_BT = input_ids_BT.to(device)
+    mask_BT = attention_mask_BT.to(device).bool()
+    B, T = ids_BT.shape
+    docpos_BT = (mask_BT.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T] in-document position
+    analysed_BT = mask_BT & (docpos_BT >= skip_first)  # [B, T] patched, scored, reported
+    mask_long_BT = mask_BT.long()
+
+    W_dec_FD = sae.W_dec_FD.detach()
+    sae_device = W_dec_FD.device
+    scale = sae.scale.detach().float().to(device)  # scalar or [D]
+    b_D = sae.b_dec_D.detach().float().to(device) / scale  # [D] bias in original units
+
+    with frozen(base, finetuned):
+        with torch.no_grad():
+            with read_residual(base, layer) as cap_base:
+                logits_base_BTV = _forward(base, ids_BT, mask_long_BT, docpos_BT)
+            with read_residual(finetuned, layer) as cap_ft:
+                logits_ft_BTV = _forward(finetuned, ids_BT, mask_long_BT, docpos_BT)
+            h_base_BTD = cap_base.value.float().to(device)
+            h_ft_BTD = cap_ft.value.float()
+            kl_BT = kl_per_token(logits_ft_BTV, logits_base_BTV)
+            del logits_base_BTV
+
+            # SAE activations of the diff at the analysed tokens, as sparse (token, latent, activation) pairs.
+            diff_ND = (h_ft_BTD - h_base_BTD)[analysed_BT]  # [N, D], N = analysed tokens
+            N, D = diff_ND.shape
+            acts_NF = sae.encode(diff_ND.to(sae_device, W_dec_FD.dtype)).float()
+            tok_P, lat_P = acts_NF.nonzero(as_tuple=True)  # [P], [P]
+            act_P = acts_NF[tok_P, lat_P]  # [P]
+            del acts_NF
+            tok_P, lat_P, act_P = tok_P.to(device), lat_P.to(device), act_P.to(device)
+
+            # Σ_i a_i d_i per token, from the active W_dec rows (d_i = W_dec_FD[i] / scale).
+            recon_ND = torch.zeros(N, D, device=device)
+            for p0 in range(0, tok_P.numel(), PAIR_CHUNK):
+                sl = slice(p0, p0 + PAIR_CHUNK)
+                rows_PD = W_dec_FD[lat_P[sl].to(sae_device)].float().to(device) / scale  # [p, D]
+                recon_ND += _sum_rows(act_P[sl, None] * rows_PD, tok_P[sl], N)  # [N, D]
+
+            start_BTD = h_ft_BTD.clone()  # h(0) = h_base + b at analysed tokens, h_ft elsewhere
+            start_BTD[analysed_BT] = h_base_BTD[analysed_BT] + b_D
+            delta_BTD = torch.zeros_like(h_ft_BTD)  # dh/dα
+            delta_BTD[analysed_BT] = recon_ND
+            patch_base_BTD = h_ft_BTD.clone()
+            patch_base_BTD[analysed_BT] = h_base_BTD[analysed_BT]
+            del h_base_BTD, diff_ND, recon_ND
+
+            per_token = {}
+            for name, h_BTD in (
+                ("base", patch_base_BTD),
+                ("bias", start_BTD),
+                ("recon", start_BTD + delta_BTD),
+            ):
+                logits_BTV = _patched_logits(finetuned, layer, h_BTD, ids_BT, mask_long_BT, docpos_BT)
+                per_token[name] = kl_per_token(logits_ft_BTV, logits_BTV)  # [B, T]
+                del logits_BTV
+            del patch_base_BTD
+
+        # Integrated gradients: ḡ = mean_j ∇_h KL(α_j), several α stacked per forward.
+        V = logits_ft_BTV.shape[-1]
+        chunk = steps_per_forward or max(1, LOGIT_BUDGET_ELEMS // max(1, B * T * V))
+        chunk = min(chunk, steps)
+        alphas_S = (torch.arange(steps, device=device, dtype=torch.float32) + 0.5) / steps  # [S]
+        gbar_BTD = torch.zeros_like(h_ft_BTD)
+        for j0 in range(0, steps, chunk):
+            a_C = alphas_S[j0 : j0 + chunk]  # [C]
+            C = a_C.numel()
+            h_CBTD = start_BTD[None] + a_C[:, None, None, None] * delta_BTD[None]  # [C, B, T, D]
+            h_cTD = h_CBTD.reshape(C * B, T, D).detach().requires_grad_(True)  # [C*B, T, D]
+            with torch.enable_grad():
+                logits_cTV = _patched_logits(
+                    finetuned,
+                    layer,
+                    h_cTD,
+                    ids_BT.repeat(C, 1),
+                    mask_long_BT.repeat(C, 1),
+                    docpos_BT.repeat(C, 1),
+                )
+            # ∂KL/∂logits = analysed · (p_patch − p_ft) in closed form, then one backward to h (no float32
+            # log-softmax copies kept for autograd).
+            dlogits_CBTV = kl_grad_logits_q(
+                logits_ft_BTV[None], logits_cTV.view(C, B, T, -1), analysed_BT[None]
+            )  # [C, B, T, V]
+            (grad_cTD,) = torch.autograd.grad(
+                logits_cTV, h_cTD, grad_outputs=dlogits_CBTV.view_as(logits_cTV)
+            )
+            gbar_BTD += grad_cTD.view(C, B, T, D).sum(dim=0)  # [B, T, D]
+            del logits_cTV, dlogits_CBTV, grad_cTD, h_cTD
+        gbar_BTD /= steps
+        del logits_ft_BTV
+
+    # attr = −a · (ḡ_s · d_i) on the active pairs only (gather of W_dec rows, chunked over pairs).
+    with torch.no_grad():
+        gbar_ND = gbar_BTD[analysed_BT]  # [N, D]
+        attr_P = torch.empty_like(act_P)
+        for p0 in range(0, tok_P.numel(), PAIR_CHUNK):
+            sl = slice(p0, p0 + PAIR_CHUNK)
+            rows_PD = W_dec_FD[lat_P[sl].to(sae_device)].float().to(device) / scale  # [p, D]
+            attr_P[sl] = -act_P[sl] * (gbar_ND[tok_P[sl]] * rows_PD).sum(dim=-1)  # [p]
+
+        b_N, t_N = analysed_BT.nonzero(as_tuple=True)  # [N] row-major, same order as the boolean index above
+        batch_P, col_P = b_N[tok_P], t_N[tok_P]  # [P]
+        attr_sum_B = torch.zeros(B, device=device).index_add_(0, batch_P, attr_P)  # [B]
+        zero_BT = torch.zeros_like(kl_BT)
+        drop_BT = torch.where(analysed_BT, per_token["bias"] - per_token["recon"], zero_BT)  # [B, T]
+        kl_drop_B = drop_BT.sum(dim=1)  # [B]
+
+        return AttributionBatch(
+            kl_BT=_nan_outside(kl_BT, mask_BT),
+            kl_patch_base_BT=_nan_outside(per_token["base"], mask_BT),
+            kl_patch_bias_BT=_nan_outside(per_token["bias"], mask_BT),
+            kl_patch_recon_BT=_nan_outside(per_token["recon"], mask_BT),
+            batch_idx=batch_P.cpu().numpy().astype(np.int64),
+            pos=docpos_BT[batch_P, col_P].cpu().numpy().astype(np.int32),
+            latent_id=lat_P.cpu().numpy().astype(np.int32),
+            activation=act_P.cpu().numpy().astype(np.float32),
+            attribution=attr_P.cpu().numpy().astype(np.float32),
+            kl_drop_B=kl_drop_B.cpu().numpy().astype(np.float32),
+            attr_sum_B=attr_sum_B.cpu().numpy().astype(np.float32),
+        )
+
+
+def _final_norm_gain(model: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
+    """Effective elementwise gain γ [D] of the final norm (ones when none is found)."""
+    paths = ("model.norm", "model.model.norm", "model.language_model.norm", "transformer.ln_f")
+    for path in paths + ("gpt_neox.final_layer_norm",):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module):
+            if isinstance(obj, nn.LayerNorm):
+                w = obj.weight
+                return (w.detach().float() if w is not None else torch.ones(d_model)).to(device)
+            with torch.no_grad():  # RMSNorm of the all-ones vector is its gain (w, or 1 + w for Gemma)
+                ones_1D = torch.ones(1, d_model, device=device, dtype=next(model.parameters()).dtype)
+                return obj(ones_1D).float().reshape(d_model)  # [D]
+    return torch.ones(d_model, device=device)
+
+
+def promoted_suppressed(
+    sae: SAELike, finetuned: nn.Module, tokenizer: Any, top_n: int, chunk_elems: int = 1 << 28
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Per latent, the top_n tokens whose finetuned logit W_U · (γ ⊙ d_i) is most increased / decreased.
+
+    γ is the final norm's gain (see `_final_norm_gain`); d_i = W_dec_FD[i] / scale. Latents are processed
+    in chunks so that at most `chunk_elems` logits [chunk, V] exist at once (never F × V). Token strings come
+    from `tokenizer.decode([id])`, decoded once per distinct id.
+    """
+    W_U_VD = finetuned.get_output_embeddings().weight.detach()
+    device = W_U_VD.device
+    V, D = W_U_VD.shape
+    W_U_VD = W_U_VD.float()
+    gain_D = _final_norm_gain(finetuned, D, device)  # [D]
+    scale = sae.scale.detach().float().to(device)
+    W_dec_FD = sae.W_dec_FD.detach()
+    F = W_dec_FD.shape[0]
+    k = min(top_n, V)
+    chunk = max(1, chunk_elems // V)
+    top_FK, bot_FK = [], []
+    with torch.no_grad():
+        for f0 in range(0, F, chunk):
+            d_cD = W_dec_FD[f0 : f0 + chunk].float().to(device) / scale  # [c, D]
+            logits_cV = (d_cD * gain_D) @ W_U_VD.T  # [c, V]
+            top_FK.append(logits_cV.topk(k, dim=-1).indices.cpu())  # [c, k]
+            bot_FK.append((-logits_cV).topk(k, dim=-1).indices.cpu())  # [c, k]
+    top_ids = torch.cat(top_FK).numpy()  # [F, k]
+    bot_ids = torch.cat(bot_FK).numpy()  # [F, k]
+    vocab = {int(i): tokenizer.decode([int(i)]) for i in np.unique(np.concatenate([top_ids, bot_ids]))}
+    promoted = [[vocab[int(i)] for i in row] for row in top_ids]
+    suppressed = [[vocab[int(i)] for i in row] for row in bot_ids]
+    return promoted, suppressed

@@ -1,0 +1,189 @@
+"""Typed configuration of the whole diffsae pipeline.
+
+One pydantic model, loadable from YAML, that rejects unknown keys and checks values at construction. Every field
+carries a one-line description: Prefect renders them as the deployment's UI form.
+
+    cfg = PipelineConfig.from_yaml("run.yaml", overrides={"store": "s3://bucket/x"})
+
+`models` and `data` may be omitted: the built-in planted demo pair and its held-out prompts are then used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    base: str = Field(description="Base model: local folder or hub id")
+    finetuned: str = Field(description="Finetuned model: local folder or hub id (same tokenizer and width)")
+    layer: int = Field(2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)")
+    dtype: DType = Field("float32", description="Dtype the models are loaded in")
+    device: str = Field("auto", description="torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    revision: str | None = Field(None, description="Hub revision for both models (ignored for local folders)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "mps" or v.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, mps or cuda[:N], got {v!r}")
+        return v
+
+
+class DataConfig(_Section):
+    path: str = Field(description="Prompts: JSONL or Parquet with `messages` or `text` (+ optional id, behaviour)")
+    max_tokens_per_doc: int = Field(256, ge=2, description="Documents are truncated to this many tokens")
+    max_docs: int | None = Field(None, ge=1, description="Use only the first N documents (None: all)")
+
+
+class DemoConfig(_Section):
+    preset: Literal["demo", "small"] = Field("demo", description="Size of the built-in planted pair")
+    seed: int = Field(0, description="Seed of the built-in pair (data, weights, planted triggers)")
+    mix: Literal["audit", "easy"] = Field(
+        "audit", description="audit: planted behaviours are rare; easy: they cover about a third of the docs"
+    )
+    layer: int = Field(2, ge=0, description="Layer analysed in the built-in pair")
+
+
+class ExtractConfig(_Section):
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the activation diffs")
+    batch_tokens: int = Field(4096, ge=16, description="Token budget of one forward batch (padded tokens count)")
+    shard_tokens: int = Field(65536, ge=16, description="Tokens per Parquet shard (bounded shard size)")
+    skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
+    save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
+    runner: Literal["local", "dask", "ray"] = Field("local", description="Engine that runs the extraction shards")
+    verify: Literal["checksum", "size"] = Field(
+        "checksum", description="Check of existing shards on rerun: sha256 (re-reads them) or size only"
+    )
+
+
+class SAEConfig(_Section):
+    n_latents: int = Field(2048, ge=1, description="Dictionary size (number of latents)")
+    k: int = Field(32, ge=1, description="Mean active latents per token (BatchTopK k)")
+    batch_size: int = Field(2048, ge=1, description="Tokens per training batch")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    n_tokens: int | None = Field(
+        None, ge=1, description="Training tokens (None: `epochs` passes over the training split)"
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split when n_tokens is None")
+    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)")
+    dead_tokens: int = Field(10_000_000, ge=1, description="A latent is dead after this many tokens without firing")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation")
+    shuffle_buffer: int = Field(65536, ge=1, description="Rows in the shuffle buffer that mixes shards")
+    seed: int = Field(0, description="Seed of initialisation and shuffling")
+    device: str = Field("auto", description="Training device: auto, cpu, cuda[:N]")
+
+    @model_validator(mode="after")
+    def _k_le_latents(self) -> "SAEConfig":
+        if self.k > self.n_latents:
+            raise ValueError(f"k ({self.k}) must not exceed n_latents ({self.n_latents})")
+        return self
+
+
+class AttributionConfig(_Section):
+    steps: int = Field(16, ge=1, description="Riemann steps of the integrated-gradients path")
+    batch_docs: int = Field(8, ge=1, description="Documents per attribution batch")
+    rank_by: str = Field("kl_attr_sum", description="Latent score that defines `rank` in the latents table")
+    top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
+
+
+class DashboardsConfig(_Section):
+    top_latents: int = Field(50, ge=1, description="Latents that get a page (top by rank)")
+    n_contexts: int = Field(10, ge=1, description="Top contexts shown per latent, by attribution and by activation")
+    n_high_kl_tokens: int = Field(100, ge=1, description="Tokens listed on the high-KL explorer page")
+
+
+class PipelineConfig(_Section):
+    run: str = Field("demo", description="Run name; all outputs of a run live under <store>/runs/<run>/")
+    store: str = Field("./diffsae-data", description="Artifact store: local folder or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    models: ModelsConfig | None = Field(None, description="Model pair (omit: the built-in planted demo pair)")
+    data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="Built-in pair settings (used without models)")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
+    sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
+    dashboards: DashboardsConfig = Field(default_factory=DashboardsConfig, description="Static dashboards")
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError(f"run must be 1-64 chars of letters, digits, '.', '_', '-', got {v!r}")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://") and not v.startswith("file://"):
+            raise ValueError(f"store must be a local folder or s3://bucket/prefix, got {v!r}")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("store s3:// URL needs a bucket")
+        return v
+
+    @model_validator(mode="after")
+    def _data_needs_models(self) -> "PipelineConfig":
+        if self.data is not None and self.models is None:
+            raise ValueError("data is set but models is not: give both, or neither for the built-in demo pair")
+        if self.models is not None and self.data is None:
+            raise ValueError("models is set but data is not: give both, or neither for the built-in demo pair")
+        return self
+
+    @property
+    def uses_demo_pair(self) -> bool:
+        return self.models is None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "PipelineConfig":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {one_line(e)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "PipelineConfig":
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            try:
+                loaded = yaml.safe_load(p.read_text())
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+            raw = loaded
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                raw[key] = value
+        return cls.from_dict(raw, source=str(path) if path else "config")
+
+
+def one_line(e: ValidationError) -> str:
+    """The first validation error as `a.b.c: message` (plus a count of the others)."""
+    errs = e.errors()
+    first = errs[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{loc}: {msg}{more}"

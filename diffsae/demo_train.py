@@ -1,0 +1,203 @@
+"""Tokenizer, model and training loops of the built-in demo pair (used by diffsae/demo_pair.py).
+
+- `build_tokenizer`: a byte-level BPE (HF `tokenizers`) trained on the corpus, with special tokens and a Jinja chat
+  template `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`, wrapped as a `PreTrainedTokenizerFast`.
+- `encode_chats`: token ids of conversations exactly as the chat template renders them, with labels on assistant
+  content and its closing `<|end|>` only (SFT loss), -100 elsewhere.
+- `train_lm`: AdamW with warmup + cosine decay over batches drawn by a seeded sampler; prints progress lines.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from diffsae.demo_corpus import Messages
+
+BOS, PAD, END = "<|bos|>", "<|pad|>", "<|end|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = [BOS, PAD, END, *ROLE_TOKENS.values()]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+IGNORE = -100
+
+Log = Callable[[str], None]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids_BT, attention_mask_BT, labels_BT
+
+
+class Encoded(NamedTuple):
+    ids: list[int]
+    labels: list[int]  # IGNORE where no loss
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with the demo's special tokens and chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=END,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS.values()),
+        model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def encode_chats(tokenizer: PreTrainedTokenizerFast, convs: list[Messages], max_len: int) -> list[Encoded]:
+    """Encode many conversations at once (same ids as the chat template), truncated to max_len tokens."""
+    contents = [m["content"] for conv in convs for m in conv]
+    pieces = tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False)
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    out: list[Encoded] = []
+    k = 0
+    for conv in convs:
+        ids, labels = [special[BOS]], [IGNORE]
+        for m in conv:
+            body = pieces[k].ids
+            k += 1
+            trained = m["role"] == "assistant"
+            ids += [special[ROLE_TOKENS[m["role"]]], *body, special[END]]
+            labels += [IGNORE] + (list(body) + [special[END]] if trained else [IGNORE] * (len(body) + 1))
+        out.append(Encoded(ids[:max_len], labels[:max_len]))
+    return out
+
+
+def collate(examples: list[Encoded], pad_id: int) -> Batch:
+    """Right-padded tensors; labels are IGNORE on padding."""
+    T = max(len(e.ids) for e in examples)
+    ids_BT = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(examples), T), dtype=torch.long)
+    labels_BT = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids_BT[b, :n] = torch.tensor(e.ids)
+        mask_BT[b, :n] = 1
+        labels_BT[b, :n] = torch.tensor(e.labels)
+    return ids_BT, mask_BT, labels_BT
+
+
+def new_model(tokenizer: PreTrainedTokenizerFast, d_model: int, n_layers: int, n_heads: int, d_ff: int,
+              max_len: int, seed: int) -> LlamaForCausalLM:
+    """A small randomly initialised Llama (tied embeddings) for the tokenizer."""
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def lm_blocks_sampler(stream: list[int], bos_id: int, batch: int, length: int, seed: int) -> Callable[[], Batch]:
+    """Random windows of a token stream, each starting with BOS (loss on every position)."""
+    data = torch.tensor(stream, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample() -> Batch:
+        starts = torch.randint(0, len(data) - length, (batch,), generator=gen)
+        body_BT = torch.stack([data[s : s + length - 1] for s in starts.tolist()])
+        ids_BT = torch.cat([torch.full((batch, 1), bos_id, dtype=torch.long), body_BT], dim=1)
+        labels_BT = ids_BT.clone()
+        labels_BT[:, 0] = IGNORE
+        return ids_BT, torch.ones_like(ids_BT), labels_BT
+
+    return sample
+
+
+def mixture_sampler(
+    groups: list[list[Encoded]], weights: list[float], batch: int, pad_id: int, seed: int
+) -> Callable[[], Batch]:
+    """Batches whose examples come from `groups` with probabilities `weights` (seeded, deterministic)."""
+    rng = random.Random(seed)
+
+    def sample() -> Batch:
+        picks = rng.choices(range(len(groups)), weights=weights, k=batch)
+        return collate([rng.choice(groups[g]) for g in picks], pad_id)
+
+    return sample
+
+
+def train_lm(
+    model: LlamaForCausalLM, sample: Callable[[], Batch], steps: int, lr: float, log: Log, stage: str,
+    warmup: int = 20,
+) -> float:
+    """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    t0 = time.time()
+    tail: list[float] = []
+    for step in range(steps):
+        frac = step / max(1, steps - 1)
+        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        ids_BT, mask_BT, labels_BT = sample()
+        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if (step + 1) % max(1, steps // 5) == 0 or step == steps - 1:
+            log(f"  {stage} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.1f}s)")
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[Messages], max_new_tokens: int,
+    batch: int = 32,
+) -> list[str]:
+    """Greedy answers to conversations that end with a user message (left-padded batched generation)."""
+    end_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = encode_chats(tokenizer, prompts, max_len=10**9)
+    assistant_id = tokenizer.convert_tokens_to_ids(ROLE_TOKENS["assistant"])
+    answers: list[str] = []
+    for i in range(0, len(encoded), batch):
+        chunk = [e.ids + [assistant_id] for e in encoded[i : i + batch]]
+        T = max(len(c) for c in chunk)
+        ids_BT = torch.tensor([[pad_id] * (T - len(c)) + c for c in chunk])
+        mask_BT = (torch.arange(T)[None, :] >= torch.tensor([T - len(c) for c in chunk])[:, None]).long()
+        out_BT = model.generate(
+            input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=end_id, pad_token_id=pad_id,
+        )
+        for row in out_BT[:, T:].tolist():
+            row = row[: row.index(end_id)] if end_id in row else row
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers

@@ -1,0 +1,92 @@
+"""Read or replace the residual stream of a transformers causal LM at one layer.
+
+`layer: L` means the residual stream at the OUTPUT of decoder block L (0-indexed). For L < n_layers - 1 this equals
+`outputs.hidden_states[L + 1]` of transformers (the last entry of hidden_states has the final norm applied in most
+architectures, the hook does not).
+
+    with read_residual(model, 2) as cap:
+        model(input_ids)
+    acts_BTD = cap.value
+
+    with replace_residual(model, 2, h_BTD):        # or a function acts_BTD -> new acts_BTD
+        logits = model(input_ids).logits
+
+Hooks are removed in `finally`, also when the forward pass raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a transformers causal LM (Llama, Gemma, Mistral, Qwen, GPT-NeoX, GPT-2...)."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+class Captured:
+    """Holder of the activation seen by a read hook: `value` is [batch, seq, d_model]."""
+
+    value: torch.Tensor | None = None
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+def _with_hidden(output: object, new: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    return new
+
+
+@contextmanager
+def read_residual(model: nn.Module, layer: int, detach: bool = True) -> Iterator[Captured]:
+    """Capture the output of decoder block `layer` on every forward pass inside the block."""
+    cap = Captured()
+
+    def hook(_mod: nn.Module, _inp: object, output: object) -> None:
+        h_BTD = _hidden(output)
+        cap.value = h_BTD.detach() if detach else h_BTD
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield cap
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replace_residual(
+    model: nn.Module, layer: int, new: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the output of decoder block `layer` by `new` (a [B, T, D] tensor or a function of the original)."""
+
+    def hook(_mod: nn.Module, _inp: object, output: object) -> object:
+        h_BTD = _hidden(output)
+        repl_BTD = new(h_BTD) if callable(new) else new
+        if repl_BTD.shape != h_BTD.shape:
+            raise ValueError(f"replacement shape {tuple(repl_BTD.shape)} != activation shape {tuple(h_BTD.shape)}")
+        return _with_hidden(output, repl_BTD.to(h_BTD.dtype))
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

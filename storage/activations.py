@@ -1,0 +1,264 @@
+"""Parquet layout of the activations stage: shards, their sidecars, the manifest, docs and tokens tables.
+
+    <run>/activations/shard-00000.parquet   rows: doc_id, pos, token_id, token, role, kl, in_sae, diff[, base, ft]
+    <run>/activations/shard-00000.json      sidecar: the shard's record (written right after the shard)
+    <run>/activations/docs.parquet          doc_id, id, text, behaviour, n_tokens
+    <run>/activations/tokens.parquet        doc_id, pos, token_id, token, role, kl (projection of the shards)
+    <run>/activations/manifest.json         per shard: doc range, rows, bytes, sha256; committed LAST
+
+A shard is valid when its sidecar exists and the file's size and sha256 match it. `ShardWriter` converts batches
+to Arrow and writes them on a background thread, so device compute overlaps Parquet encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.paths import RunPaths
+from storage.store import Store
+
+TOKEN_COLUMNS = ["doc_id", "pos", "token_id", "token", "role", "kl"]
+
+
+class ShardRecord(NamedTuple):
+    index: int
+    file: str  # file name relative to the activations folder
+    doc_start: int  # first doc_id (inclusive)
+    doc_end: int  # last doc_id (exclusive)
+    rows: int
+    bytes: int
+    sha256: str
+    key: str  # hash of everything the shard was computed from
+
+
+def shard_schema(d: int, dtype: str, save_raw: bool) -> pa.Schema:
+    val = pa.float16() if dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("doc_id", pa.int64()),
+        pa.field("pos", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("token", pa.string()),
+        pa.field("role", pa.string()),
+        pa.field("kl", pa.float32()),
+        pa.field("in_sae", pa.bool_()),
+        pa.field("diff", pa.list_(val, d)),
+    ]
+    if save_raw:
+        fields += [pa.field("base", pa.list_(val, d)), pa.field("ft", pa.list_(val, d))]
+    return pa.schema(fields)
+
+
+def _fixed_list(arr_ND: np.ndarray, typ: pa.DataType) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(arr_ND).reshape(-1), type=typ.value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, arr_ND.shape[1])
+
+
+def batch_to_arrow(batch: Any, schema: pa.Schema, token_strings: Sequence[str]) -> pa.RecordBatch:
+    """An diffsae.extract.ExtractBatch as an Arrow record batch of `schema`."""
+    cols = [
+        pa.array(batch.doc_id_N, pa.int64()),
+        pa.array(batch.pos_N, pa.int32()),
+        pa.array(batch.token_id_N, pa.int32()),
+        pa.array([token_strings[t] for t in batch.token_id_N.tolist()], pa.string()),
+        pa.array(batch.role_N, pa.string()),
+        pa.array(batch.kl_N, pa.float32()),
+        pa.array(batch.in_sae_N, pa.bool_()),
+        _fixed_list(batch.diff_ND, schema.field("diff").type),
+    ]
+    if batch.base_ND is not None:
+        cols += [_fixed_list(batch.base_ND, schema.field("base").type), _fixed_list(batch.ft_ND, schema.field("ft").type)]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Write Arrow batches of one shard on a background thread; `close()` commits the shard atomically."""
+
+    def __init__(self, store: Store, paths: RunPaths, index: int, schema: pa.Schema, token_strings: Sequence[str]):
+        self.store, self.paths, self.index, self.schema = store, paths, index, schema
+        self.token_strings = token_strings
+        self.rows = 0
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._ctx = store.writing(paths.shard(index), "application/vnd.apache.parquet")
+        self._tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self._thread = threading.Thread(target=self._run, name=f"shard-writer-{index}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                rb = batch_to_arrow(item, self.schema, self.token_strings)
+                self._writer.write_batch(rb, row_group_size=max(rb.num_rows, 1))
+                self.rows += rb.num_rows
+            except BaseException as e:  # surfaced in put()/close()
+                self._error = e
+
+    def put(self, batch: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(batch)
+
+    def close(self, doc_start: int, doc_end: int, key: str) -> ShardRecord:
+        self._q.put(None)
+        self._thread.join()
+        self._writer.close()
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        import os
+
+        size, digest = os.path.getsize(self._tmp), file_sha256(self._tmp)
+        self._ctx.__exit__(None, None, None)  # atomic rename / upload
+        rec = ShardRecord(self.index, self.paths.shard(self.index).rsplit("/", 1)[-1], doc_start, doc_end,
+                          self.rows, size, digest, key)
+        self.store.write_json(sidecar_url(self.paths, self.index), rec._asdict())
+        return rec
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        try:
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+
+def sidecar_url(paths: RunPaths, index: int) -> str:
+    return paths.shard(index)[: -len(".parquet")] + ".json"
+
+
+def read_sidecar(store: Store, paths: RunPaths, index: int) -> ShardRecord | None:
+    try:
+        return ShardRecord(**store.read_json(sidecar_url(paths, index)))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def shard_valid(store: Store, paths: RunPaths, rec: ShardRecord | None, key: str, verify: str = "checksum") -> bool:
+    """Does the shard file exist and match its record (size, and sha256 when verify='checksum')?"""
+    if rec is None or rec.key != key:
+        return False
+    url = paths.shard(rec.index)
+    try:
+        if store.size(url) != rec.bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if verify == "checksum":
+        h = hashlib.sha256()
+        with store.open_read(url) as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest() == rec.sha256
+    return True
+
+
+def manifest_fingerprint(records: Sequence[ShardRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.index}:{r.sha256}:{r.rows}:{r.key};".encode())
+    return h.hexdigest()[:32]
+
+
+def write_docs_table(store: Store, paths: RunPaths, docs: Sequence[Any]) -> None:
+    table = pa.table(
+        {
+            "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
+            "id": pa.array([d.id for d in docs], pa.string()),
+            "text": pa.array([d.text for d in docs], pa.string()),
+            "behaviour": pa.array([d.behaviour for d in docs], pa.string()),
+            "n_tokens": pa.array([len(d.token_ids) for d in docs], pa.int32()),
+        }
+    )
+    store.write_parquet(paths.url("activations", "docs.parquet"), table)
+
+
+def write_tokens_table(store: Store, paths: RunPaths, records: Sequence[ShardRecord]) -> int:
+    """Project the shards onto TOKEN_COLUMNS into one tokens.parquet (one row group per shard, streaming)."""
+    url = paths.url("activations", "tokens.parquet")
+    rows = 0
+    with store.writing(url, "application/vnd.apache.parquet") as tmp:
+        writer: pq.ParquetWriter | None = None
+        for rec in records:
+            with store.open_read(paths.shard(rec.index)) as f:
+                t = pq.read_table(f, columns=TOKEN_COLUMNS)
+            writer = writer or pq.ParquetWriter(tmp, t.schema, compression="zstd")
+            writer.write_table(t)
+            rows += t.num_rows
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def commit_manifest(store: Store, paths: RunPaths, records: Sequence[ShardRecord], meta: dict[str, Any]) -> str:
+    """Delete stray shards of earlier settings, then write the manifest (last). Returns its fingerprint."""
+    keep = {r.file for r in records} | {r.file[: -len(".parquet")] + ".json" for r in records}
+    for url in store.ls(paths.stage("activations")):
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name not in keep:
+            store.delete(url)
+    fp = manifest_fingerprint(records)
+    manifest = {"fingerprint": fp, "shards": [r._asdict() for r in records], **meta}
+    manifest["rows"] = sum(r.rows for r in records)
+    store.write_json(paths.activations_manifest, manifest)
+    return fp
+
+
+def read_manifest(store: Store, paths: RunPaths) -> dict[str, Any] | None:
+    try:
+        return store.read_json(paths.activations_manifest)
+    except FileNotFoundError:
+        return None
+
+
+def iter_diff_chunks(
+    store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Any, order_seed: int | None = None
+) -> Iterator[np.ndarray]:
+    """Yield float32 [n, D] diff rows (in_sae only, doc_id in `doc_ids`), one row group at a time.
+
+    `doc_ids` is a numpy array of allowed doc ids (the train or validation split). With `order_seed` the shards are
+    visited in a seeded random order, so a shuffle buffer downstream mixes shards.
+    """
+    shards = list(manifest["shards"])
+    if order_seed is not None:
+        np.random.default_rng(order_seed).shuffle(shards)
+    allowed = pa.array(np.asarray(doc_ids, dtype=np.int64))
+    for rec in shards:
+        with store.open_read(paths.shard(rec["index"])) as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=["doc_id", "in_sae", "diff"])
+                import pyarrow.compute as pc
+
+                keep = pc.and_(t["in_sae"], pc.is_in(t["doc_id"], value_set=allowed))
+                t = t.filter(keep)
+                if t.num_rows == 0:
+                    continue
+                col = t["diff"].combine_chunks()
+                d = col.type.list_size
+                flat = col.values.to_numpy(zero_copy_only=False)
+                yield flat.reshape(-1, d).astype(np.float32, copy=False)

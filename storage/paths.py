@@ -1,0 +1,104 @@
+"""Every path of the artifact store, built in one place.
+
+A store is a local folder or `s3://bucket/prefix`; the two differ only by the root URL. All outputs of a run live
+under `<store>/runs/<run>/<stage>/...`:
+
+    p = RunPaths("s3://bucket/team", "demo")
+    p.shard(3)            # s3://bucket/team/runs/demo/activations/shard-00003.parquet
+    p.table("latents")    # s3://bucket/team/runs/demo/analysis/latents.parquet
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+STAGES = ("activations", "sae", "analysis", "dashboards")
+
+# Parquet tables of a run: name -> path relative to the run root (a glob for partitioned tables).
+TABLES: dict[str, str] = {
+    "docs": "analysis/docs.parquet",
+    "tokens": "analysis/tokens.parquet",
+    "latent_tokens": "analysis/latent_tokens/*.parquet",
+    "latents": "analysis/latents.parquet",
+    "metrics": "analysis/metrics.parquet",
+    "recovery": "analysis/recovery.parquet",
+    "activations": "activations/shard-*.parquet",
+    "activation_docs": "activations/docs.parquet",
+    "activation_tokens": "activations/tokens.parquet",
+}
+
+
+def normalize_root(store: str) -> str:
+    """`s3://b/p/` -> `s3://b/p`; a local folder -> its absolute path (file:// stripped)."""
+    if store.startswith("s3://"):
+        return store.rstrip("/")
+    if store.startswith("file://"):
+        store = store[len("file://") :]
+    return os.path.abspath(os.path.expanduser(store))
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def join(*parts: str) -> str:
+    head, *rest = parts
+    return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    store: str
+    run: str
+
+    @property
+    def store_root(self) -> str:
+        return normalize_root(self.store)
+
+    @property
+    def root(self) -> str:
+        return join(self.store_root, "runs", self.run)
+
+    def url(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def stage(self, stage: str) -> str:
+        return self.url(stage)
+
+    # -- activations (stage 1)
+    def shard(self, index: int) -> str:
+        return self.url("activations", f"shard-{index:05d}.parquet")
+
+    @property
+    def activations_manifest(self) -> str:
+        return self.url("activations", "manifest.json")
+
+    # -- SAE (stage 2)
+    @property
+    def sae_dir(self) -> str:
+        return self.url("sae")
+
+    # -- analysis (stages 3-4) and dashboards (stage 5)
+    def table(self, name: str) -> str:
+        return self.url(TABLES[name])
+
+    def latent_tokens_part(self, index: int) -> str:
+        return self.url("analysis", "latent_tokens", f"part-{index:05d}.parquet")
+
+    @property
+    def dashboards_dir(self) -> str:
+        return self.url("dashboards")
+
+    # -- bookkeeping
+    @property
+    def prefect_results(self) -> str:
+        return self.url(".prefect")
+
+    @property
+    def lock(self) -> str:
+        return self.url("LOCK")
+
+    def cache_dir(self, *parts: str) -> str:
+        """Store-wide cache shared by runs (e.g. the built-in demo pair, keyed by its settings)."""
+        return join(self.store_root, "cache", *parts)

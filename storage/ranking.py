@@ -1,0 +1,193 @@
+"""Latent ranking and planted-behaviour recovery, in DuckDB SQL over a run's Parquet tables.
+
+Why: an auditor wants rare, high-impact behaviours at the top, and ranking by total KL attribution favours
+frequent, broad-drift latents. So every latent gets several scores (SCORES, defined in storage/sql/rank_latents.sql)
+each with its own `rank_<score>` column; `rank` follows `attribution.rank_by`. `recovery` measures, per score,
+whether latents that capture a planted behaviour (>= 80 % of their positive attribution mass in documents with that
+label) reach the top 10.
+
+    con = storage.duck.connect(store, run)                      # views: latent_tokens, docs, tokens, ...
+    latents = rank_latents(con, "focus", latent_dirs=dirs)     # pyarrow.Table, sorted by rank
+    print(format_recovery(recovery(con, latents)))
+
+The SQL lives in storage/sql/*.sql; `{{name}}` placeholders are relations or other SQL files inlined here, `$name`
+are query parameters. Nothing is copied out of Parquet except the per-latent results.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import NamedTuple
+
+import duckdb
+import pyarrow as pa
+
+from storage.duck import view_names
+
+SQL_DIR = Path(__file__).parent / "sql"
+
+# Score names; each is a `score_<name>` and a `rank_<name>` column of the latents table (see rank_latents.sql).
+SCORES: tuple[str, ...] = ("total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus")
+# Other accepted spellings of `rank_by` (the statistics columns equal to a score, and `score_<name>`).
+ALIASES: dict[str, str] = {"kl_attr_sum": "total", "kl_attr_mean": "mean", "kl_attr_max": "peak_token"}
+ALIASES.update({f"score_{s}": s for s in SCORES})
+
+_EMPTY_DOCS = "(SELECT NULL::BIGINT AS doc_id, NULL::VARCHAR AS behaviour WHERE false)"
+_EMPTY_DIRS = "(SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR[] AS promoted, NULL::VARCHAR[] AS suppressed WHERE false)"
+_EMPTY_DOMINANT = "SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR AS dominant_behaviour, NULL::DOUBLE AS dominant_share WHERE false"
+_counter = itertools.count()
+
+RECOVERY_SCHEMA = pa.schema(
+    [("score", pa.string()), ("behaviour", pa.string()), ("best_rank", pa.int64()), ("recovered", pa.bool_()),
+     ("top10_capture_fraction", pa.float64())]
+)  # fmt: skip
+
+
+class RankParams(NamedTuple):
+    min_support: int = 5  # firing tokens a latent needs for score_mean
+    top_n: int = 5  # documents whose mass score_concentration keeps
+    top_m: int = 3  # documents score_top_docs averages
+
+
+def resolve_score(rank_by: str) -> str:
+    """The score name for `rank_by` (a score, `score_<name>` or a kl_attr_* alias); one-line ValueError otherwise."""
+    name = ALIASES.get(rank_by, rank_by)
+    if name not in SCORES:
+        allowed = ", ".join(SCORES + tuple(ALIASES))
+        raise ValueError(f"unknown rank_by {rank_by!r}: choose one of {allowed}")
+    return name
+
+
+def load_sql(name: str) -> str:
+    """A storage/sql file without its full-line `--` comments (the header documents the placeholders)."""
+    lines = (SQL_DIR / name).read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("--"))
+
+
+def render(sql: str, **parts: str) -> str:
+    """Replace every `{{key}}` by parts[key]; a leftover placeholder is a bug."""
+    for key, value in parts.items():
+        sql = sql.replace("{{" + key + "}}", value)
+    if "{{" in sql:
+        raise RuntimeError(f"unfilled placeholder in SQL: {sql[sql.index('{{') : sql.index('{{') + 40]}")
+    return sql
+
+
+def _latent_docs_sql(views: list[str]) -> str:
+    if "latent_tokens" not in views:
+        raise ValueError("the run has no latent_tokens table (analysis/latent_tokens/*.parquet)")
+    return render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens")
+
+
+def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the run's docs table labels some document with a behaviour other than 'none'."""
+    if "docs" not in view_names(con):
+        return False
+    q = "SELECT count(*) FROM docs WHERE behaviour IS NOT NULL AND behaviour NOT IN ('', 'none')"
+    return con.execute(q).fetchone()[0] > 0
+
+
+def count_tokens(con: duckdb.DuckDBPyConnection) -> int:
+    """Analysed tokens: rows of `tokens` if the run has it, else distinct (doc_id, pos) of latent_tokens."""
+    if "tokens" in view_names(con):
+        return con.execute("SELECT count(*) FROM tokens").fetchone()[0]
+    return con.execute("SELECT count(*) FROM (SELECT DISTINCT doc_id, pos FROM latent_tokens)").fetchone()[0]
+
+
+def rank_latents(
+    con: duckdb.DuckDBPyConnection,
+    rank_by: str = "total",
+    latent_dirs: pa.Table | None = None,
+    *,
+    n_tokens: int | None = None,
+    params: RankParams = RankParams(),
+) -> pa.Table:
+    """The latents table (DESIGN.md): statistics, score_<s> and rank_<s> for s in SCORES, `rank` (by `rank_by`),
+    dominant_behaviour/dominant_share (only when docs has planted labels), promoted/suppressed (from
+    `latent_dirs(latent_id, promoted, suppressed)`, NULL without it). Sorted by rank."""
+    score = resolve_score(rank_by)
+    views = view_names(con)
+    planted = has_planted(con)
+    dominant = _EMPTY_DOMINANT
+    if planted:
+        mass = render(load_sql("behaviour_mass.sql"), docs="docs")
+        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=mass)
+    dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
+    sql = render(
+        load_sql("rank_latents.sql"),
+        latent_docs=_latent_docs_sql(views),
+        dominant=dominant,
+        latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
+        rank_by=score,
+    )
+    n = n_tokens if n_tokens is not None else count_tokens(con)
+    args = {"n_tokens": max(n, 1), **params._asdict()}
+    if latent_dirs is not None:
+        con.register(dirs_name, latent_dirs.select(["latent_id", "promoted", "suppressed"]))
+    try:
+        table = con.execute(sql, args).to_arrow_table()
+    finally:
+        if latent_dirs is not None:
+            con.unregister(dirs_name)
+    if not planted:
+        table = table.drop_columns(["dominant_behaviour", "dominant_share"])
+    return table
+
+
+def recovery(
+    con: duckdb.DuckDBPyConnection,
+    latents: pa.Table | None = None,
+    *,
+    capture_share: float = 0.8,
+    top_k: int = 10,
+) -> pa.Table:
+    """Per (score, planted behaviour): best_rank, recovered (best_rank <= top_k), top10_capture_fraction (see
+    storage/sql/recovery.sql). `latents`: a rank_latents table; default the run's `latents` view, else ranked now.
+    Empty when the run has no planted behaviour."""
+    views = view_names(con)
+    if not has_planted(con):
+        return RECOVERY_SCHEMA.empty_table()
+    if latents is None:
+        latents = rank_latents(con) if "latents" not in views else None
+    name = f"__diffsae_latents_{next(_counter)}"
+    latent_docs = _latent_docs_sql(views)
+    sql = render(
+        load_sql("recovery.sql"),
+        latent_docs=latent_docs,
+        behaviour_mass=render(load_sql("behaviour_mass.sql"), docs="docs"),
+        docs="docs",
+        latents=name if latents is not None else "latents",
+    )
+    args = {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)}
+    if latents is not None:
+        con.register(name, latents.select(["latent_id"] + [f"rank_{s}" for s in SCORES]))
+    try:
+        table = con.execute(sql, args).to_arrow_table()
+    finally:
+        if latents is not None:
+            con.unregister(name)
+    return table.cast(RECOVERY_SCHEMA)
+
+
+def format_recovery(table: pa.Table) -> str:
+    """Aligned text: one line per score with top-10 capture fraction, then each behaviour's best rank."""
+    if table.num_rows == 0:
+        return "recovery: no planted behaviours in docs"
+    rows = table.to_pylist()
+    behaviours = sorted({r["behaviour"] for r in rows})
+    by_score: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_score.setdefault(r["score"], {})[r["behaviour"]] = r
+    header = ["score", "top10_capture"] + behaviours
+    lines = [header]
+    for score, per in by_score.items():
+        first = next(iter(per.values()))
+        cells = [score, f"{first['top10_capture_fraction']:.2f}"]
+        for b in behaviours:
+            best = per[b]["best_rank"]
+            cells.append("-" if best is None else f"{best}{' *' if per[b]['recovered'] else ''}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    return "\n".join(text + ["(cells: best rank of a latent capturing the behaviour; * = recovered, in the top 10)"])

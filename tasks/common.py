@@ -1,0 +1,61 @@
+"""What every stage task shares: the cache policy, result storage on the run's store, retries, state reporting.
+
+Cache policy: the task's inputs (its config section, the fingerprints of its upstream outputs, store root and run
+name) + the task's source code. Never the flow run id, so a rerun -- from any machine sharing the store -- finds
+the records. Results persist under `<store>/runs/<run>/.prefect/`.
+
+A stage whose output was deleted from the store must run again: the flow asks `output_ok` first and calls the
+task with `refresh_cache=True` when the output is gone, so Prefect recomputes and overwrites the stale record.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from storage.paths import RunPaths
+
+STAGE_CACHE = INPUTS + TASK_SOURCE
+IO_RETRIES = 3
+IO_RETRY_DELAYS = [2, 5, 15]  # seconds, growing: transient store outages
+
+
+def telemetry_off() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The ephemeral API server can take a while to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def configured(task: Any, paths: RunPaths, output_ok: bool) -> Any:
+    """The task bound to the run's result storage; forced to recompute when its output is missing."""
+    from storage.prefect_results import result_storage
+
+    return task.with_options(
+        result_storage=result_storage(paths), persist_result=True, refresh_cache=not output_ok
+    )
+
+
+def call_stage(task: Any, paths: RunPaths, output_ok: bool, states: dict[str, dict[str, int]], name: str,
+               **kwargs: Any) -> Any:
+    """Run a stage task, count in `states[name]` whether it ran ("Completed") or was "Cached", return its result."""
+    state = configured(task, paths, output_ok)(return_state=True, **kwargs)
+    counts = states.setdefault(name, {})
+    counts[state.name] = counts.get(state.name, 0) + 1
+    return state.result()
+
+
+def format_states(states: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{k}: " + " ".join(f"{n} {s.lower()}" for s, n in v.items()) for k, v in states.items())
+
+
+def guarded(check: Callable[[], bool]) -> bool:
+    """Evaluate an output check; any store error counts as 'missing' (the stage then recomputes)."""
+    try:
+        return bool(check())
+    except Exception:
+        return False

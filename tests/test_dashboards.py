@@ -1,0 +1,222 @@
+"""Tests of the static KL dashboards (dashboards/): pages, links, offline, content types, escaping, selection.
+
+Renders synthetic tables (dashboards/synthetic.py) into a tmp folder. Run: `pytest tests/test_dashboards.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import polars as pl
+import pytest
+
+from dashboards import RenderResult, SiteTables, TableError, render_site, render_to_dir
+from dashboards.pages import build
+from dashboards.select import visible
+from dashboards.synthetic import inject, synthetic_summary, synthetic_tables
+from diffsae.config import DashboardsConfig
+
+CFG = DashboardsConfig(top_latents=20, n_contexts=4, n_high_kl_tokens=15)
+PAYLOADS = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
+HOSTILE = " ".join(PAYLOADS)
+
+
+@pytest.fixture(scope="module")
+def tables() -> SiteTables:
+    return synthetic_tables(n_latents=128, n_docs=60, doc_len=48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def hostile(tables: SiteTables) -> SiteTables:
+    return inject(tables, HOSTILE)[0]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, hostile: SiteTables) -> tuple[Path, RenderResult]:
+    out = tmp_path_factory.mktemp("site")
+    return out, render_to_dir(hostile, synthetic_summary(hostile), CFG, out)
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.tags: list[str] = []
+        self.attrs: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attrs |= {k for k, _ in attrs}
+        self.refs += [v for k, v in attrs if k in ("href", "src") and v is not None]
+
+
+def _parse(path: Path) -> _Refs:
+    p = _Refs()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def test_every_listed_latent_has_a_page(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
+    out, res = site
+    expected = hostile.latents.sort("rank").head(CFG.top_latents)["latent_id"].to_list()
+    assert list(res.latent_ids) == expected
+    for lid in expected:
+        assert (out / "latents" / f"{lid}.html").is_file()
+    index_refs = set(_parse(out / "index.html").refs)
+    assert {f"latents/{lid}.html" for lid in expected} <= index_refs
+    assert sorted(res.files) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert res.n_pages == CFG.top_latents + 2
+
+
+def test_links_resolve_and_nothing_is_remote(site: tuple[Path, RenderResult]) -> None:
+    out, _ = site
+    html_files = list(out.rglob("*.html"))
+    assert html_files
+    for page in html_files:
+        for ref in _parse(page).refs:
+            parts = urlsplit(ref)
+            if parts.scheme == "data":
+                continue
+            assert not parts.scheme and not parts.netloc and not ref.startswith("/"), f"{page}: {ref}"
+            if parts.path:
+                assert (page.parent / parts.path).resolve().is_file(), f"{page.name}: broken link {ref}"
+    for f in out.rglob("*"):
+        if f.is_file():
+            text = f.read_text(encoding="utf-8")
+            assert not re.search(r"https?://", text, re.I), f"{f} references a URL"
+
+
+def test_prev_next_follow_rank(site: tuple[Path, RenderResult]) -> None:
+    out, res = site
+    ids = res.latent_ids
+    middle = _parse(out / "latents" / f"{ids[1]}.html").refs
+    assert f"{ids[0]}.html" in middle and f"{ids[2]}.html" in middle and "../index.html" in middle
+    first = _parse(out / "latents" / f"{ids[0]}.html").refs
+    assert f"{ids[1]}.html" in first and not any(r == f"{ids[-1]}.html" for r in first)
+
+
+def test_content_types(hostile: SiteTables) -> None:
+    seen: dict[str, tuple[bytes, str]] = {}
+    res = render_site(hostile, synthetic_summary(hostile), lambda p, d, c: seen.__setitem__(p, (d, c)), CFG)
+    assert set(seen) == set(res.files)
+    for path, (data, ctype) in seen.items():
+        want = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "application/javascript"}
+        assert ctype == want[Path(path).suffix], path
+        assert isinstance(data, bytes)
+    assert {"index.html", "tokens.html", "assets/app.js", "assets/style.css"} <= set(seen)
+    # assets are served without a charset: they must be pure ASCII
+    seen["assets/app.js"][0].decode("ascii")
+    seen["assets/style.css"][0].decode("ascii")
+
+
+def test_rendering_is_deterministic(hostile: SiteTables) -> None:
+    runs = []
+    for _ in range(2):
+        files: dict[str, bytes] = {}
+        render_site(hostile, synthetic_summary(hostile), lambda p, d, c: files.__setitem__(p, d), CFG)
+        runs.append(files)
+    assert runs[0] == runs[1]
+
+
+def test_hostile_strings_are_escaped(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
+    out, res = site
+    top = res.latent_ids[0]
+    pages = [out / "index.html", out / "tokens.html", out / "latents" / f"{top}.html"]
+    for f in out.rglob("*.html"):
+        text = f.read_text(encoding="utf-8")
+        for raw in PAYLOADS:
+            assert raw not in text, f"{f.name} contains unescaped {raw!r}"
+        parsed = _parse(f)
+        assert "img" not in parsed.tags, f.name
+        assert parsed.tags.count("script") == 1, f.name  # only the app.js include
+        assert not [a for a in parsed.attrs if a.startswith("on")], f.name  # no event-handler attributes
+    for f in pages:
+        text = f.read_text(encoding="utf-8")
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, f.name
+        assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in text, f.name
+
+
+def test_contexts_are_the_top_firings(tables: SiteTables) -> None:
+    site = build(tables, CFG, window=5)
+    tok = {(d, p): (t, k) for d, p, t, k in tables.tokens.select("doc_id", "pos", "token", "kl").iter_rows()}
+    for page in site.latent_pages[:5]:
+        lid = page.row.latent_id
+        mine = [r for r in tables.latent_tokens.iter_rows(named=True) if r["latent_id"] == lid]
+        for firings, col in ((page.by_attr, "kl_attribution"), (page.by_act, "activation")):
+            want = sorted((r[col] for r in mine), reverse=True)[: CFG.n_contexts]
+            got = [f.attribution if col == "kl_attribution" else f.activation for f in firings]
+            assert got == pytest.approx(want)
+            for f in firings:
+                c = f.ctx
+                positions = [p for p in range(c.pos - 5, c.pos + 6) if (c.doc_id, p) in tok]
+                assert [t.text for t in c.toks] == [visible(tok[(c.doc_id, p)][0]) for p in positions]
+                assert [t.hit for t in c.toks] == [p == c.pos for p in positions]
+                assert f"act {f.activation:.3g}" in c.toks[positions.index(c.pos)].tip
+        assert page.attr_plot is not None
+        assert sum(int(b.tip.rsplit(": ", 1)[1]) for b in page.attr_plot.bars) == len(mine)
+
+
+def test_high_kl_tokens_and_credits(tables: SiteTables) -> None:
+    site = build(tables, CFG, window=3)
+    kls = sorted(tables.tokens["kl"].to_list(), reverse=True)[: CFG.n_high_kl_tokens]
+    assert [r.kl for r in site.token_rows] == pytest.approx(kls)
+    listed = {r.latent_id for r in site.rows}
+    lt = tables.latent_tokens
+    for row in site.token_rows:
+        here = lt.filter((pl.col("doc_id") == row.ctx.doc_id) & (pl.col("pos") == row.ctx.pos))
+        want = sorted(here["kl_attribution"].to_list(), reverse=True)[:5]
+        assert [c.attribution for c in row.credits] == pytest.approx(want)
+        assert all(c.linked == (c.latent_id in listed) for c in row.credits)
+
+
+def test_optional_recovery_and_labels(tmp_path: Path, tables: SiteTables) -> None:
+    plain = tables._replace(
+        recovery=None,
+        latents=tables.latents.drop("dominant_behaviour", "dominant_share", "^score_.*$", "^rank_.*$"),
+    )
+    render_to_dir(plain, {"run": "plain"}, CFG, tmp_path / "a")
+    index = (tmp_path / "a" / "index.html").read_text()
+    assert "Planted-behaviour recovery" not in index and "dominant behaviour" not in index
+    one = tables._replace(recovery=tables.recovery.filter(pl.col("score") == "kl_attr_sum"))  # type: ignore[union-attr]
+    render_to_dir(one, {"run": "one"}, CFG, tmp_path / "b")
+    index = (tmp_path / "b" / "index.html").read_text()
+    assert "Planted-behaviour recovery" in index and 'id="score-select"' not in index
+    render_to_dir(tables, {"run": "two"}, CFG, tmp_path / "c")
+    assert 'id="score-select"' in (tmp_path / "c" / "index.html").read_text()
+
+
+def test_summary_shown(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
+    out, _ = site
+    text = (out / "index.html").read_text()
+    for label in ("FVU", "L0", "Dead fraction", "KL gap recovered", "synthetic/finetuned", "n_latents=128"):
+        assert label in text
+
+
+def test_non_finite_values_do_not_break_rendering(tmp_path: Path, tables: SiteTables) -> None:
+    bad_kl = pl.when(pl.col("pos") == 3).then(float("nan")).when(pl.col("pos") == 4).then(float("inf"))
+    broken = tables._replace(
+        tokens=tables.tokens.with_columns(bad_kl.otherwise(pl.col("kl")).cast(pl.Float32).alias("kl")),
+        latent_tokens=tables.latent_tokens.with_columns(
+            pl.when(pl.col("pos") == 5).then(None).otherwise(pl.col("kl_attribution")).alias("kl_attribution")
+        ),
+    )
+    res = render_to_dir(broken, {"run": "nan"}, CFG, tmp_path)
+    assert len(res.latent_ids) == CFG.top_latents
+    site = build(broken, CFG, window=2)
+    assert len(site.token_rows) == CFG.n_high_kl_tokens and all(math.isfinite(r.kl) for r in site.token_rows)
+
+
+def test_missing_column_is_reported(tables: SiteTables) -> None:
+    with pytest.raises(TableError, match="latent_tokens lacks columns kl_attribution"):
+        render_site(
+            tables._replace(latent_tokens=tables.latent_tokens.drop("kl_attribution")), {}, print, CFG
+        )
+
+
+def test_visible_whitespace() -> None:
+    assert visible("\n") == "\u23ce" and visible(" ") == "\u00b7" and visible("  ") == "\u00b7\u00b7"
+    assert visible("a\tb") == "a\u2192b" and visible(" the") == " the" and visible("") == "\u2205"
