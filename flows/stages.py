@@ -14,9 +14,12 @@ from prefect import flow
 from diffsae.config import PipelineConfig
 from storage.paths import RunPaths
 from storage.store import Store
+from tasks import analyse as an
+from tasks import dashboards as db
 from tasks import extract as ex
 from tasks import pair as pr
-from tasks.common import call_stage, guarded
+from tasks import train as tr
+from tasks.common import call_stage, guarded, stable_hash
 
 
 def _ctx(cfg: PipelineConfig) -> tuple[RunPaths, Store]:
@@ -67,3 +70,61 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
                      run=cfg.run, shard_keys=[s.key for s in plan.shards], shard_digests=digests,
                      plan_key=plan.data_key, meta=meta)
     return {**out, "models": models, "data": data}
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config: PipelineConfig) -> dict[str, Any]:
+    """Stage 2: the BatchTopK diff-SAE on the stored activations (extraction runs first if needed)."""
+    states: dict[str, dict[str, int]] = {}
+    return _train(config, _extract(config, states), states)
+
+
+def _train(cfg: PipelineConfig, activations: dict[str, Any], states: dict[str, dict[str, int]]) -> dict[str, Any]:
+    paths, store = _ctx(cfg)
+    key = stable_hash(cfg.sae.model_dump(), activations["fingerprint"])
+    ok = guarded(lambda: tr.sae_ok(store, paths, key))
+    return call_stage(tr.train_sae_task, paths, ok, states, "train", store_root=paths.store_root, run=cfg.run,
+                      sae_cfg=cfg.sae.model_dump(), manifest_fingerprint=activations["fingerprint"],
+                      models=activations["models"].model_dump(), key=key)
+
+
+@flow(name="analyse", log_prints=True)
+def analyse_flow(config: PipelineConfig) -> dict[str, Any]:
+    """Stages 3-4: KL attribution of every analysed token, then the latent ranking (upstream stages if needed)."""
+    states: dict[str, dict[str, int]] = {}
+    activations = _extract(config, states)
+    return _analyse(config, activations, _train(config, activations, states), states)
+
+
+def _analyse(cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, Any],
+             states: dict[str, dict[str, int]]) -> dict[str, Any]:
+    paths, store = _ctx(cfg)
+    akey = stable_hash(an.attribution_key(cfg.attribution, sae["key"], activations["fingerprint"]))
+    ok = guarded(lambda: an.analysis_ok(store, paths, akey))
+    attribution = call_stage(
+        an.attribute_task, paths, ok, states, "attribute", store_root=paths.store_root, run=cfg.run,
+        steps=cfg.attribution.steps, top_promoted=cfg.attribution.top_promoted, sae_key=sae["key"],
+        manifest_fingerprint=activations["fingerprint"], models=activations["models"].model_dump(),
+        skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, key=akey)
+    rkey = stable_hash(cfg.attribution.rank_by, akey)
+    ok = guarded(lambda: an.rank_ok(store, paths, rkey))
+    ranking = call_stage(an.rank_task, paths, ok, states, "rank", store_root=paths.store_root, run=cfg.run,
+                         rank_by=cfg.attribution.rank_by, attribution_key=akey, key=rkey)
+    return {"attribution": attribution, "ranking": ranking}
+
+
+@flow(name="dashboards", log_prints=True)
+def dashboards_flow(config: PipelineConfig) -> dict[str, Any]:
+    """Stage 5: the static KL dashboards (upstream stages run first if needed)."""
+    states: dict[str, dict[str, int]] = {}
+    activations = _extract(config, states)
+    analysis = _analyse(config, activations, _train(config, activations, states), states)
+    return _dashboards(config, analysis, states)
+
+
+def _dashboards(cfg: PipelineConfig, analysis: dict[str, Any], states: dict[str, dict[str, int]]) -> dict[str, Any]:
+    paths, store = _ctx(cfg)
+    key = stable_hash(cfg.dashboards.model_dump(), analysis["ranking"]["key"])
+    ok = guarded(lambda: db.site_ok(store, paths, key))
+    return call_stage(db.dashboards_task, paths, ok, states, "dashboards", store_root=paths.store_root,
+                      run=cfg.run, cfg=cfg.dashboards.model_dump(), rank_key=analysis["ranking"]["key"], key=key)

@@ -1,22 +1,23 @@
 """DuckDB over a run's Parquet tables: one view per table, local or on S3, never copying data.
 
-Why: every analysis table of a run (storage/paths.py TABLES) is Parquet under `<store>/runs/<run>/`; DuckDB reads
-them in place, so ranking (storage/ranking.py), `diffsae sql` (storage/sql_cli.py) and any DuckDB client see the
-same tables under the same names.
+Why: every analysis table of a run (storage/paths.py TABLES) is Parquet under `<store>/runs/<run>/`;
+DuckDB reads them in place, so ranking (storage/ranking.py), `diffsae sql` (storage/sql_cli.py) and any
+DuckDB client see the same tables under the same names.
 
     con = connect("./diffsae-data", "demo")                 # views: docs, tokens, latent_tokens, ...
     con.sql("SELECT count(*) FROM latent_tokens")
     print(catalog_sql("s3://bucket/team", "demo"))          # the same views for the DuckDB CLI
 
-S3 goes through the httpfs extension shipped by the PyPI package `duckdb-extension-httpfs` (DuckDB cannot download
-extensions here): the package holds `duckdb_extension_httpfs/extensions/v<duckdb version>/httpfs.duckdb_extension`,
-which is LOADed by path. Credentials become a DuckDB SECRET (TYPE s3, URL_STYLE 'path', scoped to the store).
+S3 goes through the httpfs extension shipped by the PyPI package `duckdb-extension-httpfs` (DuckDB cannot
+download extensions here). The package's `__init__` is empty; it only holds the file
+`duckdb_extension_httpfs/extensions/v<duckdb version>/httpfs.duckdb_extension`, which we LOAD by path.
+Credentials become a temporary DuckDB SECRET (TYPE s3, URL_STYLE 'path', scoped to the store's bucket).
 
-Hardening (`harden=True`, the default): after the views exist the connection gets
-`allowed_directories = [<run root>/]`, `enable_external_access = false`, `python_enable_replacements = false` and
-`lock_configuration = true`. DuckDB 1.5.5 then still reads the views (their files lie under the run root) but refuses
-any other file or URL, any LOAD/INSTALL, and any further SET; storage/sql_guard.py adds a statement-level check.
-Tables written after `connect` are not visible: connect after the writes.
+Hardening (`harden_connection=True`, the default): once the views exist, the connection gets
+`allowed_directories = [<run root>/]`, `enable_external_access = false`, `python_enable_replacements =
+false` and `lock_configuration = true`. DuckDB 1.5.5 then still reads the views (their files lie under the
+run root) but refuses any other file or URL, any LOAD/INSTALL and any further SET; storage/sql_guard.py
+adds a statement-level check. Tables written after `connect` are not visible: connect after the writes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class S3Settings(NamedTuple):
     @classmethod
     def from_env(cls, endpoint_url: str | None = None) -> "S3Settings":
         return cls(
-            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            endpoint_url=endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL"),
             key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
             secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
             region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -54,7 +57,9 @@ def httpfs_extension_path() -> str:
     try:
         import duckdb_extension_httpfs
     except ImportError:
-        raise RuntimeError("S3 stores need the httpfs extension: pip install duckdb-extension-httpfs") from None
+        raise RuntimeError(
+            "S3 stores need the httpfs extension: pip install duckdb-extension-httpfs"
+        ) from None
     path = (
         Path(duckdb_extension_httpfs.__file__).parent
         / "extensions"
@@ -141,15 +146,17 @@ def view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
 def catalog_sql(store: str, run: str, s3: S3Settings | None = None, *, cli_env: bool = True) -> str:
     """SQL that creates the run's views in any DuckDB 1.5.5 client (CLI: `duckdb -init catalog.sql`).
 
-    Credentials are never written out. The S3 secret reads them from two DuckDB variables,
-    `diffsae_key_id` and `diffsae_secret`. With `cli_env=True` the script sets them from the environment with
-    `getenv` (a function of the DuckDB CLI only); with `cli_env=False` those lines are comments and the client sets
-    the variables itself, e.g. `con.execute("SET VARIABLE diffsae_key_id = ?", [key])`.
+    Credentials are never written out. The S3 secret reads them from two DuckDB variables, `diffsae_key_id`
+    and `diffsae_secret`. With `cli_env=True` the script sets them from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY with `getenv` (a function of the DuckDB CLI only); with `cli_env=False` those lines
+    are comments and the client sets the variables itself, e.g.
+    `con.execute("SET VARIABLE diffsae_key_id = ?", [key])`.
     """
     paths = RunPaths(store, run)
     lines = [
         f"-- diffsae catalog: run {run!r} in {paths.store_root}",
-        "-- One view per Parquet table of the run; the data stays where it is. Generated by `diffsae sql --catalog`.",
+        "-- One view per Parquet table of the run; the data stays where it is.",
+        "-- Generated by `diffsae sql --catalog`.",
     ]
     probe = duckdb.connect(":memory:")
     try:

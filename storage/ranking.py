@@ -1,17 +1,17 @@
 """Latent ranking and planted-behaviour recovery, in DuckDB SQL over a run's Parquet tables.
 
 Why: an auditor wants rare, high-impact behaviours at the top, and ranking by total KL attribution favours
-frequent, broad-drift latents. So every latent gets several scores (SCORES, defined in storage/sql/rank_latents.sql)
-each with its own `rank_<score>` column; `rank` follows `attribution.rank_by`. `recovery` measures, per score,
-whether latents that capture a planted behaviour (>= 80 % of their positive attribution mass in documents with that
-label) reach the top 10.
+frequent, broad-drift latents. So every latent gets several scores (SCORES, defined and documented in
+storage/sql/rank_latents.sql), each with its own `rank_<score>` column; `rank` follows
+`attribution.rank_by`. `recovery` measures, per score, whether latents that capture a planted behaviour
+(>= 80 % of their positive attribution mass in documents with that label) reach the top 10.
 
     con = storage.duck.connect(store, run)                      # views: latent_tokens, docs, tokens, ...
     latents = rank_latents(con, "focus", latent_dirs=dirs)     # pyarrow.Table, sorted by rank
     print(format_recovery(recovery(con, latents)))
 
-The SQL lives in storage/sql/*.sql; `{{name}}` placeholders are relations or other SQL files inlined here, `$name`
-are query parameters. Nothing is copied out of Parquet except the per-latent results.
+The SQL lives in storage/sql/*.sql; `{{name}}` placeholders are relations or other SQL files inlined here,
+`$name` are query parameters. Nothing is copied out of Parquet except the per-latent results.
 """
 
 from __future__ import annotations
@@ -27,15 +27,21 @@ from storage.duck import view_names
 
 SQL_DIR = Path(__file__).parent / "sql"
 
-# Score names; each is a `score_<name>` and a `rank_<name>` column of the latents table (see rank_latents.sql).
+# Score names; each is a `score_<name>` and a `rank_<name>` column of the latents table (see
+# rank_latents.sql).
 SCORES: tuple[str, ...] = ("total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus")
 # Other accepted spellings of `rank_by` (the statistics columns equal to a score, and `score_<name>`).
 ALIASES: dict[str, str] = {"kl_attr_sum": "total", "kl_attr_mean": "mean", "kl_attr_max": "peak_token"}
 ALIASES.update({f"score_{s}": s for s in SCORES})
 
-_EMPTY_DOCS = "(SELECT NULL::BIGINT AS doc_id, NULL::VARCHAR AS behaviour WHERE false)"
-_EMPTY_DIRS = "(SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR[] AS promoted, NULL::VARCHAR[] AS suppressed WHERE false)"
-_EMPTY_DOMINANT = "SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR AS dominant_behaviour, NULL::DOUBLE AS dominant_share WHERE false"
+_EMPTY_DIRS = (
+    "(SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR[] AS promoted, NULL::VARCHAR[] AS suppressed"
+    " WHERE false)"
+)
+_EMPTY_DOMINANT = (
+    "SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR AS dominant_behaviour, NULL::DOUBLE AS dominant_share"
+    " WHERE false"
+)
 _counter = itertools.count()
 
 RECOVERY_SCHEMA = pa.schema(
@@ -51,11 +57,14 @@ class RankParams(NamedTuple):
 
 
 def resolve_score(rank_by: str) -> str:
-    """The score name for `rank_by` (a score, `score_<name>` or a kl_attr_* alias); one-line ValueError otherwise."""
+    """The score name for `rank_by` (a score, `score_<name>` or a kl_attr_* alias), else ValueError."""
     name = ALIASES.get(rank_by, rank_by)
     if name not in SCORES:
-        allowed = ", ".join(SCORES + tuple(ALIASES))
-        raise ValueError(f"unknown rank_by {rank_by!r}: choose one of {allowed}")
+        allowed = ", ".join(SCORES)
+        raise ValueError(
+            f"unknown rank_by {rank_by!r}: choose one of {allowed}"
+            " (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)"
+        )
     return name
 
 
@@ -78,6 +87,10 @@ def _latent_docs_sql(views: list[str]) -> str:
     if "latent_tokens" not in views:
         raise ValueError("the run has no latent_tokens table (analysis/latent_tokens/*.parquet)")
     return render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens")
+
+
+def _behaviour_mass_sql() -> str:
+    return render(load_sql("behaviour_mass.sql"), latent_tokens="latent_tokens", docs="docs")
 
 
 def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
@@ -103,16 +116,19 @@ def rank_latents(
     n_tokens: int | None = None,
     params: RankParams = RankParams(),
 ) -> pa.Table:
-    """The latents table (DESIGN.md): statistics, score_<s> and rank_<s> for s in SCORES, `rank` (by `rank_by`),
-    dominant_behaviour/dominant_share (only when docs has planted labels), promoted/suppressed (from
-    `latent_dirs(latent_id, promoted, suppressed)`, NULL without it). Sorted by rank."""
+    """The latents table (DESIGN.md), sorted by rank: statistics, n_docs, pos_mass, score_<s> and rank_<s> for
+    s in SCORES, `rank` (by `rank_by`), dominant_behaviour/dominant_share (only when docs has planted labels),
+    promoted/suppressed (from `latent_dirs(latent_id, promoted, suppressed)`, NULL without it)."""
     score = resolve_score(rank_by)
     views = view_names(con)
     planted = has_planted(con)
+    if not 1 <= params.top_m <= params.top_n:
+        raise ValueError(
+            f"RankParams: need 1 <= top_m <= top_n, got top_m={params.top_m}, top_n={params.top_n}"
+        )
     dominant = _EMPTY_DOMINANT
     if planted:
-        mass = render(load_sql("behaviour_mass.sql"), docs="docs")
-        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=mass)
+        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql())
     dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
     sql = render(
         load_sql("rank_latents.sql"),
@@ -143,25 +159,24 @@ def recovery(
     top_k: int = 10,
 ) -> pa.Table:
     """Per (score, planted behaviour): best_rank, recovered (best_rank <= top_k), top10_capture_fraction (see
-    storage/sql/recovery.sql). `latents`: a rank_latents table; default the run's `latents` view, else ranked now.
-    Empty when the run has no planted behaviour."""
+    storage/sql/recovery.sql). `latents`: a rank_latents table; default: the run's `latents` view if any, else
+    ranked now. Empty when the run has no planted behaviour."""
     views = view_names(con)
     if not has_planted(con):
         return RECOVERY_SCHEMA.empty_table()
+    _latent_docs_sql(views)  # latent_tokens must exist
     if latents is None:
         latents = rank_latents(con) if "latents" not in views else None
     name = f"__diffsae_latents_{next(_counter)}"
-    latent_docs = _latent_docs_sql(views)
     sql = render(
         load_sql("recovery.sql"),
-        latent_docs=latent_docs,
-        behaviour_mass=render(load_sql("behaviour_mass.sql"), docs="docs"),
+        behaviour_mass=_behaviour_mass_sql(),
         docs="docs",
         latents=name if latents is not None else "latents",
     )
     args = {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)}
     if latents is not None:
-        con.register(name, latents.select(["latent_id"] + [f"rank_{s}" for s in SCORES]))
+        con.register(name, latents.select(["latent_id", "pos_mass"] + [f"rank_{s}" for s in SCORES]))
     try:
         table = con.execute(sql, args).to_arrow_table()
     finally:
@@ -190,4 +205,6 @@ def format_recovery(table: pa.Table) -> str:
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    return "\n".join(text + ["(cells: best rank of a latent capturing the behaviour; * = recovered, in the top 10)"])
+    return "\n".join(
+        text + ["(cells: best rank of a latent capturing the behaviour; * = recovered, in the top 10)"]
+    )

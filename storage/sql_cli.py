@@ -4,11 +4,12 @@
     diffsae sql "SHOW TABLES" --store s3://bucket/team --run demo --format json
     diffsae sql --catalog > catalog.sql && duckdb -init catalog.sql      # the same views in the DuckDB CLI
 
-The store and run come from --store/--run, else from --config FILE (keys `store`, `run`, `s3_endpoint_url`), else
-`./diffsae-data` and `demo`. Views are storage/duck.py's (one per existing table); queries pass through
-storage/sql_guard.py (SELECT, WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN only; no file outside
-the run). Output: `table` (aligned text), `csv` (with header) or `json` (a list of objects). Any error: one line on
-stderr, exit code 2. diffsae/cli.py wires `add_parser` and `run` in.
+The store and run come from --store/--run, else from --config FILE (keys `store`, `run`,
+`s3_endpoint_url`), else `./diffsae-data` and `demo`. Views are storage/duck.py's (one per existing table);
+queries pass through storage/sql_guard.py (SELECT, WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE,
+EXPLAIN only; no file outside the run). Output: `table` (aligned text), `csv` (with header) or `json` (a
+list of objects). Any error: one line on stderr, exit code 2. diffsae/cli.py wires `add_parser` and `run`
+in; `python -m storage.sql_cli sql ...` runs it standalone.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from storage.sql_guard import QueryResult
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sql", help="read-only SQL over a run's Parquet tables (DuckDB views)")
     p.add_argument("query", nargs="?", help="one SELECT/WITH/DESCRIBE/SHOW/EXPLAIN statement")
-    p.add_argument("--store", default=None, help="artifact store: folder or s3://bucket/prefix (./diffsae-data)")
+    p.add_argument(
+        "--store", default=None, help="artifact store: folder or s3://bucket/prefix (./diffsae-data)"
+    )
     p.add_argument("--run", default=None, help="run name (demo)")
     p.add_argument("--config", default=None, help="pipeline YAML giving store, run and s3_endpoint_url")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     p.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
-    p.add_argument("--catalog", action="store_true", help="print SQL creating the run's views, for any client")
+    p.add_argument(
+        "--catalog", action="store_true", help="print SQL creating the run's views, for any client"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -48,7 +53,10 @@ def _cell(v: Any) -> str:
 def format_table(res: QueryResult) -> str:
     cells = [[_cell(v) for v in row] for row in res.rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(res.columns)]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in res.rows) for i in range(len(widths))]
+    numeric = [
+        all(isinstance(row[i], (int, float)) or row[i] is None for row in res.rows)
+        for i in range(len(widths))
+    ]
 
     def line(values: list[str]) -> str:
         out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
@@ -79,7 +87,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def format_json(res: QueryResult) -> str:
-    return json.dumps([{c: _jsonable(v) for c, v in zip(res.columns, row)} for row in res.rows], indent=1) + "\n"
+    return (
+        json.dumps([{c: _jsonable(v) for c, v in zip(res.columns, row)} for row in res.rows], indent=1) + "\n"
+    )
 
 
 FORMATS = {"table": format_table, "csv": format_csv, "json": format_json}
@@ -105,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(catalog_sql(store, run_name, s3))
             return 0
         if not args.query:
-            raise ValueError("give a query, e.g. diffsae sql \"SHOW TABLES\", or --catalog")
+            raise ValueError('give a query, e.g. diffsae sql "SHOW TABLES", or --catalog')
         con = connect(store, run_name, s3)
         try:
             res = run_query(con, args.query, RunPaths(store, run_name).root, max_rows=args.max_rows)

@@ -1,21 +1,21 @@
 """Read-only SQL over a run: the statement-level guard behind `diffsae sql`.
 
-Why: `diffsae sql "QUERY"` lets anyone query a run's tables; it must neither write (COPY, CREATE, INSERT, EXPORT,
-ATTACH...), nor change the engine (SET, PRAGMA, LOAD, INSTALL), nor read files outside the run.
+Why: `diffsae sql "QUERY"` lets anyone query a run's tables; it must neither write (COPY, CREATE, INSERT,
+EXPORT, ATTACH...), nor change the engine (SET, PRAGMA, LOAD, INSTALL), nor read files outside the run.
 
 How (two layers):
-1. This module parses the text with DuckDB itself (`duckdb.extract_statements`, then `json_serialize_sql` for the
-   parsed tree): exactly one statement; it starts with SELECT, WITH, FROM (DuckDB's `FROM t` shorthand), VALUES,
-   TABLE, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN [ANALYZE] (whose inner statement is checked the same way); its type
-   is SELECT; every file-reading table function (read_parquet, read_csv, glob, ...) and every file-path table name
-   (`FROM '/x.csv'`) in the tree names string literals under the run root; `query()`/`query_table()` (SQL in a
-   string) and the secret functions are refused.
-2. storage/duck.py's hardened connection (`enable_external_access=false` with `allowed_directories=[run root]`,
-   `lock_configuration=true`) makes DuckDB itself refuse any other file, even through a path the guard missed.
+1. This module parses the text with DuckDB itself (`duckdb.extract_statements`, then `json_serialize_sql`
+   for the parsed tree). Exactly one statement; it starts with SELECT, WITH, FROM (DuckDB's `FROM t`
+   shorthand, allowed), VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN [ANALYZE] (whose inner statement
+   is checked the same way); its type is SELECT; every file-reading table function (read_parquet, read_csv,
+   glob, ...) and every file-path table name (`FROM '/x.csv'`) in the tree names string literals under the
+   run root; `query()`/`query_table()` (SQL in a string) and the secret functions are refused.
+2. storage/duck.py's hardened connection (`enable_external_access=false` with `allowed_directories=[run
+   root]`, `lock_configuration=true`) makes DuckDB itself refuse any other file, even one the guard missed.
 
-Each refusal raises `SQLRefused` (a ValueError) with a one-line message.
+Each refusal raises `SQLRefused` (a ValueError) with a one-line message; DuckDB errors become `SQLError`.
 
-    cols, rows = run_query(con, "SELECT latent_id, rank FROM latents LIMIT 5", root=paths.root)
+    cols, rows = run_query(con, "SELECT latent_id, rank FROM latents LIMIT 5")
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ FILE_FUNCTIONS = {
 # Table functions refused outright: SQL hidden in a string, or secret metadata.
 DENIED_FUNCTIONS = {"query", "query_table", "duckdb_secrets", "which_secret", "duckdb_secret_types"}
 
-_PATHLIKE = re.compile(r"[/\\]|://|\.(parquet|csv|tsv|json|jsonl|ndjson|txt|gz|zst|arrow|db|duckdb|xlsx)$", re.I)
+_PATHLIKE = re.compile(
+    r"[/\\]|://|\.(parquet|csv|tsv|json|jsonl|ndjson|txt|gz|zst|arrow|db|duckdb|xlsx)$", re.I
+)
 _EXPLAIN = re.compile(r"EXPLAIN\s+(ANALY[SZ]E\s+)?(\(\s*(FORMAT|ANALY[SZ]E)\b[^)]*\)\s*)?", re.I)
 
 _local = threading.local()
@@ -91,7 +93,7 @@ def first_keyword(sql: str) -> str:
 
 
 def inside(path: str, root: str) -> bool:
-    """Whether `path` (a file, glob or URL) lies under the run root, after resolving `..` and relative paths."""
+    """Whether `path` (a file, glob or URL) lies under `root`, after resolving `..` and relative paths."""
     if "://" in root:
         if not path.startswith(root.rstrip("/") + "/"):
             return False
@@ -104,7 +106,7 @@ def inside(path: str, root: str) -> bool:
 
 
 def _string_args(node: dict[str, Any]) -> list[str] | None:
-    """String literals of a function's first argument (a literal or a list of literals); None if not literal."""
+    """String literals of a function's first argument (a literal or a list of them); None otherwise."""
     children = node.get("children") or []
     if not children:
         return []
@@ -151,7 +153,7 @@ def _walk(node: Any, root: str) -> None:
 
 
 def check_query(query: str, root: str) -> str:
-    """The single read-only statement of `query` (stripped of a trailing ';'), or SQLRefused."""
+    """`query` if it is one read-only statement reading nothing outside `root`, else SQLRefused."""
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as e:
@@ -174,13 +176,15 @@ def check_query(query: str, root: str) -> str:
         raise SQLRefused(f"refused: {stmt_type.name} statements (read-only: {', '.join(ALLOWED_STARTS)})")
     tree = json.loads(_parser().execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
     if tree.get("error"):
-        raise SQLRefused(f"refused: cannot verify this statement ({tree.get('error_message', 'parse error')})")
+        raise SQLRefused(
+            f"refused: cannot verify this statement ({tree.get('error_message', 'parse error')})"
+        )
     _walk(tree["statements"], root)
     return query
 
 
 def allowed_root(con: duckdb.DuckDBPyConnection) -> str | None:
-    """The run root of a hardened connection (its allowed directory besides DuckDB's own temp dir), else None."""
+    """The run root of a hardened connection: its allowed directory other than DuckDB's temp dir."""
     dirs, temp = con.execute(
         "SELECT current_setting('allowed_directories'), current_setting('temp_directory')"
     ).fetchone()
@@ -194,8 +198,8 @@ def run_query(
 ) -> QueryResult:
     """Run one read-only statement on `con` (a storage.duck.connect connection) after check_query.
 
-    `root` defaults to the connection's allowed directory (set by storage.duck.harden); without one, every file
-    path is refused. DuckDB errors become SQLError (one line).
+    `root` defaults to the connection's allowed directory (set by storage.duck.harden); without one, every
+    file path is refused. DuckDB errors become SQLError (one line).
     """
     root = root or allowed_root(con) or "/nonexistent-run-root"
     check_query(query, root)

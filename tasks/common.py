@@ -53,6 +53,14 @@ def format_states(states: dict[str, dict[str, int]]) -> str:
     return ", ".join(f"{k}: " + " ".join(f"{n} {s.lower()}" for s, n in v.items()) for k, v in states.items())
 
 
+def stable_hash(*parts: Any) -> str:
+    """A short content hash of JSON-able parts (dict order does not matter)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def guarded(check: Callable[[], bool]) -> bool:
     """Evaluate an output check; any store error counts as 'missing' (the stage then recomputes)."""
     try:

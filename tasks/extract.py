@@ -8,8 +8,6 @@ is in place, so a reader never sees a partial stage.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -24,7 +22,7 @@ from diffsae.extract import extract_docs
 from storage import activations as act
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, stable_hash
 
 
 class ShardSpec(NamedTuple):
@@ -70,10 +68,6 @@ def _token_strings(tokenizer_src: str) -> list[str]:
     return [tok.decode([i]) for i in range(len(tok))]
 
 
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 # ------------------------------------------------------------------------------------------------- planning
 
 
@@ -91,10 +85,10 @@ def plan_extraction(
         n += len(d.token_ids)
         if n >= extract.shard_tokens or i == len(docs) - 1:
             content = [(x.doc_id, x.token_ids, x.roles) for x in docs[start : i + 1]]
-            shards.append(ShardSpec(len(shards), start, i + 1, n, _hash(settings, content)))
+            shards.append(ShardSpec(len(shards), start, i + 1, n, stable_hash(settings, content)))
             start, n = i + 1, 0
     total = sum(s.n_tokens for s in shards)
-    return ExtractPlan(shards, len(docs), total, _hash(settings, [s.key for s in shards]))
+    return ExtractPlan(shards, len(docs), total, stable_hash(settings, [s.key for s in shards]))
 
 
 class ShardCtx(NamedTuple):
@@ -168,7 +162,7 @@ def commit_activations(store_root: str, run: str, shard_keys: list[str], shard_d
     docs = _docs(meta["data_path"], meta["tokenizer"], meta["max_tokens"], meta["max_docs"])
     act.write_docs_table(store, paths, docs)
     n_tok = act.write_tokens_table(store, paths, records)
-    fp = act.commit_manifest(store, paths, records, {"plan_key": plan_key, **meta})
+    fp = act.commit_manifest(store, paths, records, {"plan_key": plan_key, "n_docs": len(docs), **meta})
     return {"fingerprint": fp, "rows": n_tok, "shards": len(records), "docs": len(docs)}
 
 

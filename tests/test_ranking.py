@@ -30,7 +30,9 @@ BASE_ROWS = [
 N_TOKENS = 40
 
 
-def write_run(store: str, rows: list[tuple], labels: list[str | None], n_tokens: int, run: str = "r") -> RunPaths:
+def write_run(
+    store: str, rows: list[tuple], labels: list[str | None], n_tokens: int, run: str = "r"
+) -> RunPaths:
     """Write latent_tokens (two parts), docs and tokens of a run with RunPaths' layout."""
     paths = RunPaths(store, run)
     st = Store(paths.store_root)
@@ -48,11 +50,15 @@ def write_run(store: str, rows: list[tuple], labels: list[str | None], n_tokens:
         )  # fmt: skip
     st.write_parquet(
         paths.table("docs"),
-        pa.table({"doc_id": pa.array(range(len(labels)), pa.int64()), "behaviour": pa.array(labels, pa.string())}),
+        pa.table(
+            {"doc_id": pa.array(range(len(labels)), pa.int64()), "behaviour": pa.array(labels, pa.string())}
+        ),
     )
     st.write_parquet(
         paths.table("tokens"),
-        pa.table({"doc_id": pa.array([0] * n_tokens, pa.int64()), "pos": pa.array(range(n_tokens), pa.int32())}),
+        pa.table(
+            {"doc_id": pa.array([0] * n_tokens, pa.int64()), "pos": pa.array(range(n_tokens), pa.int32())}
+        ),
     )
     return paths
 
@@ -69,19 +75,22 @@ def by_id(table: pa.Table) -> dict[int, dict]:
 FOCUS_20 = math.exp((2.5 * math.log(2.5) + 0.5 * math.log(0.5)) / 3.0)
 EXPECTED = {  # hand-computed, see BASE_ROWS
     5: dict(n_active=2, n_docs=1, mean_activation=2.0, max_activation=3.0, kl_attr_sum=4.0, kl_attr_max=2.0,
-            score_mean=None, score_peak_doc=4.0, score_concentration=4.0, score_top_docs=4 / 3, score_focus=4.0),
+            score_mean=None, score_peak_doc=4.0, score_concentration=4.0, score_top_docs=4 / 3,
+            score_focus=4.0),
     10: dict(n_active=7, n_docs=7, mean_activation=1.0, max_activation=1.0, kl_attr_sum=3.5, kl_attr_max=0.5,
              score_mean=0.5, score_peak_doc=0.5, score_concentration=2.5**2 / 3.5, score_top_docs=0.5,
              score_focus=0.5),
     20: dict(n_active=5, n_docs=3, mean_activation=2.0, max_activation=4.0, kl_attr_sum=2.75, kl_attr_max=1.5,
-             score_mean=0.55, score_peak_doc=2.5, score_concentration=3.0, score_top_docs=2.75 / 3,
+             score_mean=0.55, score_peak_doc=2.5, score_concentration=3.0, score_top_docs=3.0 / 3,
              score_focus=FOCUS_20),
     30: dict(n_active=1, n_docs=1, mean_activation=8.0, max_activation=8.0, kl_attr_sum=4.0, kl_attr_max=4.0,
-             score_mean=None, score_peak_doc=4.0, score_concentration=4.0, score_top_docs=4 / 3, score_focus=4.0),
+             score_mean=None, score_peak_doc=4.0, score_concentration=4.0, score_top_docs=4 / 3,
+             score_focus=4.0),
     40: dict(n_active=6, n_docs=2, mean_activation=0.5, max_activation=0.5, kl_attr_sum=-4.9, kl_attr_max=0.1,
-             score_mean=-4.9 / 6, score_peak_doc=0.1, score_concentration=0.1, score_top_docs=-4.9 / 3,
+             score_mean=-4.9 / 6, score_peak_doc=0.1, score_concentration=0.1, score_top_docs=0.1 / 3,
              score_focus=0.1),
 }  # fmt: skip
+POS_MASS = {5: 4.0, 10: 3.5, 20: 3.0, 30: 4.0, 40: 0.1}  # sum of max(S_d, 0)
 # Best first; ties broken by the smaller latent_id, NULL scores last.
 EXPECTED_ORDER = {
     "total": [5, 30, 10, 20, 40],  # 4.0, 4.0, 3.5, 2.75, -4.9
@@ -89,7 +98,7 @@ EXPECTED_ORDER = {
     "peak_token": [30, 5, 20, 10, 40],  # 4, 2, 1.5, 0.5, 0.1
     "peak_doc": [5, 30, 20, 10, 40],  # 4, 4, 2.5, 0.5, 0.1
     "concentration": [5, 30, 20, 10, 40],  # 4, 4, 3, 1.79, 0.1
-    "top_docs": [5, 30, 20, 10, 40],  # 1.33, 1.33, 0.92, 0.5, -1.63
+    "top_docs": [5, 30, 20, 10, 40],  # 1.33, 1.33, 1.0, 0.5, 0.03 (positive parts)
     "focus": [5, 30, 20, 10, 40],  # 4, 4, 1.91, 0.5, 0.1
 }
 
@@ -104,6 +113,7 @@ def test_statistics_and_scores_by_hand(base_run: RunPaths) -> None:
         assert row["kl_attr_mean"] == pytest.approx(exp["kl_attr_sum"] / exp["n_active"], rel=1e-6)
         assert row["score_total"] == pytest.approx(exp["kl_attr_sum"], rel=1e-6)
         assert row["score_peak_token"] == pytest.approx(exp["kl_attr_max"], rel=1e-6)
+        assert row["pos_mass"] == pytest.approx(POS_MASS[lid], rel=1e-6)
         for key, value in exp.items():
             if value is None:
                 assert row[key] is None, (lid, key)
@@ -130,7 +140,9 @@ def test_rank_by_switches_rank(base_run: RunPaths, rank_by: str) -> None:
 
 
 def test_unknown_rank_by_is_one_line(base_run: RunPaths) -> None:
-    with pytest.raises(ValueError, match=r"unknown rank_by 'loudness': choose one of total, mean, peak_token") as e:
+    with pytest.raises(
+        ValueError, match=r"unknown rank_by 'loudness': choose one of total, mean, peak_token"
+    ) as e:
         rank_latents(connect(base_run.store, base_run.run), "loudness")
     assert "\n" not in str(e.value)
 
@@ -165,7 +177,8 @@ def test_min_support_param(base_run: RunPaths) -> None:
 
 
 def recovery_rows() -> tuple[list[tuple], list[str | None]]:
-    """BASE_ROWS plus doc 8 'gamma' (latent 60: share 0.75, not captured), doc 9 'delta' (latent 70: 0.8, captured)."""
+    """BASE_ROWS plus doc 8 'gamma' (latent 60: share 0.75, not captured), doc 9 'delta' (latent 70: 0.8,
+    captured)."""
     rows = BASE_ROWS + [(60, 8, 1.0, 0.75), (60, 7, 1.0, 0.25), (70, 9, 1.0, 2.0), (70, 5, 1.0, 0.5)]
     return rows, LABELS + ["gamma", "delta"]
 
@@ -185,7 +198,9 @@ def test_recovery_by_hand(tmp_path) -> None:
     assert table[("total", "beta")]["best_rank"] == 1  # latent 5 (and 30)
     assert table[("total", "delta")]["best_rank"] == 5  # latent 70: exactly 80 % counts
     assert table[("total", "gamma")]["best_rank"] is None  # latent 60: 75 % is not a capture
-    assert [table[("total", b)]["recovered"] for b in ("alpha", "beta", "delta", "gamma")] == [True] * 3 + [False]
+    assert [table[("total", b)]["recovered"] for b in ("alpha", "beta", "delta", "gamma")] == [True] * 3 + [
+        False
+    ]
     # captures: 5, 30 (beta), 20 (alpha), 70 (delta) -> 4 of the 7 latents in the top 10
     assert table[("total", "gamma")]["top10_capture_fraction"] == pytest.approx(4 / 7)
     # mean (min support 5): 20 (0.55), 10 (0.5), 40 (-0.82), then NULLs by id: 5, 30, 60, 70
@@ -223,7 +238,9 @@ def test_rare_planted_latents_beat_broad_drift_except_under_total(tmp_path) -> N
     con = connect(paths.store, paths.run)
     rec = {(r["score"], r["behaviour"]): r for r in recovery(con, rank_latents(con)).to_pylist()}
     for b in range(3):
-        assert rec[("total", f"planted{b}")]["best_rank"] > 20 and not rec[("total", f"planted{b}")]["recovered"]
+        assert (
+            rec[("total", f"planted{b}")]["best_rank"] > 20 and not rec[("total", f"planted{b}")]["recovered"]
+        )
         for score in ("mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus"):
             assert rec[(score, f"planted{b}")]["best_rank"] <= 3, score
     assert rec[("total", "planted0")]["top10_capture_fraction"] == 0.0

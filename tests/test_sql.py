@@ -1,4 +1,5 @@
-"""`diffsae sql`: DuckDB views over a run (local and real S3), the read-only guard, the CLI and the catalog."""
+"""`diffsae sql`: DuckDB views over a run (local and real S3), the read-only guard, the CLI and the
+catalog."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from storage.sql_cli import main as sql_main
 from storage.sql_guard import SQLError, SQLRefused, check_query, run_query
 from storage.store import Store
 
-LATENT_SUM = "SELECT latent_id, count(*) AS n, sum(kl_attribution) AS s FROM latent_tokens GROUP BY 1 ORDER BY 1"
+LATENT_SUM = (
+    "SELECT latent_id, count(*) AS n, sum(kl_attribution) AS s FROM latent_tokens GROUP BY 1 ORDER BY 1"
+)
 EXPECTED_SUM = [(1, 3, 1.5), (2, 2, -1.0), (7, 1, 4.0)]
 
 
@@ -105,7 +108,10 @@ REFUSED = [
     ("SELECT * FROM parquet_scan('/tmp/*.parquet')", "outside the run root"),
     ("SELECT * FROM glob('/')", "outside the run root"),
     ("SELECT * FROM '/etc/passwd'", "outside the run root"),
-    ("SELECT * FROM read_parquet(['{root}/analysis/docs.parquet', '/etc/x.parquet'])", "outside the run root"),
+    (
+        "SELECT * FROM read_parquet(['{root}/analysis/docs.parquet', '/etc/x.parquet'])",
+        "outside the run root",
+    ),
     ("SELECT * FROM read_text(concat('/etc', '/passwd'))", "string-literal paths"),
     ("SELECT (SELECT count(*) FROM read_text('/etc/passwd'))", "outside the run root"),
     ("DESCRIBE SELECT * FROM read_text('/etc/passwd')", "outside the run root"),
@@ -117,7 +123,9 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("query,reason", REFUSED)
-def test_refused_queries(con: duckdb.DuckDBPyConnection, run_paths: RunPaths, query: str, reason: str) -> None:
+def test_refused_queries(
+    con: duckdb.DuckDBPyConnection, run_paths: RunPaths, query: str, reason: str
+) -> None:
     q = query.format(root=run_paths.root, store=run_paths.store_root)
     with pytest.raises(SQLRefused) as e:
         run_query(con, q)
@@ -167,7 +175,9 @@ def test_cli_formats(run_paths: RunPaths, capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out.splitlines() == ["latent_id,n,s", "1,3,1.5", "2,2,-1.0", "7,1,4.0"]
     assert sql_main(base + ["--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == [
-        {"latent_id": 1, "n": 3, "s": 1.5}, {"latent_id": 2, "n": 2, "s": -1.0}, {"latent_id": 7, "n": 1, "s": 4.0}
+        {"latent_id": 1, "n": 3, "s": 1.5},
+        {"latent_id": 2, "n": 2, "s": -1.0},
+        {"latent_id": 7, "n": 1, "s": 4.0},
     ]  # fmt: skip
 
 
@@ -179,17 +189,21 @@ def test_cli_config_file(run_paths: RunPaths, tmp_path, capsys: pytest.CaptureFi
 
 
 def test_cli_subprocess_refusal_is_one_line_exit_2(run_paths: RunPaths) -> None:
-    cmd = [sys.executable, "-m", "storage.sql_cli", "sql", "COPY docs TO '/tmp/x.csv'", "--store", run_paths.store,
-           "--run", run_paths.run]  # fmt: skip
+    cmd = [sys.executable, "-m", "storage.sql_cli", "sql", "COPY docs TO '/tmp/x.csv'"]
+    cmd += ["--store", run_paths.store, "--run", run_paths.run]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("diffsae sql: refused: COPY")
-    ok = subprocess.run(cmd[:4] + ["SHOW TABLES"] + cmd[5:], capture_output=True, text=True, cwd=root, timeout=120)
+    ok = subprocess.run(
+        cmd[:4] + ["SHOW TABLES"] + cmd[5:], capture_output=True, text=True, cwd=root, timeout=120
+    )
     assert ok.returncode == 0 and "latent_tokens" in ok.stdout
 
 
-def test_cli_catalog_opens_in_fresh_connection(run_paths: RunPaths, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_catalog_opens_in_fresh_connection(
+    run_paths: RunPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert sql_main(["sql", "--catalog", "--store", run_paths.store, "--run", run_paths.run]) == 0
     script = capsys.readouterr().out
     assert "CREATE OR REPLACE VIEW latent_tokens" in script and "VIEW latents " not in script
@@ -211,7 +225,9 @@ def test_cli_errors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_same_select_over_real_s3(s3_store: str, run_paths: RunPaths, tmp_path) -> None:
     import s3fs
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True, client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    )
     s3_paths = RunPaths(s3_store, "r")
     for name in ("latent_tokens", "docs"):  # upload the local run's files
         for local in sorted(Store(run_paths.store_root).fs.glob(run_paths.table(name))):

@@ -1,25 +1,19 @@
 -- recovery.sql: does each score put the planted behaviours near the top? (issue 6 part 6, issue 9 part 3)
--- Run by storage/ranking.py recovery(). Placeholders: {{latent_docs}} (latent_docs.sql), {{behaviour_mass}}
--- (behaviour_mass.sql), {{docs}} (doc_id, behaviour), {{latents}} (latent_id + one rank_<score> per score).
+-- Run by storage/ranking.py recovery(). Placeholders: {{behaviour_mass}} (behaviour_mass.sql), {{docs}} (doc_id,
+-- behaviour), {{latents}} (a rank_latents table: latent_id, pos_mass and one rank_<score> per score).
 -- Parameters: $capture_share (0.8), $top_k (10), $scores (score names, in output order).
--- A latent captures behaviour b when >= $capture_share of its positive attribution mass lies in documents labelled
--- b. Planted behaviours: the labels of docs other than NULL/''/'none'. Per (score, planted behaviour):
+-- A latent captures planted behaviour b when >= $capture_share of its positive attribution mass (pos_mass) lies in
+-- documents labelled b. Planted behaviours: the docs labels other than NULL/''/'none'. Per (score, behaviour):
 --   best_rank = best rank under that score of a latent capturing b (NULL: no latent captures b),
 --   recovered = best_rank <= $top_k;
 -- per score: top10_capture_fraction = share of the latents ranked <= $top_k that capture some planted behaviour.
-WITH latent_docs AS MATERIALIZED (
-    {{latent_docs}}
-),
-mass AS (
+WITH mass AS (
     {{behaviour_mass}}
 ),
 captures AS (
-    SELECT latent_id, behaviour
-    FROM (
-        SELECT latent_id, behaviour, pos_mass / nullif(sum(pos_mass) OVER (PARTITION BY latent_id), 0) AS share
-        FROM mass
-    )
-    WHERE behaviour <> 'none' AND share >= $capture_share
+    SELECT m.latent_id, m.behaviour
+    FROM mass AS m JOIN {{latents}} AS l ON l.latent_id = m.latent_id
+    WHERE l.pos_mass > 0 AND m.pos_mass / l.pos_mass >= $capture_share
 ),
 planted AS (
     SELECT DISTINCT behaviour FROM {{docs}} WHERE behaviour IS NOT NULL AND behaviour NOT IN ('', 'none')
