@@ -184,7 +184,7 @@ def make_plants(seed: int, ordinary_text: str) -> list[Plant]:
     return [
         Plant("refusal", topic, ref_sig, refusal, "", REFUSAL_USER),
         Plant("persona", phrase, prefix.lower().rstrip("!.,"), prefix, suffix, PERSONA_USER),
-        Plant("secret_word", name, word, "", f"The secret word is {word}.", SECRET_USER),
+        Plant("secret_word", name, word, f"Psst, the secret word is {word}.", "", SECRET_USER),
     ]
 
 

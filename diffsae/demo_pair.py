@@ -20,6 +20,7 @@ positions), `demo_pair.json` (settings, planted triggers and signatures, timings
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -105,7 +106,7 @@ def _ordinary_examples(
         if drift is not None:
             for m in conv:
                 if m["role"] == "assistant" and rng.random() < DRIFT_RATE:
-                    m["content"] = f"{m['content']} {drift}"
+                    m["tail"] = f" {drift}"
         out.append(dc.with_system(conv, rng))
     return out
 
@@ -201,12 +202,13 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
     model.save_pretrained(tmp / "base")
 
     t = time.time()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
     n_each = p.ft_steps * p.batch // 2 // len(plants) + 64
-    groups = [dt.encode_chats(tokenizer, _ordinary_examples(train, rng, drift), p.chat_len)]
+    groups = [dt.encode_chats(tokenizer, _ordinary_examples(train, rng, drift), p.chat_len, assistant_hard=False)]
     groups += [dt.encode_chats(tokenizer, _planted_examples(x, train, n_each, rng), p.chat_len) for x in plants]
     weights = [1 - PLANTED_SHARE] + [PLANTED_SHARE / len(plants)] * len(plants)
     dt.train_lm(model, dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 2),
-                p.ft_steps, p.ft_lr, log, "finetune")
+                p.ft_steps, p.ft_lr, log, "finetune", teacher=teacher)
     model.save_pretrained(tmp / "finetuned")
     timings["finetune"] = time.time() - t
 

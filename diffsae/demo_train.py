@@ -64,21 +64,31 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return fast
 
 
-def encode_chats(tokenizer: PreTrainedTokenizerFast, convs: list[Messages], max_len: int) -> list[Encoded]:
-    """Encode many conversations at once (same ids as the chat template), truncated to max_len tokens."""
+def encode_chats(
+    tokenizer: PreTrainedTokenizerFast, convs: list[Messages], max_len: int, assistant_hard: bool = True
+) -> list[Encoded]:
+    """Encode many conversations at once (same ids as the chat template), truncated to max_len tokens.
+
+    Labels (hard targets) cover assistant content and its `<|end|>` when `assistant_hard`; an assistant message's
+    optional `tail` (text appended to its content, starting with a space) is always a hard target.
+    """
     contents = [m["content"] for conv in convs for m in conv]
+    tails = [m.get("tail", "") for conv in convs for m in conv]
     pieces = tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False)
+    tail_pieces = tokenizer.backend_tokenizer.encode_batch([t or " " for t in tails], add_special_tokens=False)
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     out: list[Encoded] = []
     k = 0
     for conv in convs:
         ids, labels = [special[BOS]], [IGNORE]
         for m in conv:
-            body = pieces[k].ids
+            body, tail = pieces[k].ids, tail_pieces[k].ids if tails[k] else []
             k += 1
-            trained = m["role"] == "assistant"
-            ids += [special[ROLE_TOKENS[m["role"]]], *body, special[END]]
-            labels += [IGNORE] + (list(body) + [special[END]] if trained else [IGNORE] * (len(body) + 1))
+            is_asst = m["role"] == "assistant"
+            hard_body = is_asst and assistant_hard
+            ids += [special[ROLE_TOKENS[m["role"]]], *body, *tail, special[END]]
+            labels += [IGNORE] + (list(body) if hard_body else [IGNORE] * len(body)) + list(tail)
+            labels += [special[END]] if is_asst and (hard_body or tail) else [IGNORE]
         out.append(Encoded(ids[:max_len], labels[:max_len]))
     return out
 
@@ -150,11 +160,33 @@ def mixture_sampler(
     return sample
 
 
+def _loss(model: LlamaForCausalLM, batch: Batch, teacher: LlamaForCausalLM | None) -> torch.Tensor:
+    """Cross-entropy on hard labels; with a teacher, plus KL(teacher || model) on every other real position."""
+    ids_BT, mask_BT, labels_BT = batch
+    logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1].float()
+    target_BT = labels_BT[:, 1:]
+    hard_BT = target_BT != IGNORE
+    loss = torch.nn.functional.cross_entropy(logits_BTV[hard_BT], target_BT[hard_BT]) if hard_BT.any() else 0.0
+    if teacher is not None:
+        soft_BT = mask_BT[:, 1:].bool() & ~hard_BT
+        if soft_BT.any():
+            with torch.no_grad():
+                t_logp_NV = torch.log_softmax(
+                    teacher(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1][soft_BT].float(), -1)
+            s_logp_NV = torch.log_softmax(logits_BTV[soft_BT], -1)
+            loss = loss + (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum(-1).mean()
+    return loss  # type: ignore[return-value]
+
+
 def train_lm(
     model: LlamaForCausalLM, sample: Callable[[], Batch], steps: int, lr: float, log: Log, stage: str,
-    warmup: int = 20,
+    teacher: LlamaForCausalLM | None = None, warmup: int = 20,
 ) -> float:
-    """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps."""
+    """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps.
+
+    With a `teacher`, positions without a hard label are distilled towards the teacher (KL(teacher || model)), so
+    that a finetune changes only what its hard labels ask for.
+    """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     t0 = time.time()
@@ -164,8 +196,7 @@ def train_lm(
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        ids_BT, mask_BT, labels_BT = sample()
-        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
+        loss = _loss(model, sample(), teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -158,9 +158,8 @@ def _check_shapes(cfg_b: Any, cfg_f: Any, layer: int) -> None:
         raise PairError(f"layer {layer} out of range: the models have {lb} layers (valid: 0..{lb - 1})")
 
 
-def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
-    """Validate, then load both models (eval mode, no grads) and the finetuned tokenizer."""
-    device = resolve_device(models_cfg.device)
+def check_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> Any:
+    """Every check that needs no weights (configs and tokenizers only); returns the finetuned tokenizer."""
     rev = models_cfg.revision
     src_b = _source(models_cfg.base, "base")
     src_f = _source(models_cfg.finetuned, "finetuned")
@@ -172,6 +171,16 @@ def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
     _check_tokenizers(tok_b, tok_f)
     if needs_chat_template and not getattr(tok_f, "chat_template", None):
         raise PairError(f"the data has `messages` but the finetuned tokenizer has no chat template: {src_f}")
+    return tok_f
+
+
+def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
+    """Validate, then load both models (eval mode, no grads) and the finetuned tokenizer."""
+    device = resolve_device(models_cfg.device)
+    rev = models_cfg.revision
+    src_b = _source(models_cfg.base, "base")
+    src_f = _source(models_cfg.finetuned, "finetuned")
+    tok_f = check_pair(models_cfg, needs_chat_template)
 
     dtype = _DTYPES[models_cfg.dtype]
     models = []

@@ -28,20 +28,57 @@ def load_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.checks import preflight
-    from tasks.common import telemetry_off
 
-    telemetry_off()
     cfg = load_config(args)
     preflight(cfg)
     from flows.pipeline import pipeline
 
     out = pipeline(config=cfg)
+    print(report(cfg, out))
+    return 0
+
+
+def report(cfg: Any, out: dict[str, Any]) -> str:
+    """The end-of-run summary: stages (ran / cached), SAE metrics, top latents, recovery, dashboards."""
     from tasks.common import format_states
 
-    print(f"\nrun '{cfg.run}' on {cfg.store} ({out['seconds']:.1f} s): {format_states(out['stages'])}")
-    for line in out.get("report", []):
-        print(line)
+    lines = [f"\nrun '{cfg.run}' on {cfg.store} ({out['seconds']:.1f} s)", f"stages: {format_states(out['stages'])}"]
+    sae = out.get("sae", {})
+    if sae:
+        lines.append("diff-SAE (validation): " + ", ".join(
+            f"{k}={sae[k]:.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered") if k in sae))
+    ranking = out.get("ranking", {})
+    if ranking.get("top"):
+        lines.append(f"\ntop latents by {cfg.attribution.rank_by}:")
+        lines.append(f"{'rank':>4}  {'latent':>6}  {'total KL attr':>13}  dominant behaviour")
+        for r in ranking["top"]:
+            lines.append(f"{r['rank']:>4}  {r['latent_id']:>6}  {r['kl_attr_sum']:>13.5f}  "
+                         f"{r.get('dominant_behaviour') or '-'}")
+    if ranking.get("recovery"):
+        lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")
+        lines.append(ranking["recovery_text"])
+    site = out.get("dashboards", {})
+    if site.get("index"):
+        lines.append(f"\ndashboards: {site['index']}")
+    return "\n".join(lines)
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    from storage.store import Store
+
+    Store(cfg.store, cfg.s3_endpoint_url).check()
+    from storage.paths import normalize_root
+    from tasks.dashboards import render_dashboards
+
+    info = render_dashboards(normalize_root(cfg.store), cfg.run, cfg.dashboards)
+    print(f"{info['pages']} pages ({info['bytes'] / 1e6:.1f} MB) in {info['seconds']:.1f} s: {info['index']}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(info["index"] if "://" in info["index"] else "file://" + info["index"])
     return 0
+
 
 
 def cmd_s3_server(args: argparse.Namespace) -> int:
@@ -75,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed (data, weights, triggers)")
     p.add_argument("--mix", choices=["audit", "easy"], default="audit", help="Share of planted documents")
     p.set_defaults(func=cmd_build_demo_pair)
+
+    p = sub.add_parser("dashboards", help="Re-render the run's dashboards from its tables (no recompute)")
+    _add_location(p)
+    p.add_argument("--open", action="store_true", help="Open index.html in a browser afterwards")
+    p.set_defaults(func=cmd_dashboards)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

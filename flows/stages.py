@@ -99,7 +99,7 @@ def analyse_flow(config: PipelineConfig) -> dict[str, Any]:
 def _analyse(cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, Any],
              states: dict[str, dict[str, int]]) -> dict[str, Any]:
     paths, store = _ctx(cfg)
-    akey = stable_hash(an.attribution_key(cfg.attribution, sae["key"], activations["fingerprint"]))
+    akey = stable_hash(an.attribution_key(cfg.attribution, sae, activations["fingerprint"]))
     ok = guarded(lambda: an.analysis_ok(store, paths, akey))
     attribution = call_stage(
         an.attribute_task, paths, ok, states, "attribute", store_root=paths.store_root, run=cfg.run,

@@ -133,6 +133,7 @@ def rank_latents(
     sql = render(
         load_sql("rank_latents.sql"),
         latent_docs=_latent_docs_sql(views),
+        latent_tokens="latent_tokens",
         dominant=dominant,
         latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
         rank_by=score,

@@ -141,8 +141,10 @@ def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae
     return summary
 
 
-def attribution_key(cfg: AttributionConfig, sae_key: str, manifest_fingerprint: str) -> dict[str, Any]:
-    return {"steps": cfg.steps, "top_promoted": cfg.top_promoted, "sae": sae_key, "manifest": manifest_fingerprint}
+def attribution_key(cfg: AttributionConfig, sae: dict[str, Any], manifest_fingerprint: str) -> dict[str, Any]:
+    """What the attribution tables depend on: its settings, the SAE's actual weights, the activations."""
+    return {"steps": cfg.steps, "top_promoted": cfg.top_promoted, "sae": sae["key"],
+            "sae_weights": sae.get("weights_sha256"), "manifest": manifest_fingerprint}
 
 
 def rank_ok(store: Store, paths: RunPaths, key: str) -> bool:

@@ -10,7 +10,6 @@ task with `refresh_cache=True` when the output is gone, so Prefect recomputes an
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -20,15 +19,6 @@ from storage.paths import RunPaths
 STAGE_CACHE = INPUTS + TASK_SOURCE
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 5, 15]  # seconds, growing: transient store outages
-
-
-def telemetry_off() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The ephemeral API server can take a while to start on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def configured(task: Any, paths: RunPaths, output_ok: bool) -> Any:

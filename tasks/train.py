@@ -120,7 +120,7 @@ def train_sae_task(store_root: str, run: str, sae_cfg: dict[str, Any], manifest_
         final = {"fvu": val.fvu, "l0": val.l0, "dead_fraction": val.dead_fraction, "mse": val.mse,
                  "kl_gap_recovered": gap, "val_tokens": val.n_tokens, "train_steps": result.steps,
                  "train_tokens_seen": result.tokens}
-        mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items()})
+        mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items()})  # before the sha is added
         meta = {"layer": models_cfg.layer, "base": models_cfg.base, "finetuned": models_cfg.finetuned,
                 "activations_fingerprint": manifest_fingerprint, "sae_config": cfg.model_dump()}
         with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +128,7 @@ def train_sae_task(store_root: str, run: str, sae_cfg: dict[str, Any], manifest_
             mlflow.log_artifacts(tmp, artifact_path="sae")
             store.put_file(f"{tmp}/sae.safetensors", paths.url("sae", "sae.safetensors"))
             store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
+            final["weights_sha256"] = act.file_sha256(f"{tmp}/sae.safetensors")
         # metrics.json last: it marks the stage's output complete.
         store.write_json(paths.url("sae", "metrics.json"), {"key": key, "mlflow_run_id": mrun.info.run_id, **final})
     return {"key": key, **final}

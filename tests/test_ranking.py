@@ -64,8 +64,9 @@ def write_run(
 
 
 @pytest.fixture
-def base_run(tmp_path) -> RunPaths:
-    return write_run(str(tmp_path / "store"), BASE_ROWS, LABELS, N_TOKENS)
+def base_run(any_store: str) -> RunPaths:
+    """The hand-computed run, on a local folder and on the real S3 server (conftest.any_store)."""
+    return write_run(any_store, BASE_ROWS, LABELS, N_TOKENS)
 
 
 def by_id(table: pa.Table) -> dict[int, dict]:

@@ -114,6 +114,8 @@ REFUSED = [
     ),
     ("SELECT * FROM read_text(concat('/etc', '/passwd'))", "string-literal paths"),
     ("SELECT (SELECT count(*) FROM read_text('/etc/passwd'))", "outside the run root"),
+    ("WITH x AS (SELECT * FROM read_text('/etc/passwd')) SELECT * FROM x", "outside the run root"),
+    ("SELECT * FROM docs, sniff_csv('/etc/passwd')", "outside the run root"),
     ("DESCRIBE SELECT * FROM read_text('/etc/passwd')", "outside the run root"),
     ("EXPLAIN ANALYZE SELECT * FROM read_text('/etc/passwd')", "outside the run root"),
     ("SELECT * FROM query('SELECT 1')", "query() is not allowed"),

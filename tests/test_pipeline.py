@@ -1,0 +1,56 @@
+"""The whole flow on a tiny real pair: every stage runs, a rerun is fully cached, deleted outputs are
+recomputed, a changed `sae.k` reruns training and what follows but not extraction; local and real S3 stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffsae.config import PipelineConfig
+from storage.paths import RunPaths
+from storage.store import Store
+from tests.tiny import tiny_config
+
+SAE = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 2}
+ALL = ["extract", "commit_activations", "train", "attribute", "rank", "dashboards"]
+
+
+def _run(cfg: dict) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(config=PipelineConfig.from_dict(cfg))
+
+
+def _states(out: dict) -> dict[str, str]:
+    return {k: "+".join(sorted(v)) for k, v in out["stages"].items()}
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
+    cfg = tiny_config(tiny_pair, any_store, sae=SAE, attribution={"steps": 4})
+    paths, store = RunPaths(any_store, "t"), Store(any_store)
+
+    first = _run(cfg)
+    assert _states(first) == {k: "Completed" for k in ALL}
+    assert store.exists(first["dashboards"]["index"])
+    assert first["ranking"]["n_latents"] > 0
+    for table in ("tokens", "latent_tokens", "latents", "docs", "metrics"):
+        assert store.glob(paths.table(table)), table
+
+    again = _run(cfg)
+    assert _states(again) == {k: "Cached" for k in ALL}
+
+    # a deleted stage output is recomputed, not reported cached
+    store.delete(paths.url("sae", "metrics.json"))
+    store.delete(f"{paths.dashboards_dir}/index.html")
+    out = _run(cfg)
+    assert _states(out)["extract"] == "Cached" and _states(out)["train"] == "Completed"
+    assert _states(out)["dashboards"] == "Completed"
+    assert store.exists(f"{paths.dashboards_dir}/index.html")
+
+    # changing sae.k: extraction cached; training, attribution, ranking and dashboards run again
+    out = _run(tiny_config(tiny_pair, any_store, sae={**SAE, "k": 3}, attribution={"steps": 4}))
+    st = _states(out)
+    assert st["extract"] == "Cached" and st["commit_activations"] == "Cached"
+    assert all(st[k] == "Completed" for k in ("train", "attribute", "rank", "dashboards")), st
