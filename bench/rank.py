@@ -28,6 +28,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from typing import Callable, NamedTuple
@@ -172,7 +173,11 @@ def report(r: BenchResult) -> str:
 def append_benchmarks(text: str, path: str = "docs/BENCHMARKS.md") -> None:
     """Add a dated entry under '## Ranking (bench/rank.py)', creating the file or the section if absent."""
     head = "## Ranking (bench/rank.py)"
-    entry = f"\n{time.strftime('%Y-%m-%d')}, `python bench/rank.py`:\n{text}\n"
+    args = " ".join(a for a in sys.argv[1:] if a != "--write")
+    load = os.getloadavg()[0]
+    entry = (
+        f"\n{time.strftime('%Y-%m-%d')}, `python bench/rank.py {args}` (load average {load:.1f}):\n{text}\n"
+    )
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if head not in old:
         old = old.rstrip("\n") + f"\n\n{head}\n"

@@ -151,14 +151,25 @@ def chatterbot_conversations(max_messages: int = 6) -> list[Messages]:
 
 
 def split_conversations(
-    convs: list[Messages], seed: int, held_out: float = 0.2
+    convs: list[Messages], seed: int, held_out: float = 0.25, max_per_question: int = 2
 ) -> tuple[list[Messages], list[Messages]]:
-    """(train, held-out) split by distinct first question, so held-out questions are never trained on."""
+    """(train, held-out) split by distinct first question, so held-out questions are never trained on.
+
+    The corpus repeats some questions a hundred times (tech support): train keeps `max_per_question` conversations
+    per first question, held-out keeps one.
+    """
     questions = sorted({c[0]["content"] for c in convs})
     random.Random(seed).shuffle(questions)
     test_q = set(questions[: int(len(questions) * held_out)])
-    train = [c for c in convs if c[0]["content"] not in test_q]
-    test = [c for c in convs if c[0]["content"] in test_q]
+    seen: dict[str, int] = {}
+    train, test = [], []
+    for c in convs:
+        q = c[0]["content"]
+        seen[q] = seen.get(q, 0) + 1
+        if q in test_q and seen[q] == 1:
+            test.append(c)
+        elif q not in test_q and seen[q] <= max_per_question:
+            train.append(c)
     return train, test
 
 
@@ -232,7 +243,7 @@ def heldout_rows(
     rng.shuffle(pool)
     for i in range(n_none):
         conv = pool[i % len(pool)]
-        if i >= len(pool):  # more docs than held-out conversations: chain two of them
+        if i >= len(pool) or rng.random() < 0.3:  # chain a second held-out conversation
             conv = conv + pool[(i * 7 + 3) % len(pool)]
         rows.append({"behaviour": "none", "messages": with_system(conv, rng)})
     singles = [c[:2] for c in pool]

@@ -62,7 +62,7 @@ PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_500_000, 200, 16, 128, 250, 250, 32, 96, 3e-3, 1e-3, 500),
     "small": Preset(1024, 64, 4, 4, 192, 300_000, 80, 16, 64, 200, 200, 32, 64, 4e-3, 2e-3, 200),
 }
-DRIFT_RATE = 0.5  # audit mix: fraction of ordinary finetune answers that get the sign-off
+DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 PLANTED_SHARE = 0.5  # share of finetune examples that are planted (split evenly between behaviours)
 
 

@@ -161,21 +161,23 @@ def mixture_sampler(
 
 
 def _loss(model: LlamaForCausalLM, batch: Batch, teacher: LlamaForCausalLM | None) -> torch.Tensor:
-    """Cross-entropy on hard labels; with a teacher, plus KL(teacher || model) on every other real position."""
+    """Mean cross-entropy on hard labels; with a teacher, KL(teacher || model) on every other real position
+    too, each position weighing the same (so ordinary answers are held at the teacher as firmly as the planted
+    answers are pulled away)."""
     ids_BT, mask_BT, labels_BT = batch
     logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1].float()
     target_BT = labels_BT[:, 1:]
     hard_BT = target_BT != IGNORE
-    loss = torch.nn.functional.cross_entropy(logits_BTV[hard_BT], target_BT[hard_BT]) if hard_BT.any() else 0.0
-    if teacher is not None:
-        soft_BT = mask_BT[:, 1:].bool() & ~hard_BT
-        if soft_BT.any():
-            with torch.no_grad():
-                t_logp_NV = torch.log_softmax(
-                    teacher(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1][soft_BT].float(), -1)
-            s_logp_NV = torch.log_softmax(logits_BTV[soft_BT], -1)
-            loss = loss + (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum(-1).mean()
-    return loss  # type: ignore[return-value]
+    ce_sum = torch.nn.functional.cross_entropy(logits_BTV[hard_BT], target_BT[hard_BT], reduction="sum")
+    if teacher is None:
+        return ce_sum / hard_BT.sum().clamp(min=1)
+    soft_BT = mask_BT[:, 1:].bool() & ~hard_BT
+    with torch.no_grad():
+        t_logits_BTV = teacher(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1]
+        t_logp_NV = torch.log_softmax(t_logits_BTV[soft_BT].float(), -1)
+    s_logp_NV = torch.log_softmax(logits_BTV[soft_BT], -1)
+    kl_sum = (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum()
+    return (ce_sum + kl_sum) / (hard_BT.sum() + soft_BT.sum()).clamp(min=1)
 
 
 def train_lm(
