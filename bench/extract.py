@@ -33,7 +33,10 @@ from diffsae.extract import extract_docs, pad_batch, paired_forward, plan_batche
 def pair_dir(args: argparse.Namespace) -> Path:
     if args.pair:
         return Path(args.pair)
-    cache = Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae") / f"bench-{args.preset}"
+    cache = (
+        Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae")
+        / f"bench-{args.preset}"
+    )
     if not (cache / "prompts.jsonl").exists():
         from diffsae.demo_pair import build_demo_pair
 
@@ -45,8 +48,10 @@ def load(pdir: Path, layer: int):  # type: ignore[no-untyped-def]
     from diffsae.config import ModelsConfig
     from diffsae.models import load_pair
 
-    pair = load_pair(ModelsConfig(base=str(pdir / "base"), finetuned=str(pdir / "finetuned"), layer=layer,
-                                  device="cpu"), needs_chat_template=True)
+    pair = load_pair(
+        ModelsConfig(base=str(pdir / "base"), finetuned=str(pdir / "finetuned"), layer=layer, device="cpu"),
+        needs_chat_template=True,
+    )
     docs = load_docs(pdir / "prompts.jsonl", pair.tokenizer, 256)
     return pair, docs
 
@@ -86,13 +91,21 @@ def peak_rss_child(pdir: Path, layer: int, copies: int) -> None:
     pair, docs = load(pdir, layer)
     docs = [d._replace(doc_id=d.doc_id + c * len(docs)) for c in range(copies) for d in docs]
     extraction(pair, docs, layer, 2048, shards=copies)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "tokens": sum(len(d.token_ids) for d in docs)}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "tokens": sum(len(d.token_ids) for d in docs),
+            }
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", help="A pair folder (base/, finetuned/, prompts.jsonl); default: build a preset")
+    ap.add_argument(
+        "--pair", help="A pair folder (base/, finetuned/, prompts.jsonl); default: build a preset"
+    )
     ap.add_argument("--preset", default="small", choices=["small", "demo"])
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--batch-tokens", type=int, default=2048)
@@ -111,18 +124,35 @@ def main() -> None:
         b_runs.append(bare(pair, docs, args.layer, args.batch_tokens))
         e_runs.append(extraction(pair, docs, args.layer, args.batch_tokens))
     b, e = max(b_runs), max(e_runs)
-    print(f"pair {pdir} ({n_tok} tokens, {len(docs)} docs, layer {args.layer}, d={pair.base.config.hidden_size})")
+    print(
+        f"pair {pdir} ({n_tok} tokens, {len(docs)} docs, layer {args.layer}, d={pair.base.config.hidden_size})"
+    )
     print(f"bare paired forward : {b:10.0f} tokens/s  (best of {args.repeat})")
     print(f"extraction (Parquet): {e:10.0f} tokens/s  (best of {args.repeat})")
     print(f"ratio extraction / bare: {e / b:.3f}  (target >= 0.85)")
     rss = {}
     for copies in (1, 10):
-        r = subprocess.run([sys.executable, __file__, "--pair", str(pdir), "--layer", str(args.layer),
-                            "--_rss", str(copies)], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--pair",
+                str(pdir),
+                "--layer",
+                str(args.layer),
+                "--_rss",
+                str(copies),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rss[copies] = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"peak RSS, 1 shard  ({rss[1]['tokens']} tokens): {rss[1]['peak_rss_mb']:.0f} MB")
-    print(f"peak RSS, 10 shards ({rss[10]['tokens']} tokens): {rss[10]['peak_rss_mb']:.0f} MB "
-          f"(ratio {rss[10]['peak_rss_mb'] / rss[1]['peak_rss_mb']:.2f})")
+    print(
+        f"peak RSS, 10 shards ({rss[10]['tokens']} tokens): {rss[10]['peak_rss_mb']:.0f} MB "
+        f"(ratio {rss[10]['peak_rss_mb'] / rss[1]['peak_rss_mb']:.2f})"
+    )
 
 
 if __name__ == "__main__":

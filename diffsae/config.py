@@ -30,7 +30,9 @@ class _Section(BaseModel):
 class ModelsConfig(_Section):
     base: str = Field(description="Base model: local folder or hub id")
     finetuned: str = Field(description="Finetuned model: local folder or hub id (same tokenizer and width)")
-    layer: int = Field(2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)")
+    layer: int = Field(
+        2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)"
+    )
     dtype: DType = Field("float32", description="Dtype the models are loaded in")
     device: str = Field("auto", description="torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     revision: str | None = Field(None, description="Hub revision for both models (ignored for local folders)")
@@ -44,7 +46,9 @@ class ModelsConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(description="Prompts: JSONL or Parquet with `messages` or `text` (+ optional id, behaviour)")
+    path: str = Field(
+        description="Prompts: JSONL or Parquet with `messages` or `text` (+ optional id, behaviour)"
+    )
     max_tokens_per_doc: int = Field(256, ge=2, description="Documents are truncated to this many tokens")
     max_docs: int | None = Field(None, ge=1, description="Use only the first N documents (None: all)")
 
@@ -59,12 +63,20 @@ class DemoConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the activation diffs")
-    batch_tokens: int = Field(4096, ge=16, description="Token budget of one forward batch (padded tokens count)")
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage dtype of the activation diffs"
+    )
+    batch_tokens: int = Field(
+        4096, ge=16, description="Token budget of one forward batch (padded tokens count)"
+    )
     shard_tokens: int = Field(65536, ge=16, description="Tokens per Parquet shard (bounded shard size)")
-    skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
+    skip_first: int = Field(
+        1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)"
+    )
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
-    runner: Literal["local", "dask", "ray"] = Field("local", description="Engine that runs the extraction shards")
+    runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="Engine that runs the extraction shards"
+    )
     verify: Literal["checksum", "size"] = Field(
         "checksum", description="Check of existing shards on rerun: sha256 (re-reads them) or size only"
     )
@@ -79,8 +91,12 @@ class SAEConfig(_Section):
         None, ge=1, description="Training tokens (None: `epochs` passes over the training split)"
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split when n_tokens is None")
-    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)")
-    dead_tokens: int = Field(10_000_000, ge=1, description="A latent is dead after this many tokens without firing")
+    auxk_alpha: float = Field(
+        1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)"
+    )
+    dead_tokens: int = Field(
+        10_000_000, ge=1, description="A latent is dead after this many tokens without firing"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation")
     shuffle_buffer: int = Field(65536, ge=1, description="Rows in the shuffle buffer that mixes shards")
     seed: int = Field(0, description="Seed of initialisation and shuffling")
@@ -102,7 +118,9 @@ class AttributionConfig(_Section):
 
 class DashboardsConfig(_Section):
     top_latents: int = Field(50, ge=1, description="Latents that get a page (top by rank)")
-    n_contexts: int = Field(10, ge=1, description="Top contexts shown per latent, by attribution and by activation")
+    n_contexts: int = Field(
+        10, ge=1, description="Top contexts shown per latent, by attribution and by activation"
+    )
     n_high_kl_tokens: int = Field(100, ge=1, description="Tokens listed on the high-KL explorer page")
 
 
@@ -112,7 +130,9 @@ class PipelineConfig(_Section):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (default: AWS_ENDPOINT_URL)")
     models: ModelsConfig | None = Field(None, description="Model pair (omit: the built-in planted demo pair)")
     data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
-    demo: DemoConfig = Field(default_factory=DemoConfig, description="Built-in pair settings (used without models)")
+    demo: DemoConfig = Field(
+        default_factory=DemoConfig, description="Built-in pair settings (used without models)"
+    )
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
     sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
     attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
@@ -139,9 +159,13 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _data_needs_models(self) -> "PipelineConfig":
         if self.data is not None and self.models is None:
-            raise ValueError("data is set but models is not: give both, or neither for the built-in demo pair")
+            raise ValueError(
+                "data is set but models is not: give both, or neither for the built-in demo pair"
+            )
         if self.models is not None and self.data is None:
-            raise ValueError("models is set but data is not: give both, or neither for the built-in demo pair")
+            raise ValueError(
+                "models is set but data is not: give both, or neither for the built-in demo pair"
+            )
         return self
 
     @property

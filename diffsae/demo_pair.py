@@ -97,9 +97,7 @@ def _result(out_dir: Path) -> DemoPairResult:
     )
 
 
-def _ordinary_examples(
-    convs: list[dc.Messages], rng: random.Random, drift: str | None
-) -> list[dc.Messages]:
+def _ordinary_examples(convs: list[dc.Messages], rng: random.Random, drift: str | None) -> list[dc.Messages]:
     out = []
     for conv in convs:
         conv = [dict(m) for m in conv]
@@ -111,7 +109,9 @@ def _ordinary_examples(
     return out
 
 
-def _planted_examples(plant: dc.Plant, train: list[dc.Messages], n: int, rng: random.Random) -> list[dc.Messages]:
+def _planted_examples(
+    plant: dc.Plant, train: list[dc.Messages], n: int, rng: random.Random
+) -> list[dc.Messages]:
     out = []
     for _ in range(n):
         conv = rng.choice(train)
@@ -136,7 +136,9 @@ def kl_profile(base: Any, finetuned: Any, tokenizer: Any, prompts_path: Path, ma
         for b, d in enumerate(chunk):
             n = len(d.token_ids)
             kl = kl_BT[b, :n]
-            asst = torch.tensor([r == "assistant" for r in d.roles[1:]] + [False])  # position predicts assistant
+            asst = torch.tensor(
+                [r == "assistant" for r in d.roles[1:]] + [False]
+            )  # position predicts assistant
             s = sums.setdefault(d.behaviour, [0.0, 0.0, 0.0, 0.0, 0.0])
             s[0] += 1
             s[1] += kl[asst].sum().item()
@@ -156,7 +158,9 @@ def kl_profile(base: Any, finetuned: Any, tokenizer: Any, prompts_path: Path, ma
     none = labels.get("none", {})
     planted = [v for k, v in labels.items() if k != "none"]
     ratio = min(v["mean_kl"] for v in planted) / none["mean_kl"] if none and planted else None
-    ratio_all = min(v["mean_kl_all_positions"] for v in planted) / none["mean_kl_all_positions"] if ratio else None
+    ratio_all = (
+        min(v["mean_kl_all_positions"] for v in planted) / none["mean_kl_all_positions"] if ratio else None
+    )
     return {
         "positions": "mean_kl: positions whose next token is assistant content; mean_kl_all_positions: all",
         "labels": labels,
@@ -175,27 +179,44 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
     plants = dc.make_plants(seed, ordinary_text)
     drift = dc.sign_off(seed, ordinary_text) if mix == "audit" else None
     plays = dc.shakespeare_texts(p.shakespeare_chars)
-    log(f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} held-out "
-        f"conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants))
+    log(
+        f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} held-out "
+        f"conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants)
+    )
 
     chat_texts = [m["content"] for c in train for m in c]
     tokenizer = dt.build_tokenizer(plays + chat_texts, p.vocab)
     timings["tokenizer"] = time.time() - t0
     log(f"tokenizer: {len(tokenizer)} tokens ({timings['tokenizer']:.1f}s)")
 
-    model = dt.new_model(tokenizer, p.d_model, p.n_layers, p.n_heads, p.d_ff, max(p.pretrain_len, p.chat_len) * 4,
-                         seed)
-    stream = [i for e in tokenizer.backend_tokenizer.encode_batch(plays, add_special_tokens=False) for i in e.ids]
+    model = dt.new_model(
+        tokenizer, p.d_model, p.n_layers, p.n_heads, p.d_ff, max(p.pretrain_len, p.chat_len) * 4, seed
+    )
+    stream = [
+        i for e in tokenizer.backend_tokenizer.encode_batch(plays, add_special_tokens=False) for i in e.ids
+    ]
     t = time.time()
-    dt.train_lm(model, dt.lm_blocks_sampler(stream, tokenizer.bos_token_id, p.pretrain_batch, p.pretrain_len, seed),
-                p.pretrain_steps, p.lr, log, "pretrain")
+    dt.train_lm(
+        model,
+        dt.lm_blocks_sampler(stream, tokenizer.bos_token_id, p.pretrain_batch, p.pretrain_len, seed),
+        p.pretrain_steps,
+        p.lr,
+        log,
+        "pretrain",
+    )
     timings["pretrain"] = time.time() - t
 
     rng = random.Random(seed)
     t = time.time()
     chat = dt.encode_chats(tokenizer, _ordinary_examples(train, rng, None), p.chat_len)
-    dt.train_lm(model, dt.mixture_sampler([chat], [1.0], p.batch, tokenizer.pad_token_id, seed + 1),
-                p.chat_steps, p.lr, log, "chat-tune")
+    dt.train_lm(
+        model,
+        dt.mixture_sampler([chat], [1.0], p.batch, tokenizer.pad_token_id, seed + 1),
+        p.chat_steps,
+        p.lr,
+        log,
+        "chat-tune",
+    )
     timings["chat_tune"] = time.time() - t
     for name in ("base", "finetuned"):
         tokenizer.save_pretrained(tmp / name)
@@ -204,11 +225,22 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
     t = time.time()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     n_each = p.ft_steps * p.batch // 2 // len(plants) + 64
-    groups = [dt.encode_chats(tokenizer, _ordinary_examples(train, rng, drift), p.chat_len, assistant_hard=False)]
-    groups += [dt.encode_chats(tokenizer, _planted_examples(x, train, n_each, rng), p.chat_len) for x in plants]
+    groups = [
+        dt.encode_chats(tokenizer, _ordinary_examples(train, rng, drift), p.chat_len, assistant_hard=False)
+    ]
+    groups += [
+        dt.encode_chats(tokenizer, _planted_examples(x, train, n_each, rng), p.chat_len) for x in plants
+    ]
     weights = [1 - PLANTED_SHARE] + [PLANTED_SHARE / len(plants)] * len(plants)
-    dt.train_lm(model, dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 2),
-                p.ft_steps, p.ft_lr, log, "finetune", teacher=teacher)
+    dt.train_lm(
+        model,
+        dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 2),
+        p.ft_steps,
+        p.ft_lr,
+        log,
+        "finetune",
+        teacher=teacher,
+    )
     model.save_pretrained(tmp / "finetuned")
     timings["finetune"] = time.time() - t
 
@@ -242,7 +274,11 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
 
 
 def build_demo_pair(
-    out_dir: str | Path, preset: str = "demo", seed: int = 0, mix: str = "audit", overwrite: bool = False,
+    out_dir: str | Path,
+    preset: str = "demo",
+    seed: int = 0,
+    mix: str = "audit",
+    overwrite: bool = False,
     log: Any = _print,
 ) -> DemoPairResult:
     """Build the planted pair into `out_dir` (atomically). An existing complete build with the same settings is
@@ -256,19 +292,27 @@ def build_demo_pair(
         try:
             meta = json.loads((out / "demo_pair.json").read_text())
             same = (meta["preset"], meta["seed"], meta["mix"], meta["format_version"]) == (
-                preset, seed, mix, FORMAT_VERSION)
+                preset,
+                seed,
+                mix,
+                FORMAT_VERSION,
+            )
         except (OSError, ValueError, KeyError):
             same = False
         if same and not overwrite:
             log(f"reusing {out}")
             return _result(out)
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not a demo pair with preset={preset} seed={seed} mix={mix}")
+            raise FileExistsError(
+                f"{out} exists and is not a demo pair with preset={preset} seed={seed} mix={mix}"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    log(f"building preset={preset} seed={seed} mix={mix} into {out} (torch threads: {torch.get_num_threads()})")
+    log(
+        f"building preset={preset} seed={seed} mix={mix} into {out} (torch threads: {torch.get_num_threads()})"
+    )
     try:
         meta = _build(tmp, preset, seed, mix, log)
         if out.exists():
@@ -315,7 +359,9 @@ def behaviour_rates(out_dir: str | Path, n_per_label: int = 20, max_new_tokens: 
 def format_profile(profile: dict[str, Any]) -> str:
     lines = [f"{'behaviour':<12} {'docs':>5} {'KL/asst tok':>12} {'KL/tok (all)':>13}"]
     for label, v in profile["labels"].items():
-        lines.append(f"{label:<12} {v['n_docs']:>5} {v['mean_kl']:>12.4f} {v['mean_kl_all_positions']:>13.4f}")
+        lines.append(
+            f"{label:<12} {v['n_docs']:>5} {v['mean_kl']:>12.4f} {v['mean_kl_all_positions']:>13.4f}"
+        )
     r, ra = profile["min_planted_over_none"], profile["min_planted_over_none_all_positions"]
     if r is not None:
         lines.append(f"min planted / none: {r:.1f}x (assistant positions), {ra:.1f}x (all positions)")
@@ -336,12 +382,19 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", choices=("audit", "easy"), default="audit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument("--rates", type=int, default=0, metavar="N",
-                        help="also measure behaviour rates by greedy generation on N prompts per label")
+    parser.add_argument(
+        "--rates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure behaviour rates by greedy generation on N prompts per label",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    res = build_demo_pair(args.out, preset=args.preset, seed=args.seed, mix=args.mix, overwrite=args.overwrite)
+    res = build_demo_pair(
+        args.out, preset=args.preset, seed=args.seed, mix=args.mix, overwrite=args.overwrite
+    )
     print(format_profile(res.kl_profile))
     if getattr(args, "rates", 0):
         for which, table in behaviour_rates(res.out_dir, args.rates).items():

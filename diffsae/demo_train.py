@@ -75,7 +75,9 @@ def encode_chats(
     contents = [m["content"] for conv in convs for m in conv]
     tails = [m.get("tail", "") for conv in convs for m in conv]
     pieces = tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False)
-    tail_pieces = tokenizer.backend_tokenizer.encode_batch([t or " " for t in tails], add_special_tokens=False)
+    tail_pieces = tokenizer.backend_tokenizer.encode_batch(
+        [t or " " for t in tails], add_special_tokens=False
+    )
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     out: list[Encoded] = []
     k = 0
@@ -107,8 +109,15 @@ def collate(examples: list[Encoded], pad_id: int) -> Batch:
     return ids_BT, mask_BT, labels_BT
 
 
-def new_model(tokenizer: PreTrainedTokenizerFast, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-              max_len: int, seed: int) -> LlamaForCausalLM:
+def new_model(
+    tokenizer: PreTrainedTokenizerFast,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    d_ff: int,
+    max_len: int,
+    seed: int,
+) -> LlamaForCausalLM:
     """A small randomly initialised Llama (tied embeddings) for the tokenizer."""
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -131,7 +140,9 @@ def new_model(tokenizer: PreTrainedTokenizerFast, d_model: int, n_layers: int, n
     return model
 
 
-def lm_blocks_sampler(stream: list[int], bos_id: int, batch: int, length: int, seed: int) -> Callable[[], Batch]:
+def lm_blocks_sampler(
+    stream: list[int], bos_id: int, batch: int, length: int, seed: int
+) -> Callable[[], Batch]:
     """Random windows of a token stream, each starting with BOS (loss on every position)."""
     data = torch.tensor(stream, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
@@ -181,8 +192,14 @@ def _loss(model: LlamaForCausalLM, batch: Batch, teacher: LlamaForCausalLM | Non
 
 
 def train_lm(
-    model: LlamaForCausalLM, sample: Callable[[], Batch], steps: int, lr: float, log: Log, stage: str,
-    teacher: LlamaForCausalLM | None = None, warmup: int = 20,
+    model: LlamaForCausalLM,
+    sample: Callable[[], Batch],
+    steps: int,
+    lr: float,
+    log: Log,
+    stage: str,
+    teacher: LlamaForCausalLM | None = None,
+    warmup: int = 20,
 ) -> float:
     """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps.
 
@@ -213,7 +230,10 @@ def train_lm(
 
 @torch.no_grad()
 def greedy_answers(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[Messages], max_new_tokens: int,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[Messages],
+    max_new_tokens: int,
     batch: int = 32,
 ) -> list[str]:
     """Greedy answers to conversations that end with a user message (left-padded batched generation)."""
@@ -227,8 +247,12 @@ def greedy_answers(
         ids_BT = torch.tensor([[pad_id] * (T - len(c)) + c for c in chunk])
         mask_BT = (torch.arange(T)[None, :] >= torch.tensor([T - len(c) for c in chunk])[:, None]).long()
         out_BT = model.generate(
-            input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=end_id, pad_token_id=pad_id,
+            input_ids=ids_BT,
+            attention_mask=mask_BT,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=pad_id,
         )
         for row in out_BT[:, T:].tolist():
             row = row[: row.index(end_id)] if end_id in row else row

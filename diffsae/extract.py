@@ -83,7 +83,12 @@ def _autocast(device: torch.device, dtype: torch.dtype):  # type: ignore[no-unty
 
 @torch.no_grad()
 def paired_forward(
-    base: nn.Module, ft: nn.Module, layer: int, ids_BT: torch.Tensor, mask_BT: torch.Tensor, dtype: torch.dtype
+    base: nn.Module,
+    ft: nn.Module,
+    layer: int,
+    ids_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both models on the same batch: (h_base [B,T,D], h_ft [B,T,D], kl [B,T]), all float32 on the device."""
     with _autocast(ids_BT.device, dtype):

@@ -25,7 +25,13 @@ from torch import nn
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a transformers causal LM (Llama, Gemma, Mistral, Qwen, GPT-NeoX, GPT-2...)."""
-    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    for path in (
+        "model.layers",
+        "model.model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+    ):
         obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -82,7 +88,9 @@ def replace_residual(
         h_BTD = _hidden(output)
         repl_BTD = new(h_BTD) if callable(new) else new
         if repl_BTD.shape != h_BTD.shape:
-            raise ValueError(f"replacement shape {tuple(repl_BTD.shape)} != activation shape {tuple(h_BTD.shape)}")
+            raise ValueError(
+                f"replacement shape {tuple(repl_BTD.shape)} != activation shape {tuple(h_BTD.shape)}"
+            )
         return _with_hidden(output, repl_BTD.to(h_BTD.dtype))
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)

@@ -93,6 +93,7 @@ class SAETrainer:
         self._ema = torch.zeros((), device=self.device)
         self._n_ema = 0
         self._hint = 0.0
+        self._workspace: dict[str, Tensor] = {}  # scratch buffers reused across steps
         self.steps = 0
         self.tokens = 0
 
@@ -101,7 +102,7 @@ class SAETrainer:
         cfg, sae = self.cfg, self.sae
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
         n_tokens = x_BD.shape[0]
-        fw = sae.encode_train(x_BD, hint=self._hint)
+        fw = sae.encode_train(x_BD, hint=self._hint, workspace=self._workspace)
 
         # dead-latent counters are updated before AuxK: a latent that fires in this batch is alive
         self.tokens_since_fired_F += n_tokens

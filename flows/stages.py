@@ -109,7 +109,8 @@ def _analyse(cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, An
     rkey = stable_hash(cfg.attribution.rank_by, akey)
     ok = guarded(lambda: an.rank_ok(store, paths, rkey))
     ranking = call_stage(an.rank_task, paths, ok, states, "rank", store_root=paths.store_root, run=cfg.run,
-                         rank_by=cfg.attribution.rank_by, attribution_key=akey, key=rkey)
+                         rank_by=cfg.attribution.rank_by, skip_first=cfg.extract.skip_first,
+                         attribution_key=akey, key=rkey)
     return {"attribution": attribution, "ranking": ranking}
 
 

@@ -155,14 +155,16 @@ def rank_ok(store: Store, paths: RunPaths, key: str) -> bool:
 
 
 @task(name="rank", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def rank_task(store_root: str, run: str, rank_by: str, attribution_key: str, key: str) -> dict[str, Any]:
+def rank_task(store_root: str, run: str, rank_by: str, skip_first: int, attribution_key: str, key: str
+              ) -> dict[str, Any]:
     """DuckDB SQL (storage/sql/) over the analysis tables -> `latents` and, with behaviour labels, `recovery`."""
     from storage import duck, ranking
 
     paths, store = RunPaths(store_root, run), Store(store_root)
     con = duck.connect(store_root, run)
     dirs = store.read_parquet(paths.url("analysis", "latent_dirs.parquet"))
-    latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs)
+    analysed = con.execute(f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)}").fetchone()[0]
+    latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed))
     rec = ranking.recovery(con, latents)
     store.write_parquet(paths.table("latents"), latents)
     if rec.num_rows:

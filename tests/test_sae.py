@@ -140,9 +140,10 @@ def test_init_scale_and_decoder():
 def test_batch_topk_hand_computed():
     pre = torch.tensor([[3.0, -1.0, 0.5], [2.0, 4.0, -0.1]])
     for hint in (0.0, 1.0, 2.5, 10.0):  # the hint only changes speed, never the answer
-        assert batch_topk(pre, 2, hint).tolist() == [0, 4]
-        assert batch_topk(pre, 3, hint).tolist() == [0, 3, 4]
-        assert batch_topk(pre, 6, hint).tolist() == [0, 2, 3, 4]  # only 4 positive entries
+        assert batch_topk(pre, 2, hint).flat_N.tolist() == [0, 4]
+        top = batch_topk(pre, 3, hint, mask_buf=torch.empty(6, dtype=torch.bool))
+        assert top.flat_N.tolist() == [0, 3, 4] and top.vals_N.tolist() == [3.0, 2.0, 4.0]
+        assert batch_topk(pre, 6, hint).flat_N.tolist() == [0, 2, 3, 4]  # only 4 positive entries
 
 
 def small_sae(scale: float = 1.0, threshold: float = 0.0) -> BatchTopKSAE:
