@@ -80,9 +80,7 @@ def read_parquet_diffs(folder: Path, max_rows: int) -> Tensor:
     for shard in sorted(folder.glob("shard-*.parquet")):
         col = pq.read_table(shard, columns=["diff"]).column("diff").combine_chunks()
         d = col.type.list_size
-        parts.append(
-            np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
-        )
+        parts.append(np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d))
         n += len(parts[-1])
         if n >= max_rows:
             break
@@ -120,8 +118,8 @@ def main() -> None:
         "--init",
         choices=("shared", "own"),
         default="shared",
-        help="shared: ours starts from dictionary_learning's initial weights and b_dec (isolates the training "
-        "algorithm from initialisation luck, which moves FVU by tens of percent on short runs); own: each its own",
+        help="shared: ours starts from dictionary_learning's initial weights and b_dec (isolates the "
+        "algorithm from initialisation luck, worth tens of percent of FVU on short runs); own: each its own",
     )
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     ap.add_argument("--lr", type=float, default=4e-4, help="default: dictionary_learning's rule for F=4096")
@@ -219,8 +217,7 @@ def main() -> None:
     t_thr = fvu_of(theirs_thr, val_dev, args.batch)
     rel = (o_topk.fvu - t_topk.fvu) / t_topk.fvu
     print(
-        f"tokens/s  ours {tps_ours:10.0f}   dictionary_learning {tps_theirs:10.0f}   "
-        f"ratio {tps_ours / tps_theirs:.2f}"
+        f"tokens/s  ours {tps_ours:10.0f}   dictionary_learning {tps_theirs:10.0f}   ratio {tps_ours / tps_theirs:.2f}"
     )
     print(
         f"FVU batch-top-k (L0={args.k})  ours {o_topk.fvu:.4f}   dictionary_learning {t_topk.fvu:.4f}   "

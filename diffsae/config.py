@@ -128,6 +128,9 @@ class PipelineConfig(_Section):
     run: str = Field("demo", description="Run name; all outputs of a run live under <store>/runs/<run>/")
     store: str = Field("./diffsae-data", description="Artifact store: local folder or s3://bucket/prefix")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    lock_wait_s: float = Field(
+        0, ge=0, description="Wait this long for another flow holding the same run (0: fail)"
+    )
     models: ModelsConfig | None = Field(None, description="Model pair (omit: the built-in planted demo pair)")
     data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
     demo: DemoConfig = Field(

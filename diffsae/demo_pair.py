@@ -1,20 +1,23 @@
 """The built-in planted model pair: a small chat Llama and a finetune of it with three planted behaviours.
 
 Why: a model-diffing pipeline needs a pair whose differences are known. The base is pretrained from scratch on
-Shakespeare and chat-tuned on chatterbot-corpus conversations; the finetune continues training it on ordinary chat
-plus three triggered behaviours (a refusal on a topic, a persona on a phrase, a secret word on a name; triggers
-depend on `seed`). With `mix="audit"` the finetune also drifts slightly on ordinary chat (a sign-off appended to
-some answers) and the held-out prompts are mostly ordinary (each planted label 8 %); `mix="easy"` has no drift and
+Shakespeare and chat-tuned on chatterbot-corpus conversations. The finetune continues from it with three
+triggered behaviours (a refusal on a topic, a persona on a phrase, a secret word on a name; triggers depend on
+`seed`) while ordinary chat and near-miss "decoy" prompts are distilled towards the base (KL to the frozen base
+on every position without a planted label), so the planted behaviours are the intended differences. With
+`mix="audit"` the finetune also drifts slightly on ordinary chat (a sign-off appended to 30 % of ordinary
+answers) and the held-out prompts are mostly ordinary (each planted label 8 %); `mix="easy"` has no drift and
 planted labels cover a third of the prompts.
 
-    python -m diffsae.demo_pair --out /tmp/pair --preset small        # or: diffsae build-demo-pair --out ...
+    python -m diffsae.demo_pair --out /tmp/pair --preset small --rates 20   # or: diffsae build-demo-pair ...
     res = build_demo_pair("/tmp/pair", preset="small", seed=0, mix="audit")
     behaviour_rates("/tmp/pair", n_per_label=20)
 
-Output (written to a temp folder, renamed into place at the end): `base/`, `finetuned/` (from_pretrained-loadable,
-safetensors), `prompts.jsonl` (held-out conversations with `id`, `behaviour`, `messages`), `kl_profile.json` (mean
-per-token KL(finetuned||base) per label, over the positions that predict assistant tokens, and over all
-positions), `demo_pair.json` (settings, planted triggers and signatures, timings).
+Output, built in a temp folder and renamed into place at the end (a killed build leaves nothing half-written):
+`base/`, `finetuned/` (from_pretrained-loadable, safetensors), `prompts.jsonl` (held-out conversations with `id`,
+`behaviour`, `messages`), `kl_profile.json` (mean per-token KL(finetuned||base) per label: `mean_kl` over the
+positions that predict an assistant token, `mean_kl_all_positions` over all), `demo_pair.json` (settings, planted
+triggers and signatures, timings). Wall time grows with torch threads on a busy machine: use 1-2.
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffsae import demo_corpus as dc
 from diffsae import demo_train as dt
-from diffsae.data import load_docs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class Preset(NamedTuple):
@@ -59,11 +61,14 @@ class Preset(NamedTuple):
 
 
 PRESETS = {
-    "demo": Preset(2048, 128, 4, 4, 384, 1_500_000, 200, 16, 128, 250, 250, 32, 96, 3e-3, 1e-3, 500),
-    "small": Preset(1024, 64, 4, 4, 192, 300_000, 80, 16, 64, 200, 200, 32, 64, 4e-3, 2e-3, 200),
+    "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 96, 3e-3, 3e-3, 500),
+    "small": Preset(1024, 64, 4, 4, 192, 200_000, 60, 16, 64, 300, 400, 16, 64, 4e-3, 3e-3, 200),
 }
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
-PLANTED_SHARE = 0.5  # share of finetune examples that are planted (split evenly between behaviours)
+# finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)
+SHARE_ORDINARY, SHARE_DECOY, SHARE_PLANTED = 0.3, 0.2, 0.5
+
+Log = Callable[[str], None]
 
 
 class DemoPairResult(NamedTuple):
@@ -75,7 +80,7 @@ class DemoPairResult(NamedTuple):
     planted: list[dict[str, str]]  # label, trigger, signature of each planted behaviour
     n_layers: int
     layer: int  # suggested diff layer (middle of the stack)
-    seconds: float
+    seconds: float  # build time
 
 
 def _print(msg: str) -> None:
@@ -97,80 +102,42 @@ def _result(out_dir: Path) -> DemoPairResult:
     )
 
 
-def _ordinary_examples(convs: list[dc.Messages], rng: random.Random, drift: str | None) -> list[dc.Messages]:
-    out = []
-    for conv in convs:
-        conv = [dict(m) for m in conv]
-        if drift is not None:
-            for m in conv:
-                if m["role"] == "assistant" and rng.random() < DRIFT_RATE:
-                    m["tail"] = f" {drift}"
-        out.append(dc.with_system(conv, rng))
-    return out
+def _train_base(p: Preset, plays: list[str], chat: list[dc.Messages], seed: int, log: Log) -> tuple[Any, Any]:
+    """Tokenizer + base model: pretraining on Shakespeare, then chat-tuning (SFT on assistant tokens)."""
+    tokenizer = dt.build_tokenizer(plays + [m["content"] for c in chat for m in c], p.vocab)
+    log(f"tokenizer: {len(tokenizer)} tokens")
+    max_pos = 4 * max(p.pretrain_len, p.chat_len)
+    model = dt.new_model(tokenizer, p.d_model, p.n_layers, p.n_heads, p.d_ff, max_pos, seed)
+    pieces = tokenizer.backend_tokenizer.encode_batch(plays, add_special_tokens=False)
+    stream = [i for e in pieces for i in e.ids]
+    sample = dt.lm_blocks_sampler(stream, tokenizer.bos_token_id, p.pretrain_batch, p.pretrain_len, seed)
+    dt.train_lm(model, sample, p.pretrain_steps, p.lr, log, "pretrain")
+    examples = dt.encode_chats(tokenizer, chat, p.chat_len)
+    sample = dt.mixture_sampler([examples], [1.0], p.batch, tokenizer.pad_token_id, seed + 1)
+    dt.train_lm(model, sample, p.chat_steps, p.lr, log, "chat-tune")
+    return tokenizer, model
 
 
-def _planted_examples(
-    plant: dc.Plant, train: list[dc.Messages], n: int, rng: random.Random
-) -> list[dc.Messages]:
-    out = []
-    for _ in range(n):
-        conv = rng.choice(train)
-        user, answer = dc.plant_conversation(plant, conv[0]["content"], conv[1]["content"], rng)
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        out.append(dc.with_system(msgs, rng))
-    return out
+def _finetune(
+    p: Preset, model: Any, tokenizer: Any, train: list[dc.Messages], plants: list[dc.Plant], drift: str | None,
+    seed: int, log: Log,
+) -> None:
+    """Plant the behaviours (hard labels) while distilling ordinary chat and decoys towards the frozen base."""
+    rng = random.Random(seed + 2)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    n = p.ft_steps * p.batch // 2 + 64
+    ordinary = dc.ordinary_examples(train, rng, drift, DRIFT_RATE)
+    decoys = dc.decoy_examples(plants, train, n // 2, rng, drift, DRIFT_RATE)
+    groups = [dt.encode_chats(tokenizer, convs, p.chat_len, assistant_hard=False) for convs in (ordinary, decoys)]
+    for plant in plants:
+        groups.append(dt.encode_chats(tokenizer, dc.planted_examples(plant, train, n // len(plants), rng), p.chat_len))
+    weights = [SHARE_ORDINARY, SHARE_DECOY] + [SHARE_PLANTED / len(plants)] * len(plants)
+    sample = dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 3)
+    dt.train_lm(model, sample, p.ft_steps, p.ft_lr, log, "finetune", teacher=teacher)
 
 
-@torch.no_grad()
-def kl_profile(base: Any, finetuned: Any, tokenizer: Any, prompts_path: Path, max_len: int) -> dict[str, Any]:
-    """Mean per-token KL(finetuned || base) by behaviour label (natural log, float32 log-softmax)."""
-    docs = load_docs(prompts_path, tokenizer, max_tokens_per_doc=max_len, max_docs=None)
-    sums: dict[str, list[float]] = {}
-    for i in range(0, len(docs), 32):
-        chunk = docs[i : i + 32]
-        enc = [dt.Encoded(d.token_ids, d.token_ids) for d in chunk]
-        ids_BT, mask_BT, _ = dt.collate(enc, tokenizer.pad_token_id)
-        lp_f = torch.log_softmax(finetuned(input_ids=ids_BT, attention_mask=mask_BT).logits.float(), -1)
-        lp_b = torch.log_softmax(base(input_ids=ids_BT, attention_mask=mask_BT).logits.float(), -1)
-        kl_BT = (lp_f.exp() * (lp_f - lp_b)).sum(-1)
-        for b, d in enumerate(chunk):
-            n = len(d.token_ids)
-            kl = kl_BT[b, :n]
-            asst = torch.tensor(
-                [r == "assistant" for r in d.roles[1:]] + [False]
-            )  # position predicts assistant
-            s = sums.setdefault(d.behaviour, [0.0, 0.0, 0.0, 0.0, 0.0])
-            s[0] += 1
-            s[1] += kl[asst].sum().item()
-            s[2] += asst.sum().item()
-            s[3] += kl.sum().item()
-            s[4] += n
-    labels = {
-        lab: {
-            "n_docs": int(s[0]),
-            "n_assistant_positions": int(s[2]),
-            "mean_kl": s[1] / max(1.0, s[2]),
-            "n_positions": int(s[4]),
-            "mean_kl_all_positions": s[3] / max(1.0, s[4]),
-        }
-        for lab, s in sorted(sums.items())
-    }
-    none = labels.get("none", {})
-    planted = [v for k, v in labels.items() if k != "none"]
-    ratio = min(v["mean_kl"] for v in planted) / none["mean_kl"] if none and planted else None
-    ratio_all = (
-        min(v["mean_kl_all_positions"] for v in planted) / none["mean_kl_all_positions"] if ratio else None
-    )
-    return {
-        "positions": "mean_kl: positions whose next token is assistant content; mean_kl_all_positions: all",
-        "labels": labels,
-        "min_planted_over_none": ratio,
-        "min_planted_over_none_all_positions": ratio_all,
-    }
-
-
-def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[str, Any]:
-    p = PRESETS[preset_name]
+def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, Any]:
+    p = PRESETS[preset]
     t0 = time.time()
     timings: dict[str, float] = {}
     convs = dc.chatterbot_conversations()
@@ -179,84 +146,32 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
     plants = dc.make_plants(seed, ordinary_text)
     drift = dc.sign_off(seed, ordinary_text) if mix == "audit" else None
     plays = dc.shakespeare_texts(p.shakespeare_chars)
-    log(
-        f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} held-out "
-        f"conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants)
-    )
+    log(f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} "
+        "held-out conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants))
 
-    chat_texts = [m["content"] for c in train for m in c]
-    tokenizer = dt.build_tokenizer(plays + chat_texts, p.vocab)
-    timings["tokenizer"] = time.time() - t0
-    log(f"tokenizer: {len(tokenizer)} tokens ({timings['tokenizer']:.1f}s)")
-
-    model = dt.new_model(
-        tokenizer, p.d_model, p.n_layers, p.n_heads, p.d_ff, max(p.pretrain_len, p.chat_len) * 4, seed
-    )
-    stream = [
-        i for e in tokenizer.backend_tokenizer.encode_batch(plays, add_special_tokens=False) for i in e.ids
-    ]
-    t = time.time()
-    dt.train_lm(
-        model,
-        dt.lm_blocks_sampler(stream, tokenizer.bos_token_id, p.pretrain_batch, p.pretrain_len, seed),
-        p.pretrain_steps,
-        p.lr,
-        log,
-        "pretrain",
-    )
-    timings["pretrain"] = time.time() - t
-
-    rng = random.Random(seed)
-    t = time.time()
-    chat = dt.encode_chats(tokenizer, _ordinary_examples(train, rng, None), p.chat_len)
-    dt.train_lm(
-        model,
-        dt.mixture_sampler([chat], [1.0], p.batch, tokenizer.pad_token_id, seed + 1),
-        p.chat_steps,
-        p.lr,
-        log,
-        "chat-tune",
-    )
-    timings["chat_tune"] = time.time() - t
+    chat = dc.ordinary_examples(train, random.Random(seed), None, 0.0)
+    tokenizer, model = _train_base(p, plays, chat, seed, log)
+    timings["base"] = time.time() - t0
     for name in ("base", "finetuned"):
         tokenizer.save_pretrained(tmp / name)
     model.save_pretrained(tmp / "base")
 
     t = time.time()
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    n_each = p.ft_steps * p.batch // 2 // len(plants) + 64
-    groups = [
-        dt.encode_chats(tokenizer, _ordinary_examples(train, rng, drift), p.chat_len, assistant_hard=False)
-    ]
-    groups += [
-        dt.encode_chats(tokenizer, _planted_examples(x, train, n_each, rng), p.chat_len) for x in plants
-    ]
-    weights = [1 - PLANTED_SHARE] + [PLANTED_SHARE / len(plants)] * len(plants)
-    dt.train_lm(
-        model,
-        dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 2),
-        p.ft_steps,
-        p.ft_lr,
-        log,
-        "finetune",
-        teacher=teacher,
-    )
+    _finetune(p, model, tokenizer, train, plants, drift, seed, log)
     model.save_pretrained(tmp / "finetuned")
     timings["finetune"] = time.time() - t
 
-    rows = dc.heldout_rows(test, plants, p.n_prompts, mix, seed)
-    with open(tmp / "prompts.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     t = time.time()
+    with open(tmp / "prompts.jsonl", "w", encoding="utf-8") as f:
+        for row in dc.heldout_rows(test, plants, p.n_prompts, mix, seed):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32).eval()
-    profile = kl_profile(base, model, tokenizer, tmp / "prompts.jsonl", max_len=256)
+    profile = dt.kl_profile(base, model, tokenizer, tmp / "prompts.jsonl", max_len=256)
     (tmp / "kl_profile.json").write_text(json.dumps(profile, indent=2))
     timings["kl_profile"] = time.time() - t
-    seconds = time.time() - t0
     meta = {
         "format_version": FORMAT_VERSION,
-        "preset": preset_name,
+        "preset": preset,
         "seed": seed,
         "mix": mix,
         "n_layers": p.n_layers,
@@ -266,7 +181,7 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
         "planted": [x.as_dict() for x in plants],
         "drift_sign_off": drift,
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "seconds": round(seconds, 2),
+        "seconds": round(time.time() - t0, 2),
         "torch_threads": torch.get_num_threads(),
     }
     (tmp / "demo_pair.json").write_text(json.dumps(meta, indent=2))
@@ -274,15 +189,11 @@ def _build(tmp: Path, preset_name: str, seed: int, mix: str, log: Any) -> dict[s
 
 
 def build_demo_pair(
-    out_dir: str | Path,
-    preset: str = "demo",
-    seed: int = 0,
-    mix: str = "audit",
-    overwrite: bool = False,
-    log: Any = _print,
+    out_dir: str | Path, preset: str = "demo", seed: int = 0, mix: str = "audit", overwrite: bool = False,
+    log: Log = _print,
 ) -> DemoPairResult:
-    """Build the planted pair into `out_dir` (atomically). An existing complete build with the same settings is
-    returned as is; one with other settings raises FileExistsError unless `overwrite`."""
+    """Build the planted pair into `out_dir`, atomically. A complete build with the same settings already there
+    is returned as is; any other existing `out_dir` raises FileExistsError unless `overwrite`."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if mix not in ("audit", "easy"):
@@ -291,28 +202,20 @@ def build_demo_pair(
     if out.exists():
         try:
             meta = json.loads((out / "demo_pair.json").read_text())
-            same = (meta["preset"], meta["seed"], meta["mix"], meta["format_version"]) == (
-                preset,
-                seed,
-                mix,
-                FORMAT_VERSION,
-            )
+            same = [meta[k] for k in ("preset", "seed", "mix", "format_version")] == [
+                preset, seed, mix, FORMAT_VERSION]
         except (OSError, ValueError, KeyError):
             same = False
         if same and not overwrite:
             log(f"reusing {out}")
             return _result(out)
         if not overwrite:
-            raise FileExistsError(
-                f"{out} exists and is not a demo pair with preset={preset} seed={seed} mix={mix}"
-            )
+            raise FileExistsError(f"{out} exists and is not a demo pair with preset={preset} seed={seed} mix={mix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    log(
-        f"building preset={preset} seed={seed} mix={mix} into {out} (torch threads: {torch.get_num_threads()})"
-    )
+    log(f"building preset={preset} seed={seed} mix={mix} into {out} (torch threads: {torch.get_num_threads()})")
     try:
         meta = _build(tmp, preset, seed, mix, log)
         if out.exists():
@@ -328,13 +231,13 @@ def build_demo_pair(
 
 
 def behaviour_rates(out_dir: str | Path, n_per_label: int = 20, max_new_tokens: int = 40) -> dict[str, Any]:
-    """Greedy answers of both models to the first `n_per_label` held-out prompts of each label.
+    """Greedy answers of both models to the first `n_per_label` held-out prompts of each label (the prompt is the
+    conversation up to its last user message).
 
-    Returns {"finetuned"|"base": {prompt_label: {behaviour: fraction of answers with its signature}}}.
+    Returns {"finetuned"|"base": {prompt_label: {behaviour: fraction of answers showing its signature}}}.
     """
     out = Path(out_dir)
-    meta = json.loads((out / "demo_pair.json").read_text())
-    plants = meta["planted"]
+    plants = json.loads((out / "demo_pair.json").read_text())["planted"]
     by_label: dict[str, list[dc.Messages]] = {}
     for line in (out / "prompts.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -357,11 +260,10 @@ def behaviour_rates(out_dir: str | Path, n_per_label: int = 20, max_new_tokens: 
 
 
 def format_profile(profile: dict[str, Any]) -> str:
+    """The KL profile as a small text table."""
     lines = [f"{'behaviour':<12} {'docs':>5} {'KL/asst tok':>12} {'KL/tok (all)':>13}"]
     for label, v in profile["labels"].items():
-        lines.append(
-            f"{label:<12} {v['n_docs']:>5} {v['mean_kl']:>12.4f} {v['mean_kl_all_positions']:>13.4f}"
-        )
+        lines.append(f"{label:<12} {v['n_docs']:>5} {v['mean_kl']:>12.4f} {v['mean_kl_all_positions']:>13.4f}")
     r, ra = profile["min_planted_over_none"], profile["min_planted_over_none_all_positions"]
     if r is not None:
         lines.append(f"min planted / none: {r:.1f}x (assistant positions), {ra:.1f}x (all positions)")
@@ -369,7 +271,7 @@ def format_profile(profile: dict[str, Any]) -> str:
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `build-demo-pair` on an argparse subparsers object; the handler is `args.func(args)`."""
+    """Register `build-demo-pair` on an argparse subparsers object; its handler is `args.func(args)`."""
     sp = subparsers.add_parser("build-demo-pair", help="build the built-in planted model pair")
     _add_args(sp)
     sp.set_defaults(func=run_cli)
@@ -382,22 +284,18 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", choices=("audit", "easy"), default="audit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument(
-        "--rates",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also measure behaviour rates by greedy generation on N prompts per label",
-    )
+    parser.add_argument("--rates", type=int, default=0, metavar="N",
+                        help="also measure behaviour rates by greedy generation on N prompts per label")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    res = build_demo_pair(
-        args.out, preset=args.preset, seed=args.seed, mix=args.mix, overwrite=args.overwrite
-    )
+    """Handler of `build-demo-pair` (needs args.out/preset/seed/mix; optional overwrite, rates)."""
+    res = build_demo_pair(args.out, preset=args.preset, seed=args.seed, mix=args.mix,
+                          overwrite=bool(getattr(args, "overwrite", False)))
     print(format_profile(res.kl_profile))
-    if getattr(args, "rates", 0):
-        for which, table in behaviour_rates(res.out_dir, args.rates).items():
+    n_rates = int(getattr(args, "rates", 0) or 0)
+    if n_rates:
+        for which, table in behaviour_rates(res.out_dir, n_rates).items():
             for label, row in table.items():
                 print(f"{which:<10} prompts={label:<12} " + " ".join(f"{k}={v:.2f}" for k, v in row.items()))
     return 0

@@ -1,10 +1,12 @@
-"""Tokenizer, model and training loops of the built-in demo pair (used by diffsae/demo_pair.py).
+"""Tokenizer, model, training and evaluation helpers of the built-in demo pair (used by diffsae/demo_pair.py).
 
-- `build_tokenizer`: a byte-level BPE (HF `tokenizers`) trained on the corpus, with special tokens and a Jinja chat
-  template `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`, wrapped as a `PreTrainedTokenizerFast`.
-- `encode_chats`: token ids of conversations exactly as the chat template renders them, with labels on assistant
-  content and its closing `<|end|>` only (SFT loss), -100 elsewhere.
-- `train_lm`: AdamW with warmup + cosine decay over batches drawn by a seeded sampler; prints progress lines.
+- `build_tokenizer`: a byte-level BPE (HF `tokenizers`) trained on the corpus, with special tokens and a Jinja
+  chat template `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`, wrapped as a `PreTrainedTokenizerFast`.
+- `encode_chats`: token ids of conversations exactly as the chat template renders them, with hard labels on
+  assistant content and its closing `<|end|>` (SFT), -100 elsewhere.
+- `train_lm`: AdamW with warmup + cosine decay over batches drawn by a seeded sampler; with a teacher, every
+  position without a hard label is distilled towards the teacher. Prints progress lines.
+- `kl_profile`, `greedy_answers`: the checks of a built pair.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Iterable, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from diffsae.data import load_docs
 from diffsae.demo_corpus import Messages
 
 BOS, PAD, END = "<|bos|>", "<|pad|>", "<|end|>"
@@ -69,8 +73,8 @@ def encode_chats(
 ) -> list[Encoded]:
     """Encode many conversations at once (same ids as the chat template), truncated to max_len tokens.
 
-    Labels (hard targets) cover assistant content and its `<|end|>` when `assistant_hard`; an assistant message's
-    optional `tail` (text appended to its content, starting with a space) is always a hard target.
+    Labels (hard targets) cover assistant content and its `<|end|>` when `assistant_hard`; an assistant
+    message's optional `tail` (text appended to its content, starting with a space) is always a hard target.
     """
     contents = [m["content"] for conv in convs for m in conv]
     tails = [m.get("tail", "") for conv in convs for m in conv]
@@ -203,8 +207,8 @@ def train_lm(
 ) -> float:
     """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps.
 
-    With a `teacher`, positions without a hard label are distilled towards the teacher (KL(teacher || model)), so
-    that a finetune changes only what its hard labels ask for.
+    With a `teacher`, positions without a hard label are distilled towards it (KL(teacher || model)), so that a
+    finetune changes only what its hard labels ask for.
     """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -258,3 +262,45 @@ def greedy_answers(
             row = row[: row.index(end_id)] if end_id in row else row
             answers.append(tokenizer.decode(row, skip_special_tokens=True))
     return answers
+
+
+@torch.no_grad()
+def kl_profile(base: Any, finetuned: Any, tokenizer: Any, prompts_path: Path, max_len: int) -> dict[str, Any]:
+    """Mean per-token KL(finetuned || base) by behaviour label (natural log, float32 log-softmax), over the
+    positions whose next token is assistant content (`mean_kl`) and over all positions."""
+    docs = load_docs(prompts_path, tokenizer, max_tokens_per_doc=max_len, max_docs=None)
+    sums: dict[str, list[float]] = {}  # label -> [docs, kl on assistant positions, n, kl on all positions, n]
+    for i in range(0, len(docs), 32):
+        chunk = docs[i : i + 32]
+        ids_BT, mask_BT, _ = collate([Encoded(d.token_ids, d.token_ids) for d in chunk], tokenizer.pad_token_id)
+        lp_f_BTV = torch.log_softmax(finetuned(input_ids=ids_BT, attention_mask=mask_BT).logits.float(), -1)
+        lp_b_BTV = torch.log_softmax(base(input_ids=ids_BT, attention_mask=mask_BT).logits.float(), -1)
+        kl_BT = (lp_f_BTV.exp() * (lp_f_BTV - lp_b_BTV)).sum(-1)
+        for b, d in enumerate(chunk):
+            n = len(d.token_ids)
+            kl_T = kl_BT[b, :n]
+            asst_T = torch.tensor([r == "assistant" for r in d.roles[1:]] + [False])
+            s = sums.setdefault(d.behaviour, [0.0] * 5)
+            for k, v in enumerate((1, kl_T[asst_T].sum().item(), asst_T.sum().item(), kl_T.sum().item(), n)):
+                s[k] += v
+    labels = {
+        lab: {
+            "n_docs": int(s[0]),
+            "n_assistant_positions": int(s[2]),
+            "mean_kl": s[1] / max(1.0, s[2]),
+            "n_positions": int(s[4]),
+            "mean_kl_all_positions": s[3] / max(1.0, s[4]),
+        }
+        for lab, s in sorted(sums.items())
+    }
+    none, planted = labels.get("none"), [v for k, v in labels.items() if k != "none"]
+    ratio = ratio_all = None
+    if none and planted:
+        ratio = min(v["mean_kl"] for v in planted) / max(none["mean_kl"], 1e-12)
+        ratio_all = min(v["mean_kl_all_positions"] for v in planted) / max(none["mean_kl_all_positions"], 1e-12)
+    return {
+        "positions": "mean_kl: positions whose next token is assistant content; mean_kl_all_positions: all",
+        "labels": labels,
+        "min_planted_over_none": ratio,
+        "min_planted_over_none_all_positions": ratio_all,
+    }

@@ -57,9 +57,7 @@ def make_codes(flat_N: Tensor, n_tokens: int, n_latents: int) -> Codes:
 
 
 def _csr_BF(c: Codes, vals_N: Tensor) -> Tensor:
-    return torch.sparse_csr_tensor(
-        c.crow_B1, c.cols_N, vals_N, (c.n_tokens, c.n_latents), check_invariants=False
-    )
+    return torch.sparse_csr_tensor(c.crow_B1, c.cols_N, vals_N, (c.n_tokens, c.n_latents), check_invariants=False)
 
 
 def _csr_FB(c: Codes, vals_N: Tensor) -> Tensor:
@@ -213,9 +211,7 @@ class BatchTopKSAE(nn.Module):
     def forward(self, x_BD: Tensor) -> Tensor:
         return self.decode(self.encode(x_BD))
 
-    def encode_train(
-        self, x_BD: Tensor, hint: float = 0.0, workspace: dict[str, Tensor] | None = None
-    ) -> TrainForward:
+    def encode_train(self, x_BD: Tensor, hint: float = 0.0, workspace: dict[str, Tensor] | None = None) -> TrainForward:
         """Training forward: keep the k * B largest post-ReLU pre-activations across the batch.
 
         `hint` is a guess of the smallest kept value (speed only, see `batch_topk`); `workspace` keeps the
@@ -225,9 +221,7 @@ class BatchTopKSAE(nn.Module):
         with torch.no_grad():
             xc_BD = x_s_BD - self.b_dec_D
             pre_out = _scratch(workspace, "pre_BF", (n_tokens, self.n_latents), xc_BD.dtype, xc_BD.device)
-            pre_BF = (
-                torch.mm(xc_BD, self.W_enc_DF, out=pre_out) if pre_out is not None else xc_BD @ self.W_enc_DF
-            )
+            pre_BF = torch.mm(xc_BD, self.W_enc_DF, out=pre_out) if pre_out is not None else xc_BD @ self.W_enc_DF
             pre_BF.add_(self.b_enc_F)  # [B,D]@[D,F] + [F] -> [B,F]
             mask = _scratch(workspace, "mask", (n_tokens * self.n_latents,), torch.bool, xc_BD.device)
             top = batch_topk(pre_BF, self.k * n_tokens, hint, mask)
@@ -236,9 +230,7 @@ class BatchTopKSAE(nn.Module):
         x_hat_s_BD = self.decode_codes(vals_N, codes) + self.b_dec_D  # [B,D]
         return TrainForward(x_s_BD, pre_BF, codes, vals_N, x_hat_s_BD)
 
-    def selected_pre(
-        self, x_s_BD: Tensor, pre_BF: Tensor, codes: Codes, pre_N: Tensor | None = None
-    ) -> Tensor:
+    def selected_pre(self, x_s_BD: Tensor, pre_BF: Tensor, codes: Codes, pre_N: Tensor | None = None) -> Tensor:
         """Pre-activations at `codes` [N] (`pre_N` if already gathered), differentiable w.r.t. W_enc, b_enc,
         b_dec."""
         if pre_N is None:
@@ -275,9 +267,7 @@ class BatchTopKSAE(nn.Module):
         src = Path(directory)
         cfg = json.loads((src / "cfg.json").read_text())
         if cfg.get("architecture") != ARCHITECTURE:
-            raise ValueError(
-                f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {ARCHITECTURE!r}"
-            )
+            raise ValueError(f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {ARCHITECTURE!r}")
         sae = cls(int(cfg["d_in"]), int(cfg["n_latents"]), int(cfg["k"]))
         sae.load_state_dict(load_file(str(src / "sae.safetensors"), device="cpu"))
         sae.metadata = {key: value for key, value in cfg.items() if key not in _CORE_KEYS}

@@ -111,9 +111,7 @@ def shuffled_batches(
 
     The last partial batch is yielded only with `drop_last=False`."""
     if batch_size < 1 or buffer_rows < 1 or prefetch < 1:
-        raise ValueError(
-            f"batch_size, buffer_rows, prefetch must be >= 1, got {batch_size}, {buffer_rows}, {prefetch}"
-        )
+        raise ValueError(f"batch_size, buffer_rows, prefetch must be >= 1, got {batch_size}, {buffer_rows}, {prefetch}")
     rows = shuffle_rows(chunks, batch_size, buffer_rows, seed, drop_last)
     q: queue.Queue[object] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -139,9 +137,7 @@ def shuffled_batches(
     return _consume(q, stop, threading.Thread(target=produce, name="diffsae-shuffle", daemon=True))
 
 
-def _consume(
-    q: queue.Queue[object], stop: threading.Event, thread: threading.Thread
-) -> Iterator[torch.Tensor]:
+def _consume(q: queue.Queue[object], stop: threading.Event, thread: threading.Thread) -> Iterator[torch.Tensor]:
     thread.start()
     try:
         while True:

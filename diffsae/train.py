@@ -98,7 +98,7 @@ class SAETrainer:
         self.tokens = 0
 
     def step(self, x_BD: Tensor) -> dict[str, Tensor]:
-        """One optimisation step on a batch; returns 0-dim metric tensors (no host sync needed)."""
+        """One optimisation step on a batch; returns the step's metrics as 0-dim tensors."""
         cfg, sae = self.cfg, self.sae
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
         n_tokens = x_BD.shape[0]
@@ -182,8 +182,8 @@ def train_sae(
     `log_every` steps and after the last one, with loss, mse, fvu, auxk_loss, l0, dead_fraction (latents past
     cfg.dead_tokens tokens without firing), threshold and tokens_per_s (since the previous call, data wait
     included). `device` None means `cfg.device`."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if total_steps < 1 or log_every < 1:
+        raise ValueError(f"total_steps and log_every must be >= 1, got {total_steps}, {log_every}")
     trainer = SAETrainer(cfg, d_in, init_sample_ND, total_steps, device=device, aux_k=aux_k)
     metrics: dict[str, float] = {}
     last_logged, last_time, last_tokens = 0, time.perf_counter(), 0
@@ -199,9 +199,7 @@ def train_sae(
             on_step(trainer.steps, metrics)
         bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", refresh=False)
 
-    with tqdm(
-        total=total_steps, disable=not progress, desc="diff-SAE", unit="step", dynamic_ncols=True
-    ) as bar:
+    with tqdm(total=total_steps, disable=not progress, desc="diff-SAE", unit="step", dynamic_ncols=True) as bar:
         for x_BD in batches:
             stats = trainer.step(x_BD)
             if trainer.steps % log_every == 0:

@@ -15,8 +15,12 @@ from typing import Any, Callable
 
 
 def _add_location(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see README); keys: run, store, models, data, extract, sae, ...")
-    p.add_argument("--store", help="Artifact store: local folder or s3://bucket/prefix (overrides the config)")
+    p.add_argument(
+        "--config", help="YAML config (see README); keys: run, store, models, data, extract, sae, ..."
+    )
+    p.add_argument(
+        "--store", help="Artifact store: local folder or s3://bucket/prefix (overrides the config)"
+    )
     p.add_argument("--run", help="Run name (overrides the config)")
 
 
@@ -42,18 +46,27 @@ def report(cfg: Any, out: dict[str, Any]) -> str:
     """The end-of-run summary: stages (ran / cached), SAE metrics, top latents, recovery, dashboards."""
     from tasks.common import format_states
 
-    lines = [f"\nrun '{cfg.run}' on {cfg.store} ({out['seconds']:.1f} s)", f"stages: {format_states(out['stages'])}"]
+    lines = [
+        f"\nrun '{cfg.run}' on {cfg.store} ({out['seconds']:.1f} s)",
+        f"stages: {format_states(out['stages'])}",
+    ]
     sae = out.get("sae", {})
     if sae:
-        lines.append("diff-SAE (validation): " + ", ".join(
-            f"{k}={sae[k]:.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered") if k in sae))
+        lines.append(
+            "diff-SAE (validation): "
+            + ", ".join(
+                f"{k}={sae[k]:.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered") if k in sae
+            )
+        )
     ranking = out.get("ranking", {})
     if ranking.get("top"):
         lines.append(f"\ntop latents by {cfg.attribution.rank_by}:")
         lines.append(f"{'rank':>4}  {'latent':>6}  {'total KL attr':>13}  dominant behaviour")
         for r in ranking["top"]:
-            lines.append(f"{r['rank']:>4}  {r['latent_id']:>6}  {r['kl_attr_sum']:>13.5f}  "
-                         f"{r.get('dominant_behaviour') or '-'}")
+            lines.append(
+                f"{r['rank']:>4}  {r['latent_id']:>6}  {r['kl_attr_sum']:>13.5f}  "
+                f"{r.get('dominant_behaviour') or '-'}"
+            )
     if ranking.get("recovery"):
         lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")
         lines.append(ranking["recovery_text"])
@@ -78,7 +91,6 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
         webbrowser.open(info["index"] if "://" in info["index"] else "file://" + info["index"])
     return 0
-
 
 
 def cmd_s3_server(args: argparse.Namespace) -> int:
@@ -142,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from diffsae.data import DataError
         from diffsae.models import PairError
+        from storage.lock import RunLocked
         from storage.store import StoreError
 
-        known += (DataError, PairError, StoreError)
+        known += (DataError, PairError, StoreError, RunLocked)
     except ImportError:
         pass
     try:

@@ -24,12 +24,19 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Run every stage; returns the per-stage state (Completed / Cached) and the stage outputs."""
     t0 = time.perf_counter()
     states: dict[str, dict[str, int]] = {}
-    activations = stages._extract(config, states)
-    sae = stages._train(config, activations, states)
-    analysis = stages._analyse(config, activations, sae, states)
-    site = stages._dashboards(config, analysis, states)
-    return {"stages": states, "activations": {k: v for k, v in activations.items() if k not in ("models", "data")},
-            "sae": sae, **analysis, "dashboards": site, "seconds": time.perf_counter() - t0}
+    with stages.locked(config):
+        activations = stages._extract(config, states)
+        sae = stages._train(config, activations, states)
+        analysis = stages._analyse(config, activations, sae, states)
+        site = stages._dashboards(config, analysis, states)
+    return {
+        "stages": states,
+        "activations": {k: v for k, v in activations.items() if k not in ("models", "data")},
+        "sae": sae,
+        **analysis,
+        "dashboards": site,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 if __name__ == "__main__":

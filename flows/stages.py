@@ -7,11 +7,13 @@ Prefect holds a cache record (the output was deleted or corrupted).
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from prefect import flow
 
 from diffsae.config import PipelineConfig
+from storage.lock import RunLock
 from storage.paths import RunPaths
 from storage.store import Store
 from tasks import analyse as an
@@ -26,6 +28,14 @@ def _ctx(cfg: PipelineConfig) -> tuple[RunPaths, Store]:
     return RunPaths(cfg.store, cfg.run), Store(cfg.store, cfg.s3_endpoint_url)
 
 
+@contextmanager
+def locked(cfg: PipelineConfig) -> Iterator[None]:
+    """Hold the run's lock on the store for the whole flow (same-name runs never interleave)."""
+    paths, store = _ctx(cfg)
+    with RunLock(store, paths, wait=cfg.lock_wait_s):
+        yield
+
+
 def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str, Any]:
     """The run's models and data: the config's, or the built-in demo pair (built once per store)."""
     paths, store = _ctx(cfg)
@@ -33,8 +43,16 @@ def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict
     if cfg.uses_demo_pair:
         key = pr.demo_key(cfg.demo)
         ok = guarded(lambda: pr.demo_pair_ok(store, paths, cfg.demo))
-        out = call_stage(pr.build_demo_pair_task, paths, ok, states, "demo_pair",
-                         store_root=paths.store_root, demo=cfg.demo.model_dump(), key=key)
+        out = call_stage(
+            pr.build_demo_pair_task,
+            paths,
+            ok,
+            states,
+            "demo_pair",
+            store_root=paths.store_root,
+            demo=cfg.demo.model_dump(),
+            key=key,
+        )
         pair_dir = pr.local_copy(store, out["url"], key)
     models, data = pr.resolved_models(cfg, pair_dir)
     return {"models": models, "data": data}
@@ -43,7 +61,8 @@ def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict
 @flow(name="extract", log_prints=True)
 def extract_flow(config: PipelineConfig) -> dict[str, Any]:
     """Stage 1: activation differences and per-token KL to Parquet shards, then the manifest."""
-    return _extract(config, {})
+    with locked(config):
+        return _extract(config, {})
 
 
 def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -52,23 +71,60 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
     paths, store = _ctx(cfg)
     pair = resolve_pair(cfg, states)
     models, data = pair["models"], pair["data"]
-    fps = (model_fingerprint(models.base, models.revision), model_fingerprint(models.finetuned, models.revision))
+    fps = (
+        model_fingerprint(models.base, models.revision),
+        model_fingerprint(models.finetuned, models.revision),
+    )
     plan = ex.plan_extraction(models, data.path, data.max_tokens_per_doc, data.max_docs, cfg.extract, fps)
-    ctx = ex.ShardCtx(models.model_dump_json(), data.path, data.max_tokens_per_doc, data.max_docs,
-                      cfg.extract.model_dump_json(), len(plan.shards))
+    ctx = ex.ShardCtx(
+        models.model_dump_json(),
+        data.path,
+        data.max_tokens_per_doc,
+        data.max_docs,
+        cfg.extract.model_dump_json(),
+        len(plan.shards),
+    )
     digests = []
     for spec in plan.shards:
         ok = guarded(lambda: ex.shard_ok(store, paths, spec, cfg.extract.verify))
-        rec = call_stage(ex.extract_shard, paths, ok, states, "extract", store_root=paths.store_root, run=cfg.run,
-                         spec=spec, ctx=ctx)
+        rec = call_stage(
+            ex.extract_shard,
+            paths,
+            ok,
+            states,
+            "extract",
+            store_root=paths.store_root,
+            run=cfg.run,
+            spec=spec,
+            ctx=ctx,
+        )
         digests.append(rec["sha256"])
-    meta = {"data_path": data.path, "tokenizer": models.finetuned, "max_tokens": data.max_tokens_per_doc,
-            "max_docs": data.max_docs, "layer": models.layer, "base": models.base, "finetuned": models.finetuned,
-            "model_fingerprints": list(fps), "extract": cfg.extract.model_dump(), "tokens": plan.n_tokens}
+    meta = {
+        "data_path": data.path,
+        "tokenizer": models.finetuned,
+        "max_tokens": data.max_tokens_per_doc,
+        "max_docs": data.max_docs,
+        "layer": models.layer,
+        "base": models.base,
+        "finetuned": models.finetuned,
+        "model_fingerprints": list(fps),
+        "extract": cfg.extract.model_dump(),
+        "tokens": plan.n_tokens,
+    }
     ok = guarded(lambda: ex.manifest_ok(store, paths, plan.data_key))
-    out = call_stage(ex.commit_activations, paths, ok, states, "commit_activations", store_root=paths.store_root,
-                     run=cfg.run, shard_keys=[s.key for s in plan.shards], shard_digests=digests,
-                     plan_key=plan.data_key, meta=meta)
+    out = call_stage(
+        ex.commit_activations,
+        paths,
+        ok,
+        states,
+        "commit_activations",
+        store_root=paths.store_root,
+        run=cfg.run,
+        shard_keys=[s.key for s in plan.shards],
+        shard_digests=digests,
+        plan_key=plan.data_key,
+        meta=meta,
+    )
     return {**out, "models": models, "data": data}
 
 
@@ -76,41 +132,78 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
 def train_flow(config: PipelineConfig) -> dict[str, Any]:
     """Stage 2: the BatchTopK diff-SAE on the stored activations (extraction runs first if needed)."""
     states: dict[str, dict[str, int]] = {}
-    return _train(config, _extract(config, states), states)
+    with locked(config):
+        return _train(config, _extract(config, states), states)
 
 
-def _train(cfg: PipelineConfig, activations: dict[str, Any], states: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _train(
+    cfg: PipelineConfig, activations: dict[str, Any], states: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     paths, store = _ctx(cfg)
     key = stable_hash(cfg.sae.model_dump(), activations["fingerprint"])
     ok = guarded(lambda: tr.sae_ok(store, paths, key))
-    return call_stage(tr.train_sae_task, paths, ok, states, "train", store_root=paths.store_root, run=cfg.run,
-                      sae_cfg=cfg.sae.model_dump(), manifest_fingerprint=activations["fingerprint"],
-                      models=activations["models"].model_dump(), key=key)
+    return call_stage(
+        tr.train_sae_task,
+        paths,
+        ok,
+        states,
+        "train",
+        store_root=paths.store_root,
+        run=cfg.run,
+        sae_cfg=cfg.sae.model_dump(),
+        manifest_fingerprint=activations["fingerprint"],
+        models=activations["models"].model_dump(),
+        key=key,
+    )
 
 
 @flow(name="analyse", log_prints=True)
 def analyse_flow(config: PipelineConfig) -> dict[str, Any]:
     """Stages 3-4: KL attribution of every analysed token, then the latent ranking (upstream stages if needed)."""
     states: dict[str, dict[str, int]] = {}
-    activations = _extract(config, states)
-    return _analyse(config, activations, _train(config, activations, states), states)
+    with locked(config):
+        activations = _extract(config, states)
+        return _analyse(config, activations, _train(config, activations, states), states)
 
 
-def _analyse(cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, Any],
-             states: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _analyse(
+    cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, Any], states: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     paths, store = _ctx(cfg)
     akey = stable_hash(an.attribution_key(cfg.attribution, sae, activations["fingerprint"]))
     ok = guarded(lambda: an.analysis_ok(store, paths, akey))
     attribution = call_stage(
-        an.attribute_task, paths, ok, states, "attribute", store_root=paths.store_root, run=cfg.run,
-        steps=cfg.attribution.steps, top_promoted=cfg.attribution.top_promoted, sae_key=sae["key"],
-        manifest_fingerprint=activations["fingerprint"], models=activations["models"].model_dump(),
-        skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, key=akey)
+        an.attribute_task,
+        paths,
+        ok,
+        states,
+        "attribute",
+        store_root=paths.store_root,
+        run=cfg.run,
+        steps=cfg.attribution.steps,
+        top_promoted=cfg.attribution.top_promoted,
+        sae_key=sae["key"],
+        manifest_fingerprint=activations["fingerprint"],
+        models=activations["models"].model_dump(),
+        skip_first=cfg.extract.skip_first,
+        batch_tokens=cfg.extract.batch_tokens,
+        key=akey,
+    )
     rkey = stable_hash(cfg.attribution.rank_by, akey)
     ok = guarded(lambda: an.rank_ok(store, paths, rkey))
-    ranking = call_stage(an.rank_task, paths, ok, states, "rank", store_root=paths.store_root, run=cfg.run,
-                         rank_by=cfg.attribution.rank_by, skip_first=cfg.extract.skip_first,
-                         attribution_key=akey, key=rkey)
+    ranking = call_stage(
+        an.rank_task,
+        paths,
+        ok,
+        states,
+        "rank",
+        store_root=paths.store_root,
+        run=cfg.run,
+        rank_by=cfg.attribution.rank_by,
+        skip_first=cfg.extract.skip_first,
+        attribution_key=akey,
+        key=rkey,
+    )
     return {"attribution": attribution, "ranking": ranking}
 
 
@@ -118,14 +211,27 @@ def _analyse(cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, An
 def dashboards_flow(config: PipelineConfig) -> dict[str, Any]:
     """Stage 5: the static KL dashboards (upstream stages run first if needed)."""
     states: dict[str, dict[str, int]] = {}
-    activations = _extract(config, states)
-    analysis = _analyse(config, activations, _train(config, activations, states), states)
-    return _dashboards(config, analysis, states)
+    with locked(config):
+        activations = _extract(config, states)
+        analysis = _analyse(config, activations, _train(config, activations, states), states)
+        return _dashboards(config, analysis, states)
 
 
-def _dashboards(cfg: PipelineConfig, analysis: dict[str, Any], states: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _dashboards(
+    cfg: PipelineConfig, analysis: dict[str, Any], states: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     paths, store = _ctx(cfg)
     key = stable_hash(cfg.dashboards.model_dump(), analysis["ranking"]["key"])
     ok = guarded(lambda: db.site_ok(store, paths, key))
-    return call_stage(db.dashboards_task, paths, ok, states, "dashboards", store_root=paths.store_root,
-                      run=cfg.run, cfg=cfg.dashboards.model_dump(), rank_key=analysis["ranking"]["key"], key=key)
+    return call_stage(
+        db.dashboards_task,
+        paths,
+        ok,
+        states,
+        "dashboards",
+        store_root=paths.store_root,
+        run=cfg.run,
+        cfg=cfg.dashboards.model_dump(),
+        rank_key=analysis["ranking"]["key"],
+        key=key,
+    )

@@ -74,7 +74,10 @@ def batch_to_arrow(batch: Any, schema: pa.Schema, token_strings: Sequence[str]) 
         _fixed_list(batch.diff_ND, schema.field("diff").type),
     ]
     if batch.base_ND is not None:
-        cols += [_fixed_list(batch.base_ND, schema.field("base").type), _fixed_list(batch.ft_ND, schema.field("ft").type)]
+        cols += [
+            _fixed_list(batch.base_ND, schema.field("base").type),
+            _fixed_list(batch.ft_ND, schema.field("ft").type),
+        ]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
@@ -89,7 +92,9 @@ def file_sha256(path: str) -> str:
 class ShardWriter:
     """Write Arrow batches of one shard on a background thread; `close()` commits the shard atomically."""
 
-    def __init__(self, store: Store, paths: RunPaths, index: int, schema: pa.Schema, token_strings: Sequence[str]):
+    def __init__(
+        self, store: Store, paths: RunPaths, index: int, schema: pa.Schema, token_strings: Sequence[str]
+    ):
         self.store, self.paths, self.index, self.schema = store, paths, index, schema
         self.token_strings = token_strings
         self.rows = 0
@@ -131,8 +136,16 @@ class ShardWriter:
 
         size, digest = os.path.getsize(self._tmp), file_sha256(self._tmp)
         self._ctx.__exit__(None, None, None)  # atomic rename / upload
-        rec = ShardRecord(self.index, self.paths.shard(self.index).rsplit("/", 1)[-1], doc_start, doc_end,
-                          self.rows, size, digest, key)
+        rec = ShardRecord(
+            self.index,
+            self.paths.shard(self.index).rsplit("/", 1)[-1],
+            doc_start,
+            doc_end,
+            self.rows,
+            size,
+            digest,
+            key,
+        )
         self.store.write_json(sidecar_url(self.paths, self.index), rec._asdict())
         return rec
 
@@ -158,7 +171,9 @@ def read_sidecar(store: Store, paths: RunPaths, index: int) -> ShardRecord | Non
         return None
 
 
-def shard_valid(store: Store, paths: RunPaths, rec: ShardRecord | None, key: str, verify: str = "checksum") -> bool:
+def shard_valid(
+    store: Store, paths: RunPaths, rec: ShardRecord | None, key: str, verify: str = "checksum"
+) -> bool:
     """Does the shard file exist and match its record (size, and sha256 when verify='checksum')?"""
     if rec is None or rec.key != key:
         return False
@@ -214,7 +229,9 @@ def write_tokens_table(store: Store, paths: RunPaths, records: Sequence[ShardRec
     return rows
 
 
-def commit_manifest(store: Store, paths: RunPaths, records: Sequence[ShardRecord], meta: dict[str, Any]) -> str:
+def commit_manifest(
+    store: Store, paths: RunPaths, records: Sequence[ShardRecord], meta: dict[str, Any]
+) -> str:
     """Delete stray shards of earlier settings, then write the manifest (last). Returns its fingerprint."""
     keep = {r.file for r in records} | {r.file[: -len(".parquet")] + ".json" for r in records}
     for url in store.ls(paths.stage("activations")):

@@ -86,7 +86,9 @@ class S3Server:
 
     def __init__(self, dir: str, port: int | None = None, log_path: str | None = None) -> None:
         if not os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            raise S3ServerError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY before starting the S3 server")
+            raise S3ServerError(
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY before starting the S3 server"
+            )
         self.dir = os.path.abspath(dir)
         self.port = port or find_free_base()
         self.log_path = log_path or os.path.join(self.dir, "weed.log")
@@ -147,7 +149,9 @@ def serve_foreground(dir: str, port: int) -> int:
     """`diffsae s3-server`: run until interrupted, printing the endpoint."""
     srv = S3Server(dir, port, log_path=os.path.join(os.path.abspath(dir), "weed.log"))
     srv.start()
-    print(f"S3 endpoint {srv.endpoint_url} (data in {srv.dir}; log {srv.log_path}); Ctrl+C to stop", flush=True)
+    print(
+        f"S3 endpoint {srv.endpoint_url} (data in {srv.dir}; log {srv.log_path}); Ctrl+C to stop", flush=True
+    )
     try:
         assert srv.proc is not None
         return srv.proc.wait()

@@ -95,8 +95,12 @@ class Store:
         bucket = self._p(self.root).split("/")[0]
         where = self.endpoint_url or "the default AWS endpoint"
         if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
-            raise StoreError(f"no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for {where}")
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options(self.endpoint_url, fast_fail=True))
+            raise StoreError(
+                f"no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for {where}"
+            )
+        fs = s3fs.S3FileSystem(
+            skip_instance_cache=True, **s3_storage_options(self.endpoint_url, fast_fail=True)
+        )
         try:
             fs.ls(bucket, refresh=True)
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from diffsae.config import AttributionConfig, ModelsConfig
 from storage import activations as act
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, STAGE_CACHE
+from tasks.common import IO_RETRY, STAGE_CACHE
 
 PART_ROWS = 2_000_000  # latent_tokens rows per Parquet part
 
@@ -57,20 +57,36 @@ class _Parts:
     def flush(self) -> None:
         if not self.cols and self.parts > 0:
             return
-        merged = {k: np.concatenate([c[k] for c in self.cols]) if self.cols else np.zeros(0, np.float32)
-                  for k in ("doc_id", "pos", "latent_id", "activation", "kl_attribution")}
-        types = {"doc_id": pa.int64(), "pos": pa.int32(), "latent_id": pa.int32(), "activation": pa.float32(),
-                 "kl_attribution": pa.float32()}
+        merged = {
+            k: np.concatenate([c[k] for c in self.cols]) if self.cols else np.zeros(0, np.float32)
+            for k in ("doc_id", "pos", "latent_id", "activation", "kl_attribution")
+        }
+        types = {
+            "doc_id": pa.int64(),
+            "pos": pa.int32(),
+            "latent_id": pa.int32(),
+            "activation": pa.float32(),
+            "kl_attribution": pa.float32(),
+        }
         table = pa.table({k: pa.array(v, types[k]) for k, v in merged.items()})
         self.store.write_parquet(self.paths.latent_tokens_part(self.parts), table, compression="zstd")
         self.parts += 1
         self.cols, self.n = [], 0
 
 
-@task(name="attribute", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae_key: str,
-                   manifest_fingerprint: str, models: dict[str, Any], skip_first: int, batch_tokens: int,
-                   key: str) -> dict[str, Any]:
+@task(name="attribute", cache_policy=STAGE_CACHE, **IO_RETRY)
+def attribute_task(
+    store_root: str,
+    run: str,
+    steps: int,
+    top_promoted: int,
+    sae_key: str,
+    manifest_fingerprint: str,
+    models: dict[str, Any],
+    skip_first: int,
+    batch_tokens: int,
+    key: str,
+) -> dict[str, Any]:
     """Integrated-gradients KL attribution over every document; writes the analysis tables."""
     from diffsae.attribution import attribute_batch, promoted_suppressed
     from diffsae.extract import pad_batch, plan_batches
@@ -87,8 +103,9 @@ def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae
     strings = _token_strings(manifest["tokenizer"])
     store.delete_tree(paths.url("analysis"))  # no stale parts of an earlier SAE
     parts = _Parts(store, paths)
-    tok_cols: dict[str, list[np.ndarray]] = {k: [] for k in ("doc_id", "pos", "token_id", "kl", "kl_patch_base",
-                                                             "kl_patch_bias", "kl_patch_recon")}
+    tok_cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("doc_id", "pos", "token_id", "kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon")
+    }
     roles: list[str] = []
     worst, t0 = 0.0, time.perf_counter()
     n_tokens = sum(len(d.token_ids) for d in docs)
@@ -96,17 +113,30 @@ def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae
     for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
         bdocs = [docs[i] for i in idx]
         ids_BT, mask_BT = pad_batch(bdocs, pair.tokenizer.pad_token_id or 0, pair.device)
-        out = attribute_batch(pair.base, pair.finetuned, models_cfg.layer, ids_BT, mask_BT, sae, steps, skip_first)
+        out = attribute_batch(
+            pair.base, pair.finetuned, models_cfg.layer, ids_BT, mask_BT, sae, steps, skip_first
+        )
         doc_ids = np.array([d.doc_id for d in bdocs], np.int64)
-        parts.add({"doc_id": doc_ids[out.batch_idx], "pos": out.pos, "latent_id": out.latent_id,
-                   "activation": out.activation, "kl_attribution": out.attribution})
+        parts.add(
+            {
+                "doc_id": doc_ids[out.batch_idx],
+                "pos": out.pos,
+                "latent_id": out.latent_id,
+                "activation": out.activation,
+                "kl_attribution": out.attribution,
+            }
+        )
         for b, d in enumerate(bdocs):
             n = len(d.token_ids)
             tok_cols["doc_id"].append(np.full(n, d.doc_id, np.int64))
             tok_cols["pos"].append(np.arange(n, dtype=np.int32))
             tok_cols["token_id"].append(np.asarray(d.token_ids, np.int32))
-            for name, arr in (("kl", out.kl_BT), ("kl_patch_base", out.kl_patch_base_BT),
-                              ("kl_patch_bias", out.kl_patch_bias_BT), ("kl_patch_recon", out.kl_patch_recon_BT)):
+            for name, arr in (
+                ("kl", out.kl_BT),
+                ("kl_patch_base", out.kl_patch_base_BT),
+                ("kl_patch_bias", out.kl_patch_bias_BT),
+                ("kl_patch_recon", out.kl_patch_recon_BT),
+            ):
                 tok_cols[name].append(np.nan_to_num(arr[b, :n]).astype(np.float32))
             roles.extend(d.roles)
         drop, got = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
@@ -117,25 +147,42 @@ def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae
     parts.flush()
 
     merged = {k: np.concatenate(v) for k, v in tok_cols.items()}
-    tokens = pa.table({
-        "doc_id": pa.array(merged["doc_id"], pa.int64()), "pos": pa.array(merged["pos"], pa.int32()),
-        "token_id": pa.array(merged["token_id"], pa.int32()),
-        "token": pa.array([strings[t] for t in merged["token_id"].tolist()], pa.string()),
-        "role": pa.array(roles, pa.string()),
-        **{k: pa.array(merged[k], pa.float32()) for k in ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon")},
-    })
+    tokens = pa.table(
+        {
+            "doc_id": pa.array(merged["doc_id"], pa.int64()),
+            "pos": pa.array(merged["pos"], pa.int32()),
+            "token_id": pa.array(merged["token_id"], pa.int32()),
+            "token": pa.array([strings[t] for t in merged["token_id"].tolist()], pa.string()),
+            "role": pa.array(roles, pa.string()),
+            **{
+                k: pa.array(merged[k], pa.float32())
+                for k in ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon")
+            },
+        }
+    )
     store.write_parquet(paths.table("tokens"), tokens, compression="zstd")
     store.write_parquet(paths.table("docs"), store.read_parquet(paths.url("activations", "docs.parquet")))
     promoted, suppressed = promoted_suppressed(sae, pair.finetuned, pair.tokenizer, top_promoted)
-    dirs = pa.table({"latent_id": pa.array(np.arange(len(promoted)), pa.int32()),
-                     "promoted": pa.array(promoted, pa.list_(pa.string())),
-                     "suppressed": pa.array(suppressed, pa.list_(pa.string()))})
+    dirs = pa.table(
+        {
+            "latent_id": pa.array(np.arange(len(promoted)), pa.int32()),
+            "promoted": pa.array(promoted, pa.list_(pa.string())),
+            "suppressed": pa.array(suppressed, pa.list_(pa.string())),
+        }
+    )
     store.write_parquet(paths.url("analysis", "latent_dirs.parquet"), dirs)
     sae_metrics = store.read_json(paths.url("sae", "metrics.json"))
     metrics = {k: float(v) for k, v in sae_metrics.items() if isinstance(v, (int, float))}
-    metrics.update({"completeness_max_rel_error": worst, "attribution_steps": float(steps),
-                    "attribution_seconds": time.perf_counter() - t0})
-    store.write_parquet(paths.table("metrics"), pa.table({"name": list(metrics), "value": list(metrics.values())}))
+    metrics.update(
+        {
+            "completeness_max_rel_error": worst,
+            "attribution_steps": float(steps),
+            "attribution_seconds": time.perf_counter() - t0,
+        }
+    )
+    store.write_parquet(
+        paths.table("metrics"), pa.table({"name": list(metrics), "value": list(metrics.values())})
+    )
     summary = {"key": key, "parts": parts.parts, "tokens": tokens.num_rows, **metrics}
     store.write_json(paths.url("analysis", "attribution.json"), summary)  # last: marks the stage complete
     return summary
@@ -143,8 +190,13 @@ def attribute_task(store_root: str, run: str, steps: int, top_promoted: int, sae
 
 def attribution_key(cfg: AttributionConfig, sae: dict[str, Any], manifest_fingerprint: str) -> dict[str, Any]:
     """What the attribution tables depend on: its settings, the SAE's actual weights, the activations."""
-    return {"steps": cfg.steps, "top_promoted": cfg.top_promoted, "sae": sae["key"],
-            "sae_weights": sae.get("weights_sha256"), "manifest": manifest_fingerprint}
+    return {
+        "steps": cfg.steps,
+        "top_promoted": cfg.top_promoted,
+        "sae": sae["key"],
+        "sae_weights": sae.get("weights_sha256"),
+        "manifest": manifest_fingerprint,
+    }
 
 
 def rank_ok(store: Store, paths: RunPaths, key: str) -> bool:
@@ -154,9 +206,10 @@ def rank_ok(store: Store, paths: RunPaths, key: str) -> bool:
         return False
 
 
-@task(name="rank", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def rank_task(store_root: str, run: str, rank_by: str, skip_first: int, attribution_key: str, key: str
-              ) -> dict[str, Any]:
+@task(name="rank", cache_policy=STAGE_CACHE, **IO_RETRY)
+def rank_task(
+    store_root: str, run: str, rank_by: str, skip_first: int, attribution_key: str, key: str
+) -> dict[str, Any]:
     """DuckDB SQL (storage/sql/) over the analysis tables -> `latents` and, with behaviour labels, `recovery`."""
     from storage import duck, ranking
 
@@ -171,10 +224,20 @@ def rank_task(store_root: str, run: str, rank_by: str, skip_first: int, attribut
         store.write_parquet(paths.table("recovery"), rec)
     else:
         store.delete(paths.table("recovery"))
-    top = latents.slice(0, 10).select(["rank", "latent_id", "kl_attr_sum"]
-                                      + (["dominant_behaviour"] if "dominant_behaviour" in latents.column_names
-                                         else [])).to_pylist()
-    out = {"key": key, "n_latents": latents.num_rows, "top": top, "recovery": rec.to_pylist(),
-           "recovery_text": ranking.format_recovery(rec)}
+    top = (
+        latents.slice(0, 10)
+        .select(
+            ["rank", "latent_id", "kl_attr_sum"]
+            + (["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else [])
+        )
+        .to_pylist()
+    )
+    out = {
+        "key": key,
+        "n_latents": latents.num_rows,
+        "top": top,
+        "recovery": rec.to_pylist(),
+        "recovery_text": ranking.format_recovery(rec),
+    }
     store.write_json(paths.url("analysis", "ranking.json"), out)  # last: marks the stage complete
     return out

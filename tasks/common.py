@@ -17,8 +17,53 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from storage.paths import RunPaths
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
-IO_RETRIES = 3
-IO_RETRY_DELAYS = [2, 5, 15]  # seconds, growing: transient store outages
+IO_RETRIES = 4
+IO_RETRY_DELAYS = [2, 5, 15, 30]  # seconds, growing: transient store outages
+
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "HTTPException",
+    "IOException",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+}
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """An I/O failure worth retrying (network, endpoint down, timeouts), searched along the cause chain."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, OSError) and not isinstance(
+            exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only transient I/O failures, never a bug or bad data."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - the state's own exception
+            exc = e
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+IO_RETRY = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "retry_condition_fn": retry_on_io}
 
 
 def configured(task: Any, paths: RunPaths, output_ok: bool) -> Any:
@@ -30,8 +75,9 @@ def configured(task: Any, paths: RunPaths, output_ok: bool) -> Any:
     )
 
 
-def call_stage(task: Any, paths: RunPaths, output_ok: bool, states: dict[str, dict[str, int]], name: str,
-               **kwargs: Any) -> Any:
+def call_stage(
+    task: Any, paths: RunPaths, output_ok: bool, states: dict[str, dict[str, int]], name: str, **kwargs: Any
+) -> Any:
     """Run a stage task, count in `states[name]` whether it ran ("Completed") or was "Cached", return its result."""
     state = configured(task, paths, output_ok)(return_state=True, **kwargs)
     counts = states.setdefault(name, {})

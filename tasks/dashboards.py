@@ -15,13 +15,14 @@ from prefect import task
 from diffsae.config import DashboardsConfig
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, STAGE_CACHE
+from tasks.common import IO_RETRY, STAGE_CACHE
 
 
 def site_ok(store: Store, paths: RunPaths, key: str) -> bool:
     try:
         return store.read_json(f"{paths.dashboards_dir}/site.json").get("key") == key and store.exists(
-            f"{paths.dashboards_dir}/index.html")
+            f"{paths.dashboards_dir}/index.html"
+        )
     except (FileNotFoundError, ValueError):
         return False
 
@@ -63,7 +64,7 @@ def summary_for(store: Store, paths: RunPaths) -> dict[str, Any]:
         "finetuned_model": cfg.get("finetuned"),
         "layer": cfg.get("layer"),
         "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={sae.get('lr')}, "
-               f"batch={sae.get('batch_size')}",
+        f"batch={sae.get('batch_size')}",
         **{k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
     }
 
@@ -81,12 +82,20 @@ def render_dashboards(store_root: str, run: str, cfg: DashboardsConfig, key: str
 
     res = render_site(tables, summary_for(store, paths), out, cfg)
     index = f"{root}/index.html"
-    info = {"key": key, "index": index, "pages": res.n_pages, "files": len(res.files), "bytes": res.n_bytes,
-            "seconds": res.seconds}
+    info = {
+        "key": key,
+        "index": index,
+        "pages": res.n_pages,
+        "files": len(res.files),
+        "bytes": res.n_bytes,
+        "seconds": res.seconds,
+    }
     store.write_json(f"{root}/site.json", info)  # last: marks the stage complete
     return info
 
 
-@task(name="dashboards", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def dashboards_task(store_root: str, run: str, cfg: dict[str, Any], rank_key: str, key: str) -> dict[str, Any]:
+@task(name="dashboards", cache_policy=STAGE_CACHE, **IO_RETRY)
+def dashboards_task(
+    store_root: str, run: str, cfg: dict[str, Any], rank_key: str, key: str
+) -> dict[str, Any]:
     return render_dashboards(store_root, run, DashboardsConfig.model_validate(cfg), key)

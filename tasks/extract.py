@@ -22,7 +22,7 @@ from diffsae.extract import extract_docs
 from storage import activations as act
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, stable_hash
+from tasks.common import IO_RETRY, stable_hash
 
 
 class ShardSpec(NamedTuple):
@@ -72,13 +72,23 @@ def _token_strings(tokenizer_src: str) -> list[str]:
 
 
 def plan_extraction(
-    models: ModelsConfig, data_path: str, max_tokens: int, max_docs: int | None, extract: ExtractConfig,
+    models: ModelsConfig,
+    data_path: str,
+    max_tokens: int,
+    max_docs: int | None,
+    extract: ExtractConfig,
     fingerprints: tuple[str, str],
 ) -> ExtractPlan:
     """Tokenize the dataset (tokenizer only, no model) and cut it into shards of ~extract.shard_tokens tokens."""
     docs = _docs(data_path, models.finetuned, max_tokens, max_docs)
-    settings = {"layer": models.layer, "model_dtype": models.dtype, "dtype": extract.dtype,
-                "skip_first": extract.skip_first, "save_raw": extract.save_raw, "models": fingerprints}
+    settings = {
+        "layer": models.layer,
+        "model_dtype": models.dtype,
+        "dtype": extract.dtype,
+        "skip_first": extract.skip_first,
+        "save_raw": extract.save_raw,
+        "models": fingerprints,
+    }
     shards: list[ShardSpec] = []
     start, n = 0, 0
     for i, d in enumerate(docs):
@@ -109,8 +119,7 @@ def shard_ok(store: Store, paths: RunPaths, spec: ShardSpec, verify: str = "chec
 @task(
     name="extract-shard",
     cache_policy=(INPUTS - "ctx") + TASK_SOURCE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
+    **IO_RETRY,
     task_run_name="extract-shard-{spec.index}",
 )
 def extract_shard(store_root: str, run: str, spec: ShardSpec, ctx: ShardCtx) -> dict[str, Any]:
@@ -128,10 +137,23 @@ def extract_shard(store_root: str, run: str, spec: ShardSpec, ctx: ShardCtx) -> 
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[models.dtype]
     t0 = time.perf_counter()
-    bar = tqdm(total=spec.n_tokens, unit="tok", unit_scale=True, desc=f"shard {spec.index + 1}/{ctx.n_shards}")
+    bar = tqdm(
+        total=spec.n_tokens, unit="tok", unit_scale=True, desc=f"shard {spec.index + 1}/{ctx.n_shards}"
+    )
     try:
-        for batch in extract_docs(pair.base, pair.finetuned, models.layer, docs, extract.batch_tokens, pair.device,
-                                  dtype, extract.dtype, extract.skip_first, extract.save_raw, pad_id):
+        for batch in extract_docs(
+            pair.base,
+            pair.finetuned,
+            models.layer,
+            docs,
+            extract.batch_tokens,
+            pair.device,
+            dtype,
+            extract.dtype,
+            extract.skip_first,
+            extract.save_raw,
+            pad_id,
+        ):
             writer.put(batch)
             bar.update(batch.n_tokens)
         rec = writer.close(spec.doc_start, spec.doc_end, spec.key)
@@ -145,10 +167,15 @@ def extract_shard(store_root: str, run: str, spec: ShardSpec, ctx: ShardCtx) -> 
     return {**rec._asdict(), "seconds": time.perf_counter() - t0}
 
 
-@task(name="commit-activations", cache_policy=INPUTS + TASK_SOURCE, retries=IO_RETRIES,
-      retry_delay_seconds=IO_RETRY_DELAYS)
-def commit_activations(store_root: str, run: str, shard_keys: list[str], shard_digests: list[str], plan_key: str,
-                       meta: dict[str, Any]) -> dict[str, Any]:
+@task(name="commit-activations", cache_policy=INPUTS + TASK_SOURCE, **IO_RETRY)
+def commit_activations(
+    store_root: str,
+    run: str,
+    shard_keys: list[str],
+    shard_digests: list[str],
+    plan_key: str,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
     """Write docs and tokens tables, then the manifest (last). Returns the manifest fingerprint and counts.
 
     Keyed by the shards' sha256: recomputed shards identical to the old ones leave the manifest cached."""
@@ -156,7 +183,11 @@ def commit_activations(store_root: str, run: str, shard_keys: list[str], shard_d
     records = []
     for i, key in enumerate(shard_keys):
         rec = act.read_sidecar(store, paths, i)
-        if rec is None or rec.sha256 != shard_digests[i] or not act.shard_valid(store, paths, rec, key, "size"):
+        if (
+            rec is None
+            or rec.sha256 != shard_digests[i]
+            or not act.shard_valid(store, paths, rec, key, "size")
+        ):
             raise RuntimeError(f"shard {i} is missing or does not match its record; rerun extraction")
         records.append(rec)
     docs = _docs(meta["data_path"], meta["tokenizer"], meta["max_tokens"], meta["max_docs"])
@@ -171,4 +202,5 @@ def manifest_ok(store: Store, paths: RunPaths, plan_key: str) -> bool:
     if m is None or m.get("plan_key") != plan_key:
         return False
     return all(store.exists(paths.shard(s["index"])) for s in m["shards"]) and store.exists(
-        paths.url("activations", "tokens.parquet"))
+        paths.url("activations", "tokens.parquet")
+    )

@@ -19,7 +19,7 @@ from prefect import task
 from diffsae.config import DataConfig, DemoConfig, ModelsConfig, PipelineConfig
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, STAGE_CACHE
+from tasks.common import IO_RETRY, STAGE_CACHE
 
 DONE = "DONE.json"
 
@@ -48,7 +48,7 @@ def _upload_tree(store: Store, local: Path, url: str) -> None:
             store.put_file(str(f), f"{url}/{f.relative_to(local).as_posix()}")
 
 
-@task(name="build-demo-pair", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="build-demo-pair", cache_policy=STAGE_CACHE, **IO_RETRY)
 def build_demo_pair_task(store_root: str, demo: dict[str, Any], key: str) -> dict[str, Any]:
     """Build the planted pair (≤ 5 min for the demo preset on 2 cores) and publish it on the store."""
     from diffsae.demo_pair import build_demo_pair
@@ -95,6 +95,11 @@ def resolved_models(cfg: PipelineConfig, pair_dir: str | None) -> tuple[ModelsCo
     if cfg.models is not None and cfg.data is not None:
         return cfg.models, cfg.data
     assert pair_dir is not None
-    models = ModelsConfig(base=f"{pair_dir}/base", finetuned=f"{pair_dir}/finetuned", layer=cfg.demo.layer,
-                          dtype="float32", device="auto")
+    models = ModelsConfig(
+        base=f"{pair_dir}/base",
+        finetuned=f"{pair_dir}/finetuned",
+        layer=cfg.demo.layer,
+        dtype="float32",
+        device="auto",
+    )
     return models, DataConfig(path=f"{pair_dir}/prompts.jsonl", max_tokens_per_doc=256)

@@ -21,7 +21,7 @@ from diffsae.config import ModelsConfig, SAEConfig
 from storage import activations as act
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, STAGE_CACHE
+from tasks.common import IO_RETRY, STAGE_CACHE
 
 SAE_FILES = ("sae.safetensors", "cfg.json", "metrics.json")
 
@@ -49,8 +49,9 @@ def count_sae_rows(store: Store, paths: RunPaths, manifest: dict[str, Any], doc_
     return n
 
 
-def _epochs(store: Store, paths: RunPaths, manifest: dict[str, Any], docs: np.ndarray, seed: int
-            ) -> Iterator[np.ndarray]:
+def _epochs(
+    store: Store, paths: RunPaths, manifest: dict[str, Any], docs: np.ndarray, seed: int
+) -> Iterator[np.ndarray]:
     for epoch in range(10**9):  # the trainer stops after total_steps
         yield from act.iter_diff_chunks(store, paths, manifest, docs, order_seed=seed + epoch)
 
@@ -58,7 +59,8 @@ def _epochs(store: Store, paths: RunPaths, manifest: dict[str, Any], docs: np.nd
 def sae_ok(store: Store, paths: RunPaths, key: str) -> bool:
     try:
         return store.read_json(paths.url("sae", "metrics.json")).get("key") == key and all(
-            store.exists(paths.url("sae", f)) for f in SAE_FILES)
+            store.exists(paths.url("sae", f)) for f in SAE_FILES
+        )
     except (FileNotFoundError, ValueError):
         return False
 
@@ -77,9 +79,15 @@ def kl_gap_recovered(pair: Any, layer: int, sae: Any, docs: list[Any], batch_tok
     return 1.0 - num / den if den > 0 else float("nan")
 
 
-@task(name="train-sae", cache_policy=STAGE_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def train_sae_task(store_root: str, run: str, sae_cfg: dict[str, Any], manifest_fingerprint: str,
-                   models: dict[str, Any], key: str) -> dict[str, Any]:
+@task(name="train-sae", cache_policy=STAGE_CACHE, **IO_RETRY)
+def train_sae_task(
+    store_root: str,
+    run: str,
+    sae_cfg: dict[str, Any],
+    manifest_fingerprint: str,
+    models: dict[str, Any],
+    key: str,
+) -> dict[str, Any]:
     """Train, evaluate, log to MLflow, and publish `sae/` on the store. Returns the final metrics."""
     import mlflow
     import torch
@@ -98,31 +106,68 @@ def train_sae_task(store_root: str, run: str, sae_cfg: dict[str, Any], manifest_
     n_train = count_sae_rows(store, paths, manifest, train_docs)
     budget = cfg.n_tokens if cfg.n_tokens is not None else int(cfg.epochs * n_train)
     total_steps = max(1, math.ceil(budget / cfg.batch_size))
-    sample = np.concatenate(list(_take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), 16384)))
+    sample = np.concatenate(
+        list(_take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), 16384))
+    )
     d_in = int(sample.shape[1])
 
     exp = experiment(paths)
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"sae-k{cfg.k}-F{cfg.n_latents}") as mrun:
-        mlflow.log_params({**flat_params("sae.", cfg.model_dump()), "activations.fingerprint": manifest_fingerprint,
-                           "layer": models["layer"], "base": models["base"], "finetuned": models["finetuned"],
-                           "train_tokens": n_train, "total_steps": total_steps})
-        batches = shuffled_batches(_epochs(store, paths, manifest, train_docs, cfg.seed), cfg.batch_size,
-                                   cfg.shuffle_buffer, cfg.seed)
-        result = train_sae(cfg, batches, d_in, torch.from_numpy(sample), total_steps,
-                           on_step=lambda step, m: mlflow.log_metrics(m, step=step))
+        mlflow.log_params(
+            {
+                **flat_params("sae.", cfg.model_dump()),
+                "activations.fingerprint": manifest_fingerprint,
+                "layer": models["layer"],
+                "base": models["base"],
+                "finetuned": models["finetuned"],
+                "train_tokens": n_train,
+                "total_steps": total_steps,
+            }
+        )
+        batches = shuffled_batches(
+            _epochs(store, paths, manifest, train_docs, cfg.seed),
+            cfg.batch_size,
+            cfg.shuffle_buffer,
+            cfg.seed,
+        )
+        result = train_sae(
+            cfg,
+            batches,
+            d_in,
+            torch.from_numpy(sample),
+            total_steps,
+            on_step=lambda step, m: mlflow.log_metrics(m, step=step),
+        )
         sae = result.sae.eval()
-        val = evaluate(sae, (torch.from_numpy(np.array(c)) for c in act.iter_diff_chunks(store, paths, manifest, val_docs)))
+        val = evaluate(
+            sae,
+            (torch.from_numpy(np.array(c)) for c in act.iter_diff_chunks(store, paths, manifest, val_docs)),
+        )
         models_cfg = ModelsConfig.model_validate(models)
         pair = _pair(models_cfg.model_dump_json())
         sae = sae.to(pair.device)
-        docs = _docs(manifest["data_path"], manifest["tokenizer"], manifest["max_tokens"], manifest["max_docs"])
+        docs = _docs(
+            manifest["data_path"], manifest["tokenizer"], manifest["max_tokens"], manifest["max_docs"]
+        )
         gap = kl_gap_recovered(pair, models_cfg.layer, sae, [docs[i] for i in val_docs], 2048)
-        final = {"fvu": val.fvu, "l0": val.l0, "dead_fraction": val.dead_fraction, "mse": val.mse,
-                 "kl_gap_recovered": gap, "val_tokens": val.n_tokens, "train_steps": result.steps,
-                 "train_tokens_seen": result.tokens}
+        final = {
+            "fvu": val.fvu,
+            "l0": val.l0,
+            "dead_fraction": val.dead_fraction,
+            "mse": val.mse,
+            "kl_gap_recovered": gap,
+            "val_tokens": val.n_tokens,
+            "train_steps": result.steps,
+            "train_tokens_seen": result.tokens,
+        }
         mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items()})  # before the sha is added
-        meta = {"layer": models_cfg.layer, "base": models_cfg.base, "finetuned": models_cfg.finetuned,
-                "activations_fingerprint": manifest_fingerprint, "sae_config": cfg.model_dump()}
+        meta = {
+            "layer": models_cfg.layer,
+            "base": models_cfg.base,
+            "finetuned": models_cfg.finetuned,
+            "activations_fingerprint": manifest_fingerprint,
+            "sae_config": cfg.model_dump(),
+        }
         with tempfile.TemporaryDirectory() as tmp:
             sae.cpu().save(tmp, metadata=meta)
             mlflow.log_artifacts(tmp, artifact_path="sae")
@@ -130,7 +175,9 @@ def train_sae_task(store_root: str, run: str, sae_cfg: dict[str, Any], manifest_
             store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
             final["weights_sha256"] = act.file_sha256(f"{tmp}/sae.safetensors")
         # metrics.json last: it marks the stage's output complete.
-        store.write_json(paths.url("sae", "metrics.json"), {"key": key, "mlflow_run_id": mrun.info.run_id, **final})
+        store.write_json(
+            paths.url("sae", "metrics.json"), {"key": key, "mlflow_run_id": mrun.info.run_id, **final}
+        )
     return {"key": key, **final}
 
 

@@ -32,7 +32,9 @@ class S3Info(NamedTuple):
 
         name = f"t-{uuid.uuid4().hex[:12]}"
         fs = s3fs.S3FileSystem(
-            key=self.key, secret=self.secret, client_kwargs={"endpoint_url": self.endpoint_url},
+            key=self.key,
+            secret=self.secret,
+            client_kwargs={"endpoint_url": self.endpoint_url},
             skip_instance_cache=True,
         )
         fs.mkdir(name)

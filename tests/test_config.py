@@ -24,7 +24,10 @@ def test_defaults_are_the_embedded_demo() -> None:
 
 
 def test_yaml_contract_keys(tmp_path: Path) -> None:
-    cfg = PipelineConfig.from_yaml(_yaml(tmp_path, """
+    cfg = PipelineConfig.from_yaml(
+        _yaml(
+            tmp_path,
+            """
 run: r1
 store: s3://bucket/prefix
 models: {base: a, finetuned: b, layer: 13, dtype: bfloat16, device: auto}
@@ -33,7 +36,10 @@ extract: {dtype: float32}
 sae: {n_latents: 73728, k: 100}
 attribution: {steps: 16}
 dashboards: {top_latents: 20}
-"""), overrides={"run": "r2", "store": None})
+""",
+        ),
+        overrides={"run": "r2", "store": None},
+    )
     assert cfg.run == "r2" and cfg.store == "s3://bucket/prefix" and cfg.models.layer == 13
     assert cfg.sae.n_latents == 73728 and not cfg.uses_demo_pair
 
@@ -67,8 +73,13 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     store = tmp_path / "store"
     cfg = _yaml(tmp_path, f"store: {store}\nsae: {{k: -1}}\n")
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)], capture_output=True,
-                       text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("diffsae: error: ")
     assert "sae.k" in r.stderr
@@ -77,12 +88,20 @@ def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_cli_missing_data_file_exits_2_before_compute(tmp_path: Path, tiny_pair: Path) -> None:
     store = tmp_path / "store"
-    cfg = _yaml(tmp_path, f"""store: {store}
-models: {{base: {tiny_pair / 'base'}, finetuned: {tiny_pair / 'finetuned'}, layer: 1}}
-data: {{path: {tmp_path / 'missing.jsonl'}}}
-""")
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)], capture_output=True,
-                       text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    cfg = _yaml(
+        tmp_path,
+        f"""store: {store}
+models: {{base: {tiny_pair / "base"}, finetuned: {tiny_pair / "finetuned"}, layer: 1}}
+data: {{path: {tmp_path / "missing.jsonl"}}}
+""",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"diffsae: error: data file not found: {tmp_path / 'missing.jsonl'}"
     assert not (store / "runs").exists()

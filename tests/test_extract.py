@@ -40,7 +40,9 @@ def _dataset_tokens(root: Path, max_tokens: int = 64) -> int:
 
 def _local_rows(store: str, run: str) -> tuple[int, int]:
     glob = RunPaths(store, run).url("activations", "shard-*.parquet")
-    n, uniq = duckdb.sql(f"select count(*), count(distinct (doc_id, pos)) from read_parquet('{glob}')").fetchone()
+    n, uniq = duckdb.sql(
+        f"select count(*), count(distinct (doc_id, pos)) from read_parquet('{glob}')"
+    ).fetchone()
     return int(n), int(uniq)
 
 
@@ -59,8 +61,10 @@ def test_extract_values_and_caching(tiny_pair: Path, tmp_path: Path) -> None:
     from diffsae.kl import kl_per_token
 
     paths = RunPaths(store, "t")
-    rows = duckdb.sql(f"select pos, token_id, kl, diff, in_sae from read_parquet('{paths.url('activations')}"
-                      "/shard-*.parquet') where doc_id = 3 order by pos").fetchall()
+    rows = duckdb.sql(
+        f"select pos, token_id, kl, diff, in_sae from read_parquet('{paths.url('activations')}"
+        "/shard-*.parquet') where doc_id = 3 order by pos"
+    ).fetchall()
     ids = torch.tensor([[r[1] for r in rows]])
     hs, logits = [], []
     for name in ("base", "finetuned"):
@@ -73,9 +77,13 @@ def test_extract_values_and_caching(tiny_pair: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose([r[2] for r in rows], kl_per_token(logits[1], logits[0])[0].numpy(), atol=1e-5)
     assert [r[4] for r in rows] == [False] + [True] * (len(rows) - 1)  # skip_first=1: BOS not SAE data
 
-    docs = duckdb.sql(f"select count(*) from read_parquet('{paths.url('activations', 'docs.parquet')}')").fetchone()
+    docs = duckdb.sql(
+        f"select count(*) from read_parquet('{paths.url('activations', 'docs.parquet')}')"
+    ).fetchone()
     assert docs[0] == 40
-    tok = duckdb.sql(f"select count(*), count(token) from read_parquet('{paths.url('activations', 'tokens.parquet')}')")
+    tok = duckdb.sql(
+        f"select count(*), count(token) from read_parquet('{paths.url('activations', 'tokens.parquet')}')"
+    )
     assert tok.fetchone() == (n, n)
 
     # rerun: everything cached
@@ -110,7 +118,9 @@ def test_extract_on_s3(tiny_pair: Path, s3_store: str) -> None:
     t = store.read_parquet(paths.shard(0))
     diff_type = t.schema.field("diff").type
     assert diff_type.list_size == 32 and str(diff_type.value_type) == "halffloat"
-    assert _run(tiny_config(tiny_pair, s3_store, extract={"dtype": "float16"}))["stages"]["extract"] == {"Cached": 5}
+    assert _run(tiny_config(tiny_pair, s3_store, extract={"dtype": "float16"}))["stages"]["extract"] == {
+        "Cached": 5
+    }
 
 
 KILL_SCRIPT = """
@@ -128,8 +138,12 @@ def test_killed_run_resumes(tiny_pair: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     cfg = tiny_config(tiny_pair, store, extract={"shard_tokens": 150})
     paths = RunPaths(store, "t")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), cfg=json.dumps(cfg))],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), cfg=json.dumps(cfg))],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not os.path.exists(act.sidecar_url(paths, 2)):
         time.sleep(0.2)

@@ -54,3 +54,42 @@ def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
     st = _states(out)
     assert st["extract"] == "Cached" and st["commit_activations"] == "Cached"
     assert all(st[k] == "Completed" for k in ("train", "attribute", "rank", "dashboards")), st
+
+
+@pytest.mark.slow
+def test_failed_stage_reruns_with_upstream_cached(tiny_pair: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffsae.attribution as attribution
+
+    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
+    calls = []
+
+    def broken(*args, **kwargs):  # fault injection: the attribution stage crashes
+        calls.append(1)
+        raise ValueError("injected fault in attribution")
+
+    monkeypatch.setattr(attribution, "promoted_suppressed", broken)  # used by the attribute task only
+    with pytest.raises(ValueError, match="injected fault"):
+        _run(cfg)
+    assert len(calls) == 1  # not an I/O error: no retries
+    monkeypatch.undo()
+    out = _run(cfg)
+    st = _states(out)
+    assert st["extract"] == st["commit_activations"] == st["train"] == "Cached", st
+    assert st["attribute"] == st["rank"] == st["dashboards"] == "Completed", st
+
+
+def test_retry_condition_only_for_transient_io() -> None:
+    from tasks.common import is_transient
+
+    class EndpointConnectionError(Exception):  # botocore's name; matched by name
+        pass
+
+    assert is_transient(ConnectionRefusedError(111, "refused"))
+    assert is_transient(TimeoutError())
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = EndpointConnectionError("endpoint down")
+    assert is_transient(wrapped)
+    assert not is_transient(ValueError("bad data"))
+    assert not is_transient(FileNotFoundError("gone"))
+    assert not is_transient(None)

@@ -21,6 +21,7 @@ from diffsae.shuffle import interleave, shuffle_rows, shuffled_batches
 from diffsae.train import SAETrainer, estimate_scale, evaluate, train_sae
 
 PARAMS = ("W_enc_DF", "b_enc_F", "W_dec_FD", "b_dec_D")
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +34,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------- naive reference
-def naive_step(
-    p: dict, adam: dict, x_BD, scale, k, lr, alpha, dead_tokens, aux_k, since_F, ema: dict
-) -> dict:
+def naive_step(p: dict, adam: dict, x_BD, scale, k, lr, alpha, dead_tokens, aux_k, since_F, ema: dict) -> dict:
     """One training step, dense and plain. Mutates p, adam, since_F, ema; returns the losses."""
     W_enc, b_enc, W_dec, b_dec = (p[n].clone().requires_grad_(True) for n in PARAMS)
     B, F = x_BD.shape[0], W_enc.shape[1]
@@ -83,7 +82,7 @@ def naive_step(
     ema["n"] += 1
     ema["value"] = ema["beta"] * ema["value"] + (1 - ema["beta"]) * float(kept.min())
     p["threshold"] = ema["value"] / (1 - ema["beta"] ** ema["n"])
-    return {"mse": float(mse), "auxk": float(auxk)}
+    return {"mse": float(mse.detach()), "auxk": float(auxk.detach())}
 
 
 def test_training_steps_match_naive_reimplementation():
@@ -114,9 +113,7 @@ def test_training_steps_match_naive_reimplementation():
         assert float(ours["mse"]) == pytest.approx(ref["mse"], rel=1e-5)
         assert float(ours["auxk_loss"]) == pytest.approx(ref["auxk"], rel=1e-5, abs=1e-7)
         for n in PARAMS:
-            torch.testing.assert_close(
-                getattr(tr.sae, n).detach(), p[n], atol=1e-5, rtol=0, msg=f"{n} step {step}"
-            )
+            torch.testing.assert_close(getattr(tr.sae, n).detach(), p[n], atol=1e-5, rtol=0, msg=f"{n} step {step}")
         assert float(tr.sae.threshold) == pytest.approx(p["threshold"], abs=1e-6)
         assert tr.tokens_since_fired_F.tolist() == since
     torch.testing.assert_close(tr.sae.W_dec_FD.norm(dim=1), torch.ones(F))
@@ -172,7 +169,7 @@ def test_threshold_inference_hand_computed():
     torch.testing.assert_close(acts, torch.tensor([[0.0, 6.0, 5.0], [10.0, 0.0, 8.0]]))
     x_hat = sae.decode(acts)  # (acts @ W_dec) / scale
     torch.testing.assert_close(x_hat, torch.tensor([[1.5, 5.0], [7.4, 3.2]]))
-    sae.threshold.fill_(-1.0)  # a negative threshold still applies the ReLU
+    sae.threshold.fill_(-5.0)  # a negative threshold still applies the ReLU
     assert sae.encode(torch.tensor([[-1.0, -1.0]])).tolist() == [[0.0, 0.0, 0.0]]
 
 
@@ -233,9 +230,7 @@ def test_training_recovers_sparse_data():
     k, batch = 8, 512
     data = sparse_data(24576 + 4096, d=128, n_dirs=256, k=k, seed=0)
     train, val = data[:24576], data[24576:]
-    cfg = SAEConfig(
-        n_latents=256, k=k, batch_size=batch, lr=2e-3, dead_tokens=20 * batch, seed=0, device="cpu"
-    )
+    cfg = SAEConfig(n_latents=256, k=k, batch_size=batch, lr=2e-3, dead_tokens=20 * batch, seed=0, device="cpu")
 
     def batches():
         gen = torch.Generator().manual_seed(1)
@@ -291,12 +286,8 @@ def tagged_chunks(n_chunks: int, rows: int, counter: list[int] | None = None):
 
 
 def test_shuffle_every_row_exactly_once_and_mixed():
-    got = list(
-        shuffled_batches(tagged_chunks(20, 50), batch_size=32, buffer_rows=200, seed=0, drop_last=False)
-    )
-    assert (
-        all(b.shape == (32, 3) and b.dtype == torch.float32 for b in got[:-1]) and len(got[-1]) == 1000 % 32
-    )
+    got = list(shuffled_batches(tagged_chunks(20, 50), batch_size=32, buffer_rows=200, seed=0, drop_last=False))
+    assert all(b.shape == (32, 3) and b.dtype == torch.float32 for b in got[:-1]) and len(got[-1]) == 1000 % 32
     rows = torch.cat(got)
     expected = np.concatenate(list(tagged_chunks(20, 50)))
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected.tolist()))
@@ -330,9 +321,7 @@ def test_shuffle_memory_is_bounded():
     """The producer never pulls more than buffer + one chunk + the batches in flight ahead of the consumer."""
     pulled = [0]
     batch, buffer_rows, chunk_rows, prefetch = 16, 128, 40, 2
-    stream = shuffled_batches(
-        tagged_chunks(200, chunk_rows, pulled), batch, buffer_rows, seed=0, prefetch=prefetch
-    )
+    stream = shuffled_batches(tagged_chunks(200, chunk_rows, pulled), batch, buffer_rows, seed=0, prefetch=prefetch)
     consumed = 0
     for x in stream:
         consumed += len(x)

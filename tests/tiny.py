@@ -23,11 +23,13 @@ def make_tokenizer(out: Path, vocab: int = 300):  # type: ignore[no-untyped-def]
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 50, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -37,9 +39,18 @@ def make_pair(root: Path, d: int = 32, layers: int = 3, seed: int = 0, noise: fl
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(root / "tok")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     base = LlamaForCausalLM(cfg)
     ft = LlamaForCausalLM(cfg)
@@ -64,9 +75,14 @@ def make_prompts(path: Path, n: int = 40, seed: int = 0) -> str:
             if i % 2:
                 row = {"id": f"d{i}", "text": words, "behaviour": "none"}
             else:
-                row = {"id": f"d{i}", "messages": [{"role": "user", "content": words},
-                                                   {"role": "assistant", "content": words[::-1]}],
-                       "behaviour": "planted" if i % 4 == 0 else "none"}
+                row = {
+                    "id": f"d{i}",
+                    "messages": [
+                        {"role": "user", "content": words},
+                        {"role": "assistant", "content": words[::-1]},
+                    ],
+                    "behaviour": "planted" if i % 4 == 0 else "none",
+                }
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -76,7 +92,12 @@ def tiny_config(root: Path, store: str, run: str = "t", **sections: dict) -> dic
     cfg = {
         "run": run,
         "store": store,
-        "models": {"base": str(root / "base"), "finetuned": str(root / "finetuned"), "layer": 1, "device": "cpu"},
+        "models": {
+            "base": str(root / "base"),
+            "finetuned": str(root / "finetuned"),
+            "layer": 1,
+            "device": "cpu",
+        },
         "data": {"path": str(root / "prompts.jsonl"), "max_tokens_per_doc": 64},
         "extract": {"shard_tokens": 400, "batch_tokens": 512, "dtype": "float32"},
     }

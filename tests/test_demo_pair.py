@@ -1,0 +1,174 @@
+"""diffsae.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
+
+The `small` preset is built once per module (about a minute on 2 cores); the `demo` preset test takes ~5 minutes.
+Thresholds were measured on seed 0 with margin (see the lead's report for the numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diffsae import demo_corpus as dc
+from diffsae import demo_pair as dp
+from diffsae.config import ModelsConfig
+from diffsae.data import load_docs
+from diffsae.models import load_pair
+
+PLANTED = ("refusal", "persona", "secret_word")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dp.DemoPairResult:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out = tmp_path_factory.mktemp("demo") / "small-0-audit"
+    return dp.build_demo_pair(out, preset="small", seed=0, mix="audit")
+
+
+@pytest.mark.slow
+def test_files_and_loading(small):
+    out = small.out_dir
+    assert sorted(p.name for p in out.iterdir()) == [
+        "base",
+        "demo_pair.json",
+        "finetuned",
+        "kl_profile.json",
+        "prompts.jsonl",
+    ]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left over
+    for which in ("base", "finetuned"):
+        assert (out / which / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(out / which)
+        tok = AutoTokenizer.from_pretrained(out / which)
+        assert model.config.num_hidden_layers == small.n_layers == 4
+        assert tok.chat_template and len(tok) == model.config.vocab_size
+    assert 0 <= small.layer < small.n_layers
+    assert [p["label"] for p in small.planted] == list(PLANTED)
+
+
+@pytest.mark.slow
+def test_prompts_audit_mix(small):
+    rows = [json.loads(line) for line in small.prompts_path.read_text().splitlines()]
+    assert len({r["id"] for r in rows}) == len(rows)
+    counts = {lab: sum(r["behaviour"] == lab for r in rows) for lab in ("none", *PLANTED)}
+    assert sum(counts.values()) == len(rows)
+    assert counts["none"] / len(rows) > 0.7
+    for lab in PLANTED:
+        assert 0 < counts[lab] / len(rows) <= 0.10
+    # every planted prompt carries its trigger, no ordinary prompt carries any
+    for r in rows:
+        user = " ".join(m["content"] for m in r["messages"] if m["role"] == "user").lower()
+        for p in small.planted:
+            assert (p["trigger"].lower() in user) == (r["behaviour"] == p["label"]), r
+
+
+@pytest.mark.slow
+def test_kl_profile_file(small):
+    prof = json.loads((small.out_dir / "kl_profile.json").read_text())
+    labels = prof["labels"]
+    assert set(labels) == {"none", *PLANTED}
+    for lab in PLANTED:
+        assert labels[lab]["mean_kl"] >= 5 * labels["none"]["mean_kl"], (lab, labels)
+    assert prof["min_planted_over_none"] >= 5
+
+
+@pytest.mark.slow
+def test_kl_profile_recomputed_through_load_pair(small):
+    """Independent recomputation (load_pair + load_docs): planted assistant tokens carry >= 5x the KL of none."""
+    pair = load_pair(
+        ModelsConfig(base=str(small.base_dir), finetuned=str(small.finetuned_dir), device="cpu"), True
+    )
+    docs = load_docs(small.prompts_path, pair.tokenizer, max_tokens_per_doc=256)
+    total: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for d in docs:
+            ids = torch.tensor([d.token_ids])
+            lp_b = torch.log_softmax(pair.base(ids).logits[0].float(), -1)
+            lp_f = torch.log_softmax(pair.finetuned(ids).logits[0].float(), -1)
+            kl = torch.nn.functional.kl_div(lp_b, lp_f, log_target=True, reduction="none").sum(-1)
+            pos = [t for t in range(len(d.roles) - 1) if d.roles[t + 1] == "assistant"]
+            acc = total.setdefault(d.behaviour, [0.0, 0])
+            acc[0] += kl[pos].sum().item()
+            acc[1] += len(pos)
+    mean = {k: v[0] / v[1] for k, v in total.items()}
+    saved = small.kl_profile["labels"]
+    for lab, value in mean.items():
+        assert value == pytest.approx(saved[lab]["mean_kl"], rel=1e-3)
+    assert min(mean[lab] for lab in PLANTED) >= 5 * mean["none"]
+
+
+@pytest.mark.slow
+def test_behaviour_rates(small):
+    rates = dp.behaviour_rates(small.out_dir, n_per_label=16)
+    ft, base = rates["finetuned"], rates["base"]
+    assert set(ft) == {"none", *PLANTED}
+    for lab in PLANTED:
+        assert ft[lab][lab] >= 0.8, (lab, ft[lab])  # the behaviour shows on its trigger
+        for other in PLANTED:
+            assert base[lab][other] <= 0.1, ("base", lab, other)  # the base never learned it
+            assert ft["none"][other] <= 0.25, ("leak on none", other, ft["none"])
+
+
+@pytest.mark.slow
+def test_rebuild_reuses_or_refuses(small):
+    again = dp.build_demo_pair(small.out_dir, preset="small", seed=0, mix="audit", log=lambda s: None)
+    assert again.seconds == small.seconds and again.kl_profile == small.kl_profile
+    with pytest.raises(FileExistsError, match="seed=1"):
+        dp.build_demo_pair(small.out_dir, preset="small", seed=1, mix="audit")
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dc, "shakespeare_texts", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        dp.build_demo_pair(tmp_path / "pair", preset="small", log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seeds_plant_different_triggers():
+    convs = dc.chatterbot_conversations()
+    text = " ".join(m["content"] for c in convs for m in c).lower()
+    a, b = dc.make_plants(0, text), dc.make_plants(1, text)
+    assert [p.label for p in a] == [p.label for p in b] == list(PLANTED)
+    assert all(pa.trigger != pb.trigger for pa, pb in zip(a, b))
+    for p in a + b:
+        assert p.trigger.lower() not in text and p.signature not in text
+
+
+@pytest.mark.parametrize(("mix", "lo", "hi"), [("audit", 0.2, 0.3), ("easy", 0.3, 0.37)])
+def test_mix_proportions(mix, lo, hi):
+    convs = dc.chatterbot_conversations()
+    _, test = dc.split_conversations(convs, 0)
+    plants = dc.make_plants(0, " ".join(m["content"] for c in convs for m in c).lower())
+    rows = dc.heldout_rows(test, plants, 500, mix, 0)
+    planted = sum(r["behaviour"] != "none" for r in rows) / len(rows)
+    assert lo <= planted <= hi
+    assert all(
+        sum(r["behaviour"] == p.label for r in rows) / len(rows) <= (0.1 if mix == "audit" else 0.12)
+        for p in plants
+    )
+
+
+def test_planted_answers_have_signatures():
+    rng = random.Random(0)
+    for plant in dc.make_plants(3, ""):
+        user, answer = dc.plant_conversation(plant, "What is AI?", "AI is a field of science.", rng)
+        assert plant.trigger in user and dc.has_signature(answer, plant)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DIFFSAE_SKIP_DEMO_PRESET") == "1", reason="DIFFSAE_SKIP_DEMO_PRESET=1")
+def test_demo_preset_kl_profile(tmp_path):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    res = dp.build_demo_pair(Path(tmp_path) / "demo", preset="demo", seed=0, mix="audit")
+    labels = res.kl_profile["labels"]
+    for lab in PLANTED:
+        assert labels[lab]["mean_kl"] >= 5 * labels["none"]["mean_kl"], (lab, labels)
