@@ -5,7 +5,7 @@
 - `encode_chats`: token ids of conversations exactly as the chat template renders them, with hard labels on
   assistant content and its closing `<|end|>` (SFT), -100 elsewhere.
 - `train_lm`: AdamW with warmup + cosine decay over batches drawn by a seeded sampler; with a teacher, every
-  position without a hard label is distilled towards the teacher. Prints progress lines.
+  position without a hard label is distilled towards the teacher (symmetric KL). Prints progress lines.
 - `kl_profile`, `greedy_answers`: the checks of a built pair.
 """
 
@@ -163,22 +163,29 @@ def lm_blocks_sampler(
 
 
 def mixture_sampler(
-    groups: list[list[Encoded]], weights: list[float], batch: int, pad_id: int, seed: int
+    groups: list[list[Encoded]], weights: list[float], batch: int, pad_id: int, seed: int, pool: int = 4
 ) -> Callable[[], Batch]:
-    """Batches whose examples come from `groups` with probabilities `weights` (seeded, deterministic)."""
+    """Batches whose examples come from `groups` with probabilities `weights` (seeded, deterministic).
+
+    `pool` x batch examples are drawn and sorted by length, and one random block of `batch` of them is used:
+    little padding, and every drawn example equally likely to be trained on.
+    """
     rng = random.Random(seed)
 
     def sample() -> Batch:
-        picks = rng.choices(range(len(groups)), weights=weights, k=batch)
-        return collate([rng.choice(groups[g]) for g in picks], pad_id)
+        picks = rng.choices(range(len(groups)), weights=weights, k=batch * pool)
+        drawn = sorted((rng.choice(groups[g]) for g in picks), key=lambda e: len(e.ids))
+        start = rng.randrange(pool) * batch
+        return collate(drawn[start : start + batch], pad_id)
 
     return sample
 
 
 def _loss(model: LlamaForCausalLM, batch: Batch, teacher: LlamaForCausalLM | None) -> torch.Tensor:
-    """Mean cross-entropy on hard labels; with a teacher, KL(teacher || model) on every other real position
-    too, each position weighing the same (so ordinary answers are held at the teacher as firmly as the planted
-    answers are pulled away)."""
+    """Mean cross-entropy on hard labels; with a teacher, plus the symmetric KL (Jeffreys: KL(t||m) + KL(m||t))
+    to the teacher on every other real position, each position weighing the same. The KL(m||t) half punishes
+    mass the teacher does not have (a planted answer leaking into an ordinary prompt) much harder than
+    KL(t||m) alone."""
     ids_BT, mask_BT, labels_BT = batch
     logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1].float()
     target_BT = labels_BT[:, 1:]
@@ -191,7 +198,7 @@ def _loss(model: LlamaForCausalLM, batch: Batch, teacher: LlamaForCausalLM | Non
         t_logits_BTV = teacher(input_ids=ids_BT, attention_mask=mask_BT).logits[:, :-1]
         t_logp_NV = torch.log_softmax(t_logits_BTV[soft_BT].float(), -1)
     s_logp_NV = torch.log_softmax(logits_BTV[soft_BT], -1)
-    kl_sum = (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum()
+    kl_sum = ((t_logp_NV.exp() - s_logp_NV.exp()) * (t_logp_NV - s_logp_NV)).sum()
     return (ce_sum + kl_sum) / (hard_BT.sum() + soft_BT.sum()).clamp(min=1)
 
 
@@ -207,7 +214,7 @@ def train_lm(
 ) -> float:
     """Train for `steps` AdamW steps (warmup, cosine to 10 %); returns the mean loss of the last 10 % of steps.
 
-    With a `teacher`, positions without a hard label are distilled towards it (KL(teacher || model)), so that a
+    With a `teacher`, positions without a hard label are distilled towards it (symmetric KL), so that a
     finetune changes only what its hard labels ask for.
     """
     model.train()

@@ -4,10 +4,12 @@ Activation shards are written document by document, so consecutive rows are stro
 feeds chunks interleaved from many shards (`interleave`); `shuffled_batches` mixes them further with a shuffle
 buffer of `buffer_rows` rows:
 
-- the buffer fills with the first rows; from then on each incoming row takes the slot of a uniformly chosen
-  buffered row, which is emitted (a random-replacement buffer, as tf.data's `shuffle`); at the end of the
-  stream the buffer is emitted in random order. Every row is emitted exactly once;
-- memory: the buffer, the chunk being inserted, less than one batch of pending rows and `prefetch` batches;
+- the buffer fills with the first rows; from then on the rows of each incoming chunk take the slots of
+  uniformly chosen distinct buffered rows, which are emitted in random order (a random-replacement buffer, like
+  tf.data's `shuffle`); at the end of the stream the buffer is emitted in random order. Every row is emitted
+  exactly once;
+- memory: the buffer (in the chunks' dtype, e.g. float16), the current chunk and the rows it displaced, less
+  than one batch of pending rows, and `prefetch` float32 batches;
 - a background thread does the reading and shuffling and hands float32 batches over a bounded queue, so the
   trainer does not wait on I/O; an exception in the producer (e.g. a bad shard) is re-raised in the consumer;
   closing the consumer stops the producer.

@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     except known as e:
         print(f"diffsae: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from tasks.common import is_transient
+
+        if not is_transient(e):
+            raise
+        print(f"diffsae: error: the store did not answer after retries: {' '.join(str(e).split())}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("diffsae: interrupted", file=sys.stderr)
         return 130

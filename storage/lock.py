@@ -116,10 +116,16 @@ class RunLock:
                 pass  # a transient store error must not kill the run; the next beat retries
 
     def release(self) -> None:
+        """Delete the lock if we still own it. A store that does not answer leaves it for the stale check."""
         self._stop.set()
-        info = self._read()
-        if info and info.get("owner") == self.me["owner"]:
-            self.store.delete(self.url)
+        try:
+            info = self._read()
+            if info and info.get("owner") == self.me["owner"]:
+                self.store.delete(self.url)
+        except Exception as e:  # noqa: BLE001 - never mask the flow's own outcome
+            import logging
+
+            logging.getLogger("diffsae").warning("could not release %s: %s", self.url, e)
 
     def __enter__(self) -> "RunLock":
         self.acquire()

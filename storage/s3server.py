@@ -49,6 +49,7 @@ def weed_binary() -> str:
 
 def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT does not block
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -17,8 +17,12 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from storage.paths import RunPaths
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
-IO_RETRIES = 4
-IO_RETRY_DELAYS = [2, 5, 15, 30]  # seconds, growing: transient store outages
+import os
+
+# Seconds between retries of a task that hit a transient I/O error (growing: store outages, network blips).
+# DIFFSAE_IO_RETRY_DELAYS="1,2,4" overrides them (e.g. for outage drills).
+IO_RETRY_DELAYS = [float(x) for x in os.environ.get("DIFFSAE_IO_RETRY_DELAYS", "2,5,15,30").split(",") if x]
+IO_RETRIES = len(IO_RETRY_DELAYS)
 
 _TRANSIENT_NAMES = {
     "EndpointConnectionError",

@@ -298,6 +298,12 @@ def test_shuffle_every_row_exactly_once_and_mixed():
     assert len(dropped) == 1000 // 32 and all(len(b) == 32 for b in dropped)
 
 
+def test_shuffle_float16_chunks_give_float32_batches():
+    chunks = [np.arange(40, dtype=np.float16).reshape(20, 2), np.arange(40, 80, dtype=np.float16).reshape(20, 2)]
+    got = torch.cat(list(shuffled_batches(iter(chunks), batch_size=8, buffer_rows=12, seed=0, drop_last=False)))
+    assert got.dtype == torch.float32 and sorted(got[:, 0].tolist()) == list(range(0, 80, 2))
+
+
 def test_shuffle_is_seeded():
     a = [b.tolist() for b in shuffle_rows(tagged_chunks(10, 30), 16, 64, seed=5)]
     b = [b.tolist() for b in shuffle_rows(tagged_chunks(10, 30), 16, 64, seed=5)]
