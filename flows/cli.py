@@ -105,6 +105,22 @@ def cmd_build_demo_pair(args: argparse.Namespace) -> int:
     return int(run_cli(args) or 0)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    from storage.paths import normalize_root
+    from storage.store import Store
+
+    Store(cfg.store, cfg.s3_endpoint_url).check()
+    from tasks.analyse import evaluate_run
+
+    try:
+        print(evaluate_run(normalize_root(cfg.store), cfg.run))
+    except FileNotFoundError as e:
+        print(f"diffsae: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsae", description="Model diffing with a diff-SAE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_location(p)
     p.add_argument("--open", action="store_true", help="Open index.html in a browser afterwards")
     p.set_defaults(func=cmd_dashboards)
+
+    p = sub.add_parser("eval", help="Planted-behaviour recovery per latent score (needs `behaviour` labels)")
+    _add_location(p)
+    p.set_defaults(func=cmd_eval)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

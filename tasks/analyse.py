@@ -220,10 +220,7 @@ def rank_task(
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed))
     rec = ranking.recovery(con, latents)
     store.write_parquet(paths.table("latents"), latents)
-    if rec.num_rows:
-        store.write_parquet(paths.table("recovery"), rec)
-    else:
-        store.delete(paths.table("recovery"))
+    publish_recovery(store, paths, rec)
     top = (
         latents.slice(0, 10)
         .select(
@@ -241,3 +238,44 @@ def rank_task(
     }
     store.write_json(paths.url("analysis", "ranking.json"), out)  # last: marks the stage complete
     return out
+
+
+def publish_recovery(store: Store, paths: RunPaths, rec: pa.Table) -> None:
+    """Write the `recovery` table and log it to the SAE's MLflow run (when the data has behaviour labels)."""
+    if not rec.num_rows:
+        store.delete(paths.table("recovery"))
+        return
+    store.write_parquet(paths.table("recovery"), rec)
+    try:
+        run_id = store.read_json(paths.url("sae", "metrics.json")).get("mlflow_run_id")
+    except FileNotFoundError:
+        run_id = None
+    if not run_id:
+        return
+    import mlflow
+
+    from storage.mlflow_setup import experiment
+
+    experiment(paths)
+    metrics: dict[str, float] = {}
+    for r in rec.to_pylist():
+        metrics[f"recovery.{r['score']}.{r['behaviour']}.best_rank"] = float(r["best_rank"] or -1)
+        metrics[f"recovery.{r['score']}.top10_capture_fraction"] = float(r["top10_capture_fraction"] or 0.0)
+    for score in {r["score"] for r in rec.to_pylist()}:
+        rows = [r for r in rec.to_pylist() if r["score"] == score]
+        metrics[f"recovery.{score}.recovered_fraction"] = sum(bool(r["recovered"]) for r in rows) / len(rows)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+
+
+def evaluate_run(store_root: str, run: str) -> str:
+    """`diffsae eval`: recovery of the planted behaviours for every score, from the run's tables (no recompute)."""
+    from storage import duck, ranking
+
+    paths, store = RunPaths(store_root, run), Store(store_root)
+    con = duck.connect(store_root, run)
+    if "latents" not in duck.view_names(con):
+        raise FileNotFoundError(f"run '{run}' has no latents table on {store_root}: run the pipeline first")
+    rec = ranking.recovery(con)
+    publish_recovery(store, paths, rec)
+    return ranking.format_recovery(rec)
