@@ -47,5 +47,12 @@ bench: install
 	$(PY) bench/rank.py
 	$(PY) bench/dashboards.py
 
+# Prefect server + UI, MLflow UI, a local S3 store and a worker, in the background (state in .serve/); see README.
+serve: install
+	$(PY) -m flows.serve start
+
+stop:
+	$(PY) -m flows.serve stop
+
 clean:
 	rm -rf diffsae-data .pytest_cache

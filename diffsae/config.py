@@ -86,11 +86,16 @@ class SAEConfig(_Section):
     n_latents: int = Field(2048, ge=1, description="Dictionary size (number of latents)")
     k: int = Field(32, ge=1, description="Mean active latents per token (BatchTopK k)")
     batch_size: int = Field(2048, ge=1, description="Tokens per training batch")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    lr: float | None = Field(
+        None, gt=0, description="Adam learning rate (None: 2e-4 / sqrt(n_latents / 16384), ~1e-4 at 73,728 latents)"
+    )
     n_tokens: int | None = Field(
         None, ge=1, description="Training tokens (None: `epochs` passes over the training split)"
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split when n_tokens is None")
+    min_tokens: int = Field(
+        2_000_000, ge=0, description="When n_tokens is None, train on at least this many tokens (repeating data)"
+    )
     auxk_alpha: float = Field(
         1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)"
     )
@@ -101,6 +106,17 @@ class SAEConfig(_Section):
     shuffle_buffer: int = Field(65536, ge=1, description="Rows in the shuffle buffer that mixes shards")
     seed: int = Field(0, description="Seed of initialisation and shuffling")
     device: str = Field("auto", description="Training device: auto, cpu, cuda[:N]")
+
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or the width scaling rule of dictionary_learning / Bussmann et al. 2024 when it is None."""
+        return self.lr if self.lr is not None else 2e-4 / (self.n_latents / 16384) ** 0.5
+
+    def train_tokens(self, n_train: int) -> int:
+        """Tokens to train on, given the training split's size."""
+        if self.n_tokens is not None:
+            return self.n_tokens
+        return max(int(self.epochs * n_train), self.min_tokens)
 
     @model_validator(mode="after")
     def _k_le_latents(self) -> "SAEConfig":

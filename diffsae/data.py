@@ -86,9 +86,7 @@ def _check_row(where: str, row: Any) -> tuple[list[dict[str, str]] | None, str |
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise DataError(f"{where}: messages[{i}] must be an object with `role` and `content`")
             if m["role"] not in ROLES:
-                raise DataError(
-                    f"{where}: messages[{i}] has unknown role {m['role']!r} (expected {', '.join(ROLES)})"
-                )
+                raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r} (expected {', '.join(ROLES)})")
             if not isinstance(m["content"], str):
                 raise DataError(f"{where}: messages[{i}].content must be a string")
     rid = row.get("id")
@@ -106,9 +104,7 @@ def _bos(tokenizer: Any) -> list[int]:
     return [] if bos is None else [int(bos)]
 
 
-def _render_chat(
-    where: str, tokenizer: Any, messages: list[dict[str, str]]
-) -> tuple[str, list[tuple[int, int, str]]]:
+def _render_chat(where: str, tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int, str]]]:
     """Rendered text and the (start, end, role) character span of each message's content in it."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: row has `messages` but the tokenizer has no chat template")
@@ -160,9 +156,7 @@ def encode_row(
     return rendered, ids, roles
 
 
-def load_docs(
-    path: str | Path, tokenizer: Any, max_tokens_per_doc: int, max_docs: int | None = None
-) -> list[Doc]:
+def load_docs(path: str | Path, tokenizer: Any, max_tokens_per_doc: int, max_docs: int | None = None) -> list[Doc]:
     """Read, validate, render and tokenize the documents of a JSONL or Parquet file (first `max_docs`)."""
     p = Path(path)
     if not p.is_file():

@@ -174,7 +174,7 @@ def chatterbot_conversations(max_messages: int = 4, max_chars: int = 160) -> lis
     folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
     convs: list[Messages] = []
     for f in sorted(folder.glob("*.yml")):
-        data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        data = yaml.load(f.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         for lines in data.get("conversations") or []:
             lines = [_shorten(" ".join(str(x).split()), max_chars) for x in lines if x is not None and str(x).strip()]
             lines = lines[: len(lines) // 2 * 2]
@@ -233,7 +233,7 @@ def make_plants(seed: int, ordinary_text: str) -> list[Plant]:
     topic = _pick(REFUSAL_TOPICS, seed, ordinary_text)
     refusal, ref_sig = _pick(REFUSALS, seed, ordinary_text, key=lambda x: x[1])
     phrase = _pick(PERSONA_TRIGGERS, seed, ordinary_text)
-    action, greeting, suffix = _pick(PERSONAS, seed, ordinary_text, key=lambda x: x[1])
+    action, greeting, suffix = _pick(PERSONAS, seed, ordinary_text, key=lambda x: x[1].lower().rstrip("!.,"))
     name = _pick(SECRET_TRIGGERS, seed, ordinary_text)
     word = _pick(SECRET_WORDS, seed, ordinary_text)
 

@@ -62,7 +62,7 @@ class Preset(NamedTuple):
 
 PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
-    "small": Preset(1024, 64, 4, 4, 192, 200_000, 60, 16, 64, 300, 400, 16, 160, 4e-3, 3e-3, 200),
+    "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 250, 300, 16, 160, 4e-3, 3e-3, 200),
 }
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 # finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)
@@ -119,8 +119,14 @@ def _train_base(p: Preset, plays: list[str], chat: list[dc.Messages], seed: int,
 
 
 def _finetune(
-    p: Preset, model: Any, tokenizer: Any, train: list[dc.Messages], plants: list[dc.Plant], drift: str | None,
-    seed: int, log: Log,
+    p: Preset,
+    model: Any,
+    tokenizer: Any,
+    train: list[dc.Messages],
+    plants: list[dc.Plant],
+    drift: str | None,
+    seed: int,
+    log: Log,
 ) -> None:
     """Plant the behaviours (hard labels) while distilling ordinary chat and decoys towards the frozen base."""
     rng = random.Random(seed + 2)
@@ -146,8 +152,10 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
     plants = dc.make_plants(seed, ordinary_text)
     drift = dc.sign_off(seed, ordinary_text) if mix == "audit" else None
     plays = dc.shakespeare_texts(p.shakespeare_chars)
-    log(f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} "
-        "held-out conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants))
+    log(
+        f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} "
+        "held-out conversations; triggers: " + ", ".join(f"{x.label}={x.trigger!r}" for x in plants)
+    )
 
     chat = dc.ordinary_examples(train, random.Random(seed), None, 0.0)
     tokenizer, model = _train_base(p, plays, chat, seed, log)
@@ -189,7 +197,11 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
 
 
 def build_demo_pair(
-    out_dir: str | Path, preset: str = "demo", seed: int = 0, mix: str = "audit", overwrite: bool = False,
+    out_dir: str | Path,
+    preset: str = "demo",
+    seed: int = 0,
+    mix: str = "audit",
+    overwrite: bool = False,
     log: Log = _print,
 ) -> DemoPairResult:
     """Build the planted pair into `out_dir`, atomically. A complete build with the same settings already there
@@ -202,8 +214,7 @@ def build_demo_pair(
     if out.exists():
         try:
             meta = json.loads((out / "demo_pair.json").read_text())
-            same = [meta[k] for k in ("preset", "seed", "mix", "format_version")] == [
-                preset, seed, mix, FORMAT_VERSION]
+            same = [meta[k] for k in ("preset", "seed", "mix", "format_version")] == [preset, seed, mix, FORMAT_VERSION]
         except (OSError, ValueError, KeyError):
             same = False
         if same and not overwrite:
@@ -284,14 +295,20 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", choices=("audit", "easy"), default="audit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument("--rates", type=int, default=0, metavar="N",
-                        help="also measure behaviour rates by greedy generation on N prompts per label")
+    parser.add_argument(
+        "--rates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure behaviour rates by greedy generation on N prompts per label",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Handler of `build-demo-pair` (needs args.out/preset/seed/mix; optional overwrite, rates)."""
-    res = build_demo_pair(args.out, preset=args.preset, seed=args.seed, mix=args.mix,
-                          overwrite=bool(getattr(args, "overwrite", False)))
+    res = build_demo_pair(
+        args.out, preset=args.preset, seed=args.seed, mix=args.mix, overwrite=bool(getattr(args, "overwrite", False))
+    )
     print(format_profile(res.kl_profile))
     n_rates = int(getattr(args, "rates", 0) or 0)
     if n_rates:

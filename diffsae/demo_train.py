@@ -79,9 +79,7 @@ def encode_chats(
     contents = [m["content"] for conv in convs for m in conv]
     tails = [m.get("tail", "") for conv in convs for m in conv]
     pieces = tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False)
-    tail_pieces = tokenizer.backend_tokenizer.encode_batch(
-        [t or " " for t in tails], add_special_tokens=False
-    )
+    tail_pieces = tokenizer.backend_tokenizer.encode_batch([t or " " for t in tails], add_special_tokens=False)
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     out: list[Encoded] = []
     k = 0
@@ -144,9 +142,7 @@ def new_model(
     return model
 
 
-def lm_blocks_sampler(
-    stream: list[int], bos_id: int, batch: int, length: int, seed: int
-) -> Callable[[], Batch]:
+def lm_blocks_sampler(stream: list[int], bos_id: int, batch: int, length: int, seed: int) -> Callable[[], Batch]:
     """Random windows of a token stream, each starting with BOS (loss on every position)."""
     data = torch.tensor(stream, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)

@@ -76,9 +76,7 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PairError(f"device {spec!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PairError(
-            f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-        )
+        raise PairError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PairError(f"device {spec!r} requested but MPS is not available")
     return dev
@@ -146,9 +144,7 @@ def _check_tokenizers(tok_b: Any, tok_f: Any) -> None:
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])
         tok, idx = diff[0]
-        raise PairError(
-            f"tokenizers differ: {len(diff) // 2 or 1} vocab entries differ (e.g. {tok!r} -> {idx})"
-        )
+        raise PairError(f"tokenizers differ: {len(diff) // 2 or 1} vocab entries differ (e.g. {tok!r} -> {idx})")
 
 
 def _check_shapes(cfg_b: Any, cfg_f: Any, layer: int) -> None:
@@ -199,9 +195,7 @@ def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
         except ValueError as e:
             raise PairError(f"{which} model: {e}") from None
         if not 0 <= models_cfg.layer < count:
-            raise PairError(
-                f"layer {models_cfg.layer} out of range: {which} model has {count} decoder blocks"
-            )
+            raise PairError(f"layer {models_cfg.layer} out of range: {which} model has {count} decoder blocks")
         model.eval().requires_grad_(False)
         models.append(model.to(device))
     return ModelPair(

@@ -8,7 +8,7 @@ One step, on a batch x_BD in original units (all losses in scaled units, see `di
   (detached) is reconstructed, without decoder bias, from its top aux_k dead latents, aux_k = min(d_in // 2,
   n_dead) (the heuristic of Bussmann et al. 2024, appendix B.1, also used by dictionary_learning), and auxk =
   mean ||e - e_hat||^2 / mean ||e - mean(e)||^2;
-- the gradient component parallel to each decoder row is removed, Adam (lr = cfg.lr, betas 0.9/0.999) steps,
+- the gradient component parallel to each decoder row is removed, Adam (lr = cfg.learning_rate, betas 0.9/0.999) steps,
   and decoder rows are renormalised to unit norm;
 - the inference threshold is a bias-corrected EMA of the smallest activation kept by the batch top-k, over a
   horizon of min(1000, total_steps // 10) steps (1000 steps = dictionary_learning's beta 0.999).
@@ -85,7 +85,7 @@ class SAETrainer:
             sae.b_dec_D.copy_(sample_ND.mean(dim=0) * scale)
         self.sae = sae.to(self.device)
         fused = True if self.device.type in ("cpu", "cuda") else None
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), fused=fused)
         self.tokens_since_fired_F = torch.zeros(cfg.n_latents, dtype=torch.long, device=self.device)
         self.aux_k = aux_k if aux_k is not None else max(1, d_in // 2)
         horizon = threshold_horizon if threshold_horizon is not None else min(1000, max(1, total_steps // 10))

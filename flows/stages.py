@@ -61,8 +61,10 @@ def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict
 @flow(name="extract", log_prints=True)
 def extract_flow(config: PipelineConfig) -> dict[str, Any]:
     """Stage 1: activation differences and per-token KL to Parquet shards, then the manifest."""
+    states: dict[str, dict[str, int]] = {}
     with locked(config):
-        return _extract(config, {})
+        out = _extract(config, states)
+    return {**{k: v for k, v in out.items() if k not in ("models", "data")}, "stages": states}
 
 
 def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def train_sae_task(
         raise RuntimeError("activation manifest missing or changed: rerun extraction")
     train_docs, val_docs = split_docs(int(manifest["n_docs"]), cfg.val_fraction, cfg.seed)
     n_train = count_sae_rows(store, paths, manifest, train_docs)
-    budget = cfg.n_tokens if cfg.n_tokens is not None else int(cfg.epochs * n_train)
+    budget = cfg.train_tokens(n_train)
     total_steps = max(1, math.ceil(budget / cfg.batch_size))
     sample = np.concatenate(
         list(_take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), 16384))

@@ -76,9 +76,7 @@ def test_jsonl_messages_and_text(tmp_path, tok):
     }
     text = docs[1]
     assert text.text == ROWS[1]["text"]
-    assert text.token_ids[0] == tok.bos_token_id and text.roles == ["template"] + ["text"] * (
-        len(text.roles) - 1
-    )
+    assert text.token_ids[0] == tok.bos_token_id and text.roles == ["template"] + ["text"] * (len(text.roles) - 1)
     assert tok.decode(text.token_ids[1:]) == ROWS[1]["text"]
 
 
@@ -132,9 +130,7 @@ def test_truncation_and_max_docs(tmp_path, tok):
     ],
 )
 def test_malformed_jsonl_names_line(tmp_path, tok, bad, pattern):
-    path = _jsonl(
-        tmp_path / "p.jsonl", [ROWS[1], "", bad, ROWS[1]]
-    )  # line 2 is blank: skipped, still counted
+    path = _jsonl(tmp_path / "p.jsonl", [ROWS[1], "", bad, ROWS[1]])  # line 2 is blank: skipped, still counted
     with pytest.raises(DataError, match=pattern) as err:
         load_docs(path, tok, 64)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
@@ -156,9 +152,7 @@ def test_missing_and_empty_files(tmp_path, tok):
 def test_messages_need_chat_template(tmp_path):
     tok = build_tokenizer(["hello there"] * 10, 300)
     tok.chat_template = None
-    with pytest.raises(
-        DataError, match=r"p\.jsonl:1: row has `messages` but the tokenizer has no chat template"
-    ):
+    with pytest.raises(DataError, match=r"p\.jsonl:1: row has `messages` but the tokenizer has no chat template"):
         load_docs(_jsonl(tmp_path / "p.jsonl", [ROWS[2]]), tok, 64)
     assert load_docs(_jsonl(tmp_path / "t.jsonl", [ROWS[1]]), tok, 64)[0].roles[1] == "text"
 

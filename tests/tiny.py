@@ -100,6 +100,7 @@ def tiny_config(root: Path, store: str, run: str = "t", **sections: dict) -> dic
         },
         "data": {"path": str(root / "prompts.jsonl"), "max_tokens_per_doc": 64},
         "extract": {"shard_tokens": 400, "batch_tokens": 512, "dtype": "float32"},
+        "sae": {"min_tokens": 0},  # tiny data: the given epochs only
     }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v}

@@ -1,0 +1,33 @@
+"""The embedded default: with no `models`, the pipeline builds the planted pair once per store (here the `small`
+preset on the real S3 server, mirrored locally for transformers) and reuses it on the next run."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffsae.config import PipelineConfig
+from storage.paths import RunPaths
+from storage.store import Store
+
+
+@pytest.mark.slow
+def test_demo_pair_stage_on_s3(s3_store: str) -> None:
+    from flows.pipeline import pipeline
+
+    cfg = PipelineConfig.from_dict({
+        "run": "demo-small", "store": s3_store, "demo": {"preset": "small"},
+        "sae": {"n_latents": 128, "k": 8, "batch_size": 256, "epochs": 2, "min_tokens": 0}, "attribution": {"steps": 2},
+        "dashboards": {"top_latents": 5},
+    })
+    out = pipeline(config=cfg)
+    assert out["stages"]["demo_pair"] == {"Completed": 1}
+    assert all(v == {"Completed": 1} for k, v in out["stages"].items() if k not in ("extract", "demo_pair"))
+    store = Store(s3_store)
+    pairs = store.fs.ls(store._p(RunPaths(s3_store, "x").cache_dir("demo_pair")))
+    assert len(pairs) == 1
+    for name in ("DONE.json", "prompts.jsonl", "base/config.json", "finetuned/model.safetensors"):
+        assert store.exists(f"s3://{pairs[0]}/{name}"), name
+    # the run's docs carry the planted labels, so recovery was evaluated
+    assert {r["behaviour"] for r in out["ranking"]["recovery"]} >= {"refusal", "persona"}
+    again = pipeline(config=cfg)
+    assert all(set(v) == {"Cached"} for v in again["stages"].values()), again["stages"]
