@@ -160,7 +160,8 @@ def train_sae_task(
             "train_steps": result.steps,
             "train_tokens_seen": result.tokens,
         }
-        mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items()})  # before the sha is added
+        mlflow.log_metrics({(k if k.startswith(("val_", "train_")) else f"val_{k}"): float(v)
+                            for k, v in final.items()})  # before the weights' sha256 is added
         meta = {
             "layer": models_cfg.layer,
             "base": models_cfg.base,
