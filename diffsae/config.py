@@ -75,11 +75,32 @@ class ExtractConfig(_Section):
     )
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
     runner: Literal["local", "dask", "ray"] = Field(
-        "local", description="Engine that runs the extraction shards"
+        "local", description="Engine that runs the extraction shards: local (in the flow), dask or ray (in parallel)"
+    )
+    cluster_address: str | None = Field(
+        None,
+        description="Existing cluster (dask: tcp://scheduler:8786, ray: ray://head:10001 or auto); None: start one",
+    )
+    n_workers: int = Field(
+        2, ge=1, description="Worker processes (1 thread each) of the local cluster started without cluster_address"
     )
     verify: Literal["checksum", "size"] = Field(
         "checksum", description="Check of existing shards on rerun: sha256 (re-reads them) or size only"
     )
+
+    @model_validator(mode="after")
+    def _runner_available(self) -> "ExtractConfig":
+        if self.runner == "local" and self.cluster_address is not None:
+            raise ValueError("cluster_address is set but runner is local: set runner to dask or ray")
+        if self.runner != "local":
+            from importlib.util import find_spec
+
+            package = f"prefect_{self.runner}"
+            if find_spec(package) is None:
+                raise ValueError(
+                    f"runner {self.runner} needs {package.replace('_', '-')}: pip install {package.replace('_', '-')}"
+                )
+        return self
 
 
 class SAEConfig(_Section):

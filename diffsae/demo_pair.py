@@ -62,7 +62,7 @@ class Preset(NamedTuple):
 
 PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
-    "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 250, 300, 16, 160, 4e-3, 3e-3, 200),
+    "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 250, 400, 16, 160, 4e-3, 5e-3, 200),
 }
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 # finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)
@@ -144,7 +144,7 @@ def _finetune(
 
 def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, Any]:
     p = PRESETS[preset]
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     timings: dict[str, float] = {}
     convs = dc.chatterbot_conversations()
     train, test = dc.split_conversations(convs, seed)
@@ -190,6 +190,7 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
         "drift_sign_off": drift,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "seconds": round(time.time() - t0, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),  # all threads of this process
         "torch_threads": torch.get_num_threads(),
     }
     (tmp / "demo_pair.json").write_text(json.dumps(meta, indent=2))

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from prefect import flow
 
 from diffsae.config import PipelineConfig
+from flows.runners import on_cluster
 from storage.lock import RunLock
 from storage.paths import RunPaths
 from storage.store import Store
@@ -21,7 +22,7 @@ from tasks import dashboards as db
 from tasks import extract as ex
 from tasks import pair as pr
 from tasks import train as tr
-from tasks.common import call_stage, guarded, stable_hash
+from tasks.common import call_stage, collect_stage, guarded, stable_hash, submit_stage
 
 
 def _ctx(cfg: PipelineConfig) -> tuple[RunPaths, Store]:
@@ -86,21 +87,24 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
         cfg.extract.model_dump_json(),
         len(plan.shards),
     )
-    digests = []
-    for spec in plan.shards:
-        ok = guarded(lambda: ex.shard_ok(store, paths, spec, cfg.extract.verify))
-        rec = call_stage(
-            ex.extract_shard,
-            paths,
-            ok,
-            states,
-            "extract",
-            store_root=paths.store_root,
-            run=cfg.run,
-            spec=spec,
-            ctx=ctx,
-        )
-        digests.append(rec["sha256"])
+    if cfg.extract.runner != "local":
+        digests = _extract_on_cluster(cfg, plan.shards, ctx, states)
+    else:
+        digests = []
+        for spec in plan.shards:
+            ok = guarded(lambda: ex.shard_ok(store, paths, spec, cfg.extract.verify))
+            rec = call_stage(
+                ex.extract_shard,
+                paths,
+                ok,
+                states,
+                "extract",
+                store_root=paths.store_root,
+                run=cfg.run,
+                spec=spec,
+                ctx=ctx,
+            )
+            digests.append(rec["sha256"])
     meta = {
         "data_path": data.path,
         "tokenizer": models.finetuned,
@@ -110,7 +114,7 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
         "base": models.base,
         "finetuned": models.finetuned,
         "model_fingerprints": list(fps),
-        "extract": cfg.extract.model_dump(),
+        "extract": cfg.extract.model_dump(exclude=EXECUTION_ONLY),
         "tokens": plan.n_tokens,
     }
     ok = guarded(lambda: ex.manifest_ok(store, paths, plan.data_key))
@@ -128,6 +132,30 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
         meta=meta,
     )
     return {**out, "models": models, "data": data}
+
+
+# Extract settings that say where shards run, not what they hold: kept out of the manifest (and its cache key).
+EXECUTION_ONLY = {"runner", "cluster_address", "n_workers"}
+
+
+def _extract_on_cluster(
+    cfg: PipelineConfig, shards: list[ex.ShardSpec], ctx: ex.ShardCtx, states: dict[str, dict[str, int]]
+) -> list[str]:
+    """The shard tasks in parallel on `cfg.extract.runner` (Dask or Ray); returns their sha256 in shard order.
+
+    Same cache semantics as the local loop: a shard whose file is missing or fails its check is recomputed."""
+    paths, store = _ctx(cfg)
+    oks = [guarded(lambda s=spec: ex.shard_ok(store, paths, s, cfg.extract.verify)) for spec in shards]
+    with on_cluster(cfg.extract) as runner:
+        futures = [
+            submit_stage(
+                runner, ex.extract_shard, paths, ok, store_root=paths.store_root, run=cfg.run, spec=spec, ctx=ctx
+            )
+            for spec, ok in zip(shards, oks)
+        ]
+        for future in futures:  # every shard finishes (kept for a resume) before the first failure is raised
+            future.wait()
+        return [collect_stage(future, states, "extract")["sha256"] for future in futures]
 
 
 @flow(name="train", log_prints=True)

@@ -10,6 +10,7 @@ task with `refresh_cache=True` when the output is gone, so Prefect recomputes an
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -17,7 +18,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from storage.paths import RunPaths
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
-import os
 
 # Seconds between retries of a task that hit a transient I/O error (growing: store outages, network blips).
 # DIFFSAE_IO_RETRY_DELAYS="1,2,4" overrides them (e.g. for outage drills).
@@ -84,6 +84,29 @@ def call_stage(
 ) -> Any:
     """Run a stage task, count in `states[name]` whether it ran ("Completed") or was "Cached", return its result."""
     state = configured(task, paths, output_ok)(return_state=True, **kwargs)
+    counts = states.setdefault(name, {})
+    counts[state.name] = counts.get(state.name, 0) + 1
+    return state.result()
+
+
+def submit_stage(runner: Any, task: Any, paths: RunPaths, output_ok: bool, **kwargs: Any) -> Any:
+    """`call_stage` on a started Prefect task runner (Dask, Ray): submit the configured task, return its future.
+
+    Collect it with `collect_stage`, which does `call_stage`'s bookkeeping."""
+    from prefect.utilities.callables import get_call_parameters
+
+    configured_task = configured(task, paths, output_ok)
+    return runner.submit(configured_task, get_call_parameters(configured_task.fn, (), kwargs))
+
+
+def collect_stage(future: Any, states: dict[str, dict[str, int]], name: str) -> Any:
+    """Wait for a submitted stage task, count its final state in `states[name]` as `call_stage` does, return its
+    result (raises the task's exception when it failed)."""
+    future.wait()
+    state = future.state
+    if not state.is_final():
+        future.result()  # the run never reached a final state (e.g. a worker could not unpickle it): raise why
+        raise RuntimeError(f"{name}: task run {future.task_run_id} ended in state {state.name}")
     counts = states.setdefault(name, {})
     counts[state.name] = counts.get(state.name, 0) + 1
     return state.result()

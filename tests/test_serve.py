@@ -142,6 +142,21 @@ def _listening(pids: set[int]) -> set[tuple[str, int]]:
     return found
 
 
+def _deployment_run(info: dict, name: str, cfg: dict) -> dict:
+    """`prefect deployment run NAME --param config=<JSON> --watch` (as in the README); returns the flow run."""
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", name, "--param",
+         f"config={json.dumps(cfg)}", "--watch", "--watch-timeout", "600"],
+        cwd=ROOT, env={**os.environ, **info["env"]}, capture_output=True, text=True, timeout=660)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
+    assert flow_run_id, run.stdout[-2000:]
+    with urllib.request.urlopen(f"{info['prefect_api']}/flow_runs/{flow_run_id.group(1)}") as r:
+        flow_run = json.load(r)
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    return flow_run
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_serve_runs_the_pipeline_deployment(tiny_pair: Path, tmp_path: Path) -> None:
@@ -165,19 +180,12 @@ def test_serve_runs_the_pipeline_deployment(tiny_pair: Path, tmp_path: Path) -> 
         cfg = tiny_config(tiny_pair, store, run="served", sae={"n_latents": 64, "k": 4, "batch_size": 64,
                                                              "epochs": 1}, attribution={"steps": 2})
         t1 = time.monotonic()
-        run = subprocess.run(
-            [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "diffsae-pipeline/pipeline",
-             "--param", f"config={json.dumps(cfg)}", "--watch", "--watch-timeout", "600"],
-            cwd=ROOT, env={**os.environ, **info["env"]}, capture_output=True, text=True, timeout=660)
+        flow_run = _deployment_run(info, "diffsae-pipeline/pipeline", cfg)
         t_run = time.monotonic() - t1
-        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
-        assert flow_run_id, run.stdout[-2000:]
-        with urllib.request.urlopen(f"{info['prefect_api']}/flow_runs/{flow_run_id.group(1)}") as r:
-            flow_run = json.load(r)
-        assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
         assert flow_run["parameters"]["config"]["run"] == "served"
         assert (Path(store) / "runs" / "served" / "dashboards" / "index.html").is_file()
+        # a stage deployment (flows/stages.py entry point) on the same config, through the worker too
+        _deployment_run(info, "dashboards/dashboards", cfg)
         # the training was logged where the MLflow UI looks
         url = f"{info['mlflow_ui']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffsae-served"
         with urllib.request.urlopen(url) as r:
