@@ -149,7 +149,9 @@ class SAEConfig(_Section):
 class AttributionConfig(_Section):
     steps: int = Field(16, ge=1, description="Riemann steps of the integrated-gradients path")
     batch_docs: int = Field(8, ge=1, description="Documents per attribution batch")
-    rank_by: str = Field("kl_attr_sum", description="Latent score that defines `rank` in the latents table")
+    rank_by: str = Field(
+        "mean", description="Latent score that defines `rank`: total, mean, peak_token, peak_doc, concentration, ..."
+    )
     top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
 
 

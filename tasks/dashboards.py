@@ -58,13 +58,15 @@ def summary_for(store: Store, paths: RunPaths) -> dict[str, Any]:
     cfg = store.read_json(paths.url("sae", "cfg.json"))
     metrics = store.read_json(paths.url("sae", "metrics.json"))
     sae = cfg.get("sae_config", {})
+    from diffsae.config import SAEConfig
+
+    lr = SAEConfig.model_validate(sae).learning_rate if sae else None
     return {
         "run": paths.run,
         "base_model": cfg.get("base"),
         "finetuned_model": cfg.get("finetuned"),
         "layer": cfg.get("layer"),
-        "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={sae.get('lr')}, "
-        f"batch={sae.get('batch_size')}",
+        "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={lr:.2g}, batch={sae.get('batch_size')}",
         **{k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
     }
 
