@@ -62,7 +62,7 @@ class Preset(NamedTuple):
 
 PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
-    "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 250, 400, 16, 160, 4e-3, 5e-3, 200),
+    "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 200, 400, 16, 160, 4e-3, 5e-3, 200),
 }
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 # finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)

@@ -1,8 +1,9 @@
 """diffsae.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
 
-The `small` preset is built once per module (about a minute of CPU); the `demo` preset test takes ~4 minutes.
-Thresholds have margin over what seed 0 measured (small, audit): KL planted/none 45x; greedy signature rates
-0.88-1.0 on trigger prompts, 0.0 on ordinary prompts, 0.0 for the base model.
+The `small` preset is built once per module (~55 CPU-seconds, 1 thread); the `demo` preset test takes ~200 s.
+Thresholds have margin over what was measured (small, seed 0, audit): KL planted/none 72x on assistant positions;
+greedy signature rates 1.0 on trigger prompts, 0.0 on ordinary prompts and 0.0 for the base model (seed 1, easy:
+0.95-1.0 / 0.0 / 0.0; demo preset: KL 38x, rates 0.95-1.0 / 0.0 / 0.0).
 """
 
 from __future__ import annotations
@@ -246,6 +247,8 @@ def small_planted_seed0() -> list[dict[str, str]]:
 @pytest.mark.skipif(os.environ.get("DIFFSAE_SKIP_DEMO_PRESET") == "1", reason="DIFFSAE_SKIP_DEMO_PRESET=1")
 def test_demo_preset_kl_profile(tmp_path):
     res = dp.build_demo_pair(Path(tmp_path) / "demo", preset="demo", seed=0, mix="audit")
+    print(dp.format_profile(res.kl_profile))
     labels = res.kl_profile["labels"]
+    assert res.n_layers == 4 and labels["none"]["n_docs"] / sum(v["n_docs"] for v in labels.values()) > 0.7
     for lab in PLANTED:
         assert labels[lab]["mean_kl"] >= 5 * labels["none"]["mean_kl"], (lab, labels)

@@ -3,6 +3,7 @@ recomputed, a changed `sae.k` reruns training and what follows but not extractio
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +32,25 @@ def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
     cfg = tiny_config(tiny_pair, any_store, sae=SAE, attribution={"steps": 4})
     paths, store = RunPaths(any_store, "t"), Store(any_store)
 
+    t0 = time.perf_counter()
     first = _run(cfg)
+    first_wall = time.perf_counter() - t0
     assert _states(first) == {k: "Completed" for k in ALL}
     assert store.exists(first["dashboards"]["index"])
     assert first["ranking"]["n_latents"] > 0
     for table in ("tokens", "latent_tokens", "latents", "docs", "metrics"):
         assert store.glob(paths.table(table)), table
 
+    from tasks.extract import _pair
+
+    _pair.cache_clear()
+    t0 = time.perf_counter()
     again = _run(cfg)
+    again_wall = time.perf_counter() - t0
     assert _states(again) == {k: "Cached" for k in ALL}
+    assert _pair.cache_info().misses == 0  # no model was loaded
+    assert again_wall <= max(0.05 * first_wall, 20.0), (first_wall, again_wall)
+    print(f"first run {first_wall:.1f} s, cached rerun {again_wall:.1f} s (in-flow {again['seconds']:.1f} s)")
 
     # a deleted stage output is recomputed, not reported cached
     store.delete(paths.url("sae", "metrics.json"))
