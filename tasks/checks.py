@@ -20,10 +20,11 @@ def preflight(cfg: PipelineConfig) -> None:
 
     if not Path(cfg.data.path).is_file():
         raise DataError(f"data file not found: {cfg.data.path}")
-    tokenizer = check_pair(cfg.models, needs_chat_template=docs_have_messages(cfg.data.path))
-    from diffsae.data import load_docs
+    check_pair(cfg.models, needs_chat_template=docs_have_messages(cfg.data.path))
+    from tasks.extract import _docs
 
-    docs = load_docs(cfg.data.path, tokenizer, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
+    # The same memoised tokenization the extraction plan reads: the dataset is tokenized once per process.
+    docs = _docs(cfg.data.path, cfg.models.finetuned, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
     if not docs:
         raise DataError(f"{cfg.data.path}: no documents")
     if cfg.extract.skip_first >= cfg.data.max_tokens_per_doc:
