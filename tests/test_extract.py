@@ -154,7 +154,9 @@ def test_killed_run_resumes(tiny_pair: Path, tmp_path: Path) -> None:
     assert not os.path.exists(paths.activations_manifest)
     out = _run(cfg)
     n_shards = sum(out["stages"]["extract"].values())
-    assert out["stages"]["extract"]["Cached"] >= len(done)
+    # Every finished shard is reused, except possibly the last one: the kill can land after its sidecar was written
+    # and before Prefect persisted the task's result record; that shard is then recomputed (same rows, same file).
+    assert out["stages"]["extract"]["Cached"] >= len(done) - 1
     assert out["stages"]["extract"].get("Completed", 0) == n_shards - out["stages"]["extract"]["Cached"]
     n, uniq = _local_rows(store, "t")
     assert n == uniq == _dataset_tokens(tiny_pair)
