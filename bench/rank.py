@@ -1,24 +1,28 @@
 """Cost of the latent ranking SQL (all scores) against a bare scan of the same Parquet columns.
 
 What: writes N synthetic `latent_tokens` rows (default 10 M in 50 Parquet files, RunPaths layout in a temp
-store): doc_id int64, pos int32, latent_id int32 uniform over 16 384 latents, activation float32,
-kl_attribution float32; documents of 256 tokens x 32 active latents, so ~1 220 documents and ~7.9 M
-distinct (latent, document) pairs; plus a docs table with 2 % of the documents labelled with one of two
-planted behaviours. On one `storage.duck.connect` connection it times, best of `--repeat` after a warm-up:
+store): doc_id int64, pos int32, latent_id int32 over 16 384 latents, activation float32, kl_attribution
+float32; documents of 256 tokens x 32 active latents (~1 220 documents), each document drawing its latents from
+its own `--doc-latents` K-latent subset (default 2048: ~0.25 distinct (latent, document) pairs per row, the
+ratio measured on the demo run, 896 k rows -> 216 k pairs; 0 = uniform, ~0.79 pairs per row, the worst case);
+plus a docs table with 2 % of the documents labelled with one of two planted behaviours. It also writes the
+`latent_docs` table as the attribution stage does (diffsae.attribution.latent_doc_stats per batch of whole
+documents) and reports that aggregation's time: the cost moved into the attribution stage. On one
+`storage.duck.connect` connection it times, best of `--repeat` after a warm-up:
   - bare scan: `SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM
-    latent_tokens`: the same files and exactly the columns the ranking reads, decoded and aggregated once;
-  - the (latent, document) aggregation alone (storage/sql/latent_docs.sql): the floor of any exact
-    document-level score (peak_doc, concentration, top_docs, focus);
-  - ranking: `storage.ranking.rank_latents(con, "total")`: every score and rank, the dominant behaviour, the
-    result as a pyarrow table (n_tokens passed in, as the pipeline knows it);
+    latent_tokens`: the same rows, the columns a ranking from scratch would read, decoded and aggregated once;
+  - the (latent, document) aggregation in SQL (storage/sql/latent_docs.sql over latent_tokens);
+  - ranking: `storage.ranking.rank_latents(con, "total")` over latent_docs: every score and rank, the dominant
+    behaviour, the result as a pyarrow table (n_tokens passed in, as the pipeline knows it);
+  - the same ranking for a run without latent_docs (rebuilt in SQL from latent_tokens), and whether both orders
+    agree;
 and prints the times and the ratio ranking / bare scan (target <= 3), then the recovery query's time.
-`--doc-latents K` draws each document's latents from its own K-latent subset (topical, like real SAE codes),
-which shrinks the number of (latent, document) pairs.
 
 Why: ranking must stay a cheap post-processing step over the attribution output.
 
-    python bench/rank.py                      # 10 M rows, uniform latents
-    python bench/rank.py --doc-latents 512    # topical documents
+    python bench/rank.py                      # 10 M rows, demo-like (latent, document) pairs
+    python bench/rank.py --doc-latents 0      # uniform latents: the worst case
+    python bench/rank.py --doc-latents 512    # very topical documents
     python bench/rank.py --write              # also append the figures to docs/BENCHMARKS.md
 """
 
@@ -38,9 +42,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffsae.attribution import latent_doc_stats
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import load_sql, rank_latents, recovery, render
+from tasks.analyse import LD_TYPES
 
 BARE_SCAN = (
     "SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM latent_tokens"
@@ -58,7 +64,10 @@ class BenchResult(NamedTuple):
     bare_s: float
     pairs_s: float
     rank_s: float
+    rebuild_s: float
     recovery_s: float
+    build_s: float
+    same: bool
 
     @property
     def ratio(self) -> float:
@@ -67,12 +76,15 @@ class BenchResult(NamedTuple):
 
 def write_data(
     paths: RunPaths, rows: int, files: int, n_latents: int, doc_latents: int | None, seed: int = 0
-) -> int:
-    """The synthetic run; returns the number of analysed tokens. With `doc_latents`, each document draws its
-    latents from its own random subset of that many latents (topical, like real SAE codes), else uniformly."""
+) -> tuple[int, float]:
+    """The synthetic run; returns the number of analysed tokens and the seconds `latent_doc_stats` took to build
+    the latent_docs table (what the attribution stage adds to write it). With `doc_latents`, each document draws
+    its latents from its own random subset of that many latents (topical, like real SAE codes), else uniformly."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.dirname(paths.latent_tokens_part(0)), exist_ok=True)
+    os.makedirs(os.path.dirname(paths.latent_docs_part(0)), exist_ok=True)
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
+    written: list[pa.Table] = []
     for i in range(files):
         idx = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
         token = idx // LATENTS_PER_TOKEN
@@ -84,6 +96,8 @@ def write_data(
             "kl_attribution": (0.01 * rng.standard_normal(len(idx)) + 0.002).astype(np.float32),
         })  # fmt: skip
         pq.write_table(table, paths.latent_tokens_part(i))
+        written.append(table)
+    build_s = write_latent_docs(paths, pa.concat_tables(written), files)
     n_tokens = -(-rows // LATENTS_PER_TOKEN)
     n_docs = -(-n_tokens // TOKENS_PER_DOC)
     labels = np.full(n_docs, "none", dtype=object)
@@ -91,7 +105,27 @@ def write_data(
     labels[planted] = np.where(np.arange(len(planted)) % 2 == 0, "planted_a", "planted_b")
     docs = pa.table({"doc_id": np.arange(n_docs, dtype=np.int64), "behaviour": pa.array(labels, pa.string())})
     pq.write_table(docs, paths.table("docs"))
-    return n_tokens
+    return n_tokens, build_s
+
+
+def write_latent_docs(paths: RunPaths, lt: pa.Table, files: int) -> float:
+    """latent_docs as the attribution stage builds it (diffsae.attribution.latent_doc_stats, one call per batch of
+    whole documents: here batches of ~8 documents); returns the seconds spent aggregating (not writing)."""
+    doc = lt.column("doc_id").to_numpy()
+    cols = {k: lt.column(k).to_numpy() for k in ("latent_id", "activation", "kl_attribution")}
+    cuts = np.flatnonzero(np.diff(doc // 8)) + 1  # batch boundaries: 8 whole documents per batch
+    stats, build_s = [], 0.0
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(doc)]):
+        t0 = time.perf_counter()
+        st = latent_doc_stats(doc[lo:hi], cols["latent_id"][lo:hi], cols["activation"][lo:hi],
+                              cols["kl_attribution"][lo:hi])  # fmt: skip
+        build_s += time.perf_counter() - t0
+        stats.append(st)
+    table = pa.table({k: pa.array(np.concatenate([getattr(st, k) for st in stats]), t) for k, t in LD_TYPES.items()})
+    bounds = np.linspace(0, table.num_rows, files + 1).astype(np.int64)
+    for i in range(files):
+        pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), paths.latent_docs_part(i))
+    return build_s
 
 
 def draw_latents(
@@ -129,7 +163,7 @@ def run_bench(
     paths = RunPaths(tmp, "bench")
     try:
         t0 = time.perf_counter()
-        n_tokens = write_data(paths, rows, files, n_latents, doc_latents)
+        n_tokens, build_s = write_data(paths, rows, files, n_latents, doc_latents)
         print(
             f"wrote {rows:,} latent_tokens rows in {files} files under {paths.root} "
             f"({time.perf_counter() - t0:.1f} s)"
@@ -139,17 +173,23 @@ def run_bench(
             con.execute(f"SET threads = {int(threads)}")
         used_threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
         bare = best_of(lambda: con.execute(BARE_SCAN).fetchall(), repeat)
-        latent_docs = render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens")
+        latent_docs = render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens", where="true")
         pairs_sql = f"SELECT count(*), sum(attr_sum) FROM ({latent_docs})"
         pairs = best_of(lambda: con.execute(pairs_sql).fetchall(), repeat)
         n_pairs = con.execute(pairs_sql).fetchone()[0]
+        assert n_pairs == con.execute("SELECT count(*) FROM latent_docs").fetchone()[0]
         latents: list[pa.Table] = []
         rank = best_of(lambda: latents.append(rank_latents(con, "total", n_tokens=n_tokens)), repeat)
         rec = best_of(lambda: recovery(con, latents[-1]), 1)
         assert "dominant_behaviour" in latents[-1].column_names
+        con.execute("DROP VIEW latent_docs")  # a run without the table: ranking rebuilds it from latent_tokens
+        rebuilt: list[pa.Table] = []
+        rebuild = best_of(lambda: rebuilt.append(rank_latents(con, "total", n_tokens=n_tokens)), repeat)
+        same = latents[-1].column("latent_id").equals(rebuilt[-1].column("latent_id"))
         return BenchResult(
-            rows, files, n_latents, doc_latents, n_pairs, int(used_threads), bare, pairs, rank, rec
-        )
+            rows, files, n_latents, doc_latents, n_pairs, int(used_threads), bare, pairs, rank, rebuild, rec,
+            build_s, same,
+        )  # fmt: skip
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,8 +204,11 @@ def report(r: BenchResult) -> str:
         f"- bare scan (count + 4 sums of the ranked columns): {r.bare_s:.3f} s",
         f"- (latent, document) aggregation alone (latent_docs.sql, the floor of any document-level score): "
         f"{r.pairs_s:.3f} s = {r.pairs_s / r.bare_s:.2f}x the bare scan",
-        f"- ranking (all {7} scores, ranks, dominant behaviour): {r.rank_s:.3f} s",
+        f"- latent_docs built by the attribution stage (latent_doc_stats, batches of 8 documents): {r.build_s:.3f} s",
+        f"- ranking from latent_docs (all 7 scores, ranks, dominant behaviour): {r.rank_s:.3f} s",
         f"- ratio ranking / bare scan: {r.ratio:.2f}x (target <= 3x)",
+        f"- ranking of a run without latent_docs (rebuilt in SQL from latent_tokens): {r.rebuild_s:.3f} s = "
+        f"{r.rebuild_s / r.bare_s:.2f}x the bare scan; same order: {r.same}",
         f"- recovery (all scores x planted behaviours): {r.recovery_s:.3f} s",
     ])  # fmt: skip
 
@@ -194,7 +237,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--files", type=int, default=50)
     ap.add_argument("--latents", type=int, default=16_384)
-    ap.add_argument("--doc-latents", type=int, default=None, help="latents per document (default: uniform)")
+    ap.add_argument(
+        "--doc-latents", type=int, default=2048,
+        help="latents per document (default 2048: ~0.25 (latent, document) pairs per row, as the demo run; 0: uniform)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: DuckDB's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument(
@@ -203,7 +249,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="append the figures to docs/BENCHMARKS.md")
     args = ap.parse_args()
     result = run_bench(
-        args.rows, args.files, args.latents, args.doc_latents, args.threads, args.repeat, args.keep
+        args.rows, args.files, args.latents, args.doc_latents or None, args.threads, args.repeat, args.keep
     )
     text = report(result)
     print(text)

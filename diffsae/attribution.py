@@ -325,3 +325,44 @@ def promoted_suppressed(
     promoted = [[vocab[int(i)] for i in row] for row in top_ids]
     suppressed = [[vocab[int(i)] for i in row] for row in bot_ids]
     return promoted, suppressed
+
+
+class LatentDocStats(NamedTuple):
+    """Per (latent, document) where the latent fires: the `latent_docs` table's columns, sorted by (latent, doc)."""
+
+    latent_id: np.ndarray  # [G] int32
+    doc_id: np.ndarray  # [G] int64
+    n_tokens: np.ndarray  # [G] int32: firing tokens
+    act_sum: np.ndarray  # [G] float64: sum of activations
+    act_max: np.ndarray  # [G] float32
+    attr_sum: np.ndarray  # [G] float64: S_d, the latent's KL attribution summed over the document
+    attr_max: np.ndarray  # [G] float32: largest attribution on one token
+
+
+def latent_doc_stats(
+    doc_id_N: np.ndarray, latent_id_N: np.ndarray, activation_N: np.ndarray, attribution_N: np.ndarray
+) -> LatentDocStats:
+    """Aggregate attribution records (one per active (token, latent)) per (latent, document).
+
+    Exact for the whole run when every document's records are in one call (the attribution stage calls it once
+    per batch of whole documents). The ranking SQL reads this table instead of re-aggregating latent_tokens."""
+    order_N = np.lexsort((doc_id_N, latent_id_N))  # by latent, then document
+    lat_N, doc_N = latent_id_N[order_N], doc_id_N[order_N]
+    new_N = np.ones(len(order_N), bool)
+    new_N[1:] = (lat_N[1:] != lat_N[:-1]) | (doc_N[1:] != doc_N[:-1])
+    start_G = np.flatnonzero(new_N)
+    if len(start_G) == 0:
+        e = np.zeros(0)
+        return LatentDocStats(*(e.astype(t) for t in (np.int32, np.int64, np.int32, np.float64, np.float32,
+                                                       np.float64, np.float32)))  # fmt: skip
+    act_N = activation_N[order_N]
+    attr_N = attribution_N[order_N]
+    return LatentDocStats(
+        latent_id=lat_N[start_G].astype(np.int32),
+        doc_id=doc_N[start_G].astype(np.int64),
+        n_tokens=np.diff(np.append(start_G, len(order_N))).astype(np.int32),
+        act_sum=np.add.reduceat(act_N.astype(np.float64), start_G),
+        act_max=np.maximum.reduceat(act_N, start_G).astype(np.float32),
+        attr_sum=np.add.reduceat(attr_N.astype(np.float64), start_G),
+        attr_max=np.maximum.reduceat(attr_N, start_G).astype(np.float32),
+    )

@@ -20,6 +20,7 @@ TABLES: dict[str, str] = {
     "docs": "analysis/docs.parquet",
     "tokens": "analysis/tokens.parquet",
     "latent_tokens": "analysis/latent_tokens/*.parquet",
+    "latent_docs": "analysis/latent_docs/*.parquet",
     "latents": "analysis/latents.parquet",
     "metrics": "analysis/metrics.parquet",
     "recovery": "analysis/recovery.parquet",
@@ -85,6 +86,9 @@ class RunPaths:
 
     def latent_tokens_part(self, index: int) -> str:
         return self.url("analysis", "latent_tokens", f"part-{index:05d}.parquet")
+
+    def latent_docs_part(self, index: int) -> str:
+        return self.url("analysis", "latent_docs", f"part-{index:05d}.parquet")
 
     @property
     def dashboards_dir(self) -> str:

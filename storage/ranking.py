@@ -83,14 +83,23 @@ def render(sql: str, **parts: str) -> str:
     return sql
 
 
-def _latent_docs_sql(views: list[str]) -> str:
+def _latent_docs_sql(views: list[str], planted_only: bool = False) -> str:
+    """The (latent, document) relation: the run's `latent_docs` table, or (runs without it) latent_docs.sql over
+    latent_tokens, restricted to planted documents when `planted_only` (all behaviour_mass.sql needs)."""
+    if "latent_docs" in views:
+        return "latent_docs"
     if "latent_tokens" not in views:
         raise ValueError("the run has no latent_tokens table (analysis/latent_tokens/*.parquet)")
-    return render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens")
+    where = "true"
+    if planted_only:
+        where = (
+            "doc_id IN (SELECT doc_id FROM docs WHERE behaviour IS NOT NULL AND behaviour NOT IN ('', 'none'))"
+        )
+    return "(" + render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens", where=where) + ")"
 
 
-def _behaviour_mass_sql() -> str:
-    return render(load_sql("behaviour_mass.sql"), latent_tokens="latent_tokens", docs="docs")
+def _behaviour_mass_sql(views: list[str]) -> str:
+    return render(load_sql("behaviour_mass.sql"), latent_docs=_latent_docs_sql(views, planted_only=True), docs="docs")
 
 
 def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
@@ -128,12 +137,11 @@ def rank_latents(
         )
     dominant = _EMPTY_DOMINANT
     if planted:
-        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql())
+        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql(views))
     dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
     sql = render(
         load_sql("rank_latents.sql"),
         latent_docs=_latent_docs_sql(views),
-        latent_tokens="latent_tokens",
         dominant=dominant,
         latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
         rank_by=score,
@@ -171,7 +179,7 @@ def recovery(
     name = f"__diffsae_latents_{next(_counter)}"
     sql = render(
         load_sql("recovery.sql"),
-        behaviour_mass=_behaviour_mass_sql(),
+        behaviour_mass=_behaviour_mass_sql(views),
         docs="docs",
         latents=name if latents is not None else "latents",
     )

@@ -1,7 +1,7 @@
 """Stages 3-4 tasks: encode + KL-attribute every analysed token, then rank latents with DuckDB SQL.
 
 `attribute_task` (cached on the SAE, the activations and `attribution.steps`) writes the analysis tables:
-tokens (with kl_patch_base / kl_patch_bias / kl_patch_recon), latent_tokens (parts), docs, latent_dirs
+tokens (with kl_patch_base / kl_patch_bias / kl_patch_recon), latent_tokens and latent_docs (parts), docs, latent_dirs
 (promoted / suppressed tokens) and metrics. `rank_task` (cached on those + rank_by) runs the SQL in
 storage/sql/ to produce `latents` and, when the data has behaviour labels, `recovery`.
 """
@@ -42,14 +42,32 @@ def analysis_ok(store: Store, paths: RunPaths, key: str) -> bool:
         return False
 
 
+LT_TYPES = {
+    "doc_id": pa.int64(), "pos": pa.int32(), "latent_id": pa.int32(), "activation": pa.float32(),
+    "kl_attribution": pa.float32(),
+}  # fmt: skip
+LD_TYPES = {
+    "latent_id": pa.int32(), "doc_id": pa.int64(), "n_tokens": pa.int32(), "act_sum": pa.float64(),
+    "act_max": pa.float32(), "attr_sum": pa.float64(), "attr_max": pa.float32(),
+}  # fmt: skip
+
+
 class _Parts:
-    """Buffer latent_tokens rows and write them as numbered Parquet parts."""
+    """Buffer latent_tokens rows and their per-(latent, document) aggregates (`latent_docs`, computed per batch of
+    whole documents, so exact) and write both as numbered Parquet parts."""
 
     def __init__(self, store: Store, paths: RunPaths) -> None:
-        self.store, self.paths, self.cols, self.n, self.parts = store, paths, [], 0, 0
+        self.store, self.paths = store, paths
+        self.cols: list[dict[str, np.ndarray]] = []
+        self.docs: list[dict[str, np.ndarray]] = []
+        self.n, self.parts = 0, 0
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
+        from diffsae.attribution import latent_doc_stats
+
         self.cols.append(cols)
+        stats = latent_doc_stats(cols["doc_id"], cols["latent_id"], cols["activation"], cols["kl_attribution"])
+        self.docs.append(stats._asdict())
         self.n += len(cols["doc_id"])
         if self.n >= PART_ROWS:
             self.flush()
@@ -57,21 +75,16 @@ class _Parts:
     def flush(self) -> None:
         if not self.cols and self.parts > 0:
             return
-        merged = {
-            k: np.concatenate([c[k] for c in self.cols]) if self.cols else np.zeros(0, np.float32)
-            for k in ("doc_id", "pos", "latent_id", "activation", "kl_attribution")
-        }
-        types = {
-            "doc_id": pa.int64(),
-            "pos": pa.int32(),
-            "latent_id": pa.int32(),
-            "activation": pa.float32(),
-            "kl_attribution": pa.float32(),
-        }
-        table = pa.table({k: pa.array(v, types[k]) for k, v in merged.items()})
-        self.store.write_parquet(self.paths.latent_tokens_part(self.parts), table, compression="zstd")
+        for rows, types, url in (
+            (self.cols, LT_TYPES, self.paths.latent_tokens_part(self.parts)),
+            (self.docs, LD_TYPES, self.paths.latent_docs_part(self.parts)),
+        ):
+            table = pa.table({
+                k: pa.array(np.concatenate([c[k] for c in rows]) if rows else np.zeros(0), t) for k, t in types.items()
+            })  # fmt: skip
+            self.store.write_parquet(url, table, compression="zstd")
         self.parts += 1
-        self.cols, self.n = [], 0
+        self.cols, self.docs, self.n = [], [], 0
 
 
 @task(name="attribute", cache_policy=STAGE_CACHE, **IO_RETRY)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from diffsae.attribution import latent_doc_stats
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import SCORES, RankParams, format_recovery, rank_latents, recovery, resolve_score
 from storage.store import Store
+from tasks.analyse import LD_TYPES
 
 # docs 0..7: 2, 3 are 'alpha', 4 is 'beta', the others ordinary.
 LABELS = ["none", "none", "alpha", "alpha", "beta", "none", "none", None]
@@ -31,11 +34,22 @@ N_TOKENS = 40
 
 
 def write_run(
-    store: str, rows: list[tuple], labels: list[str | None], n_tokens: int, run: str = "r"
+    store: str,
+    rows: list[tuple],
+    labels: list[str | None],
+    n_tokens: int,
+    run: str = "r",
+    latent_docs: bool = False,
 ) -> RunPaths:
-    """Write latent_tokens (two parts), docs and tokens of a run with RunPaths' layout."""
+    """Write latent_tokens (two parts), docs and tokens of a run with RunPaths' layout; with `latent_docs`, also
+    the per-(latent, document) table as the attribution stage writes it (else ranking rebuilds it in SQL)."""
     paths = RunPaths(store, run)
     st = Store(paths.store_root)
+    if latent_docs:
+        doc, lat, act, attr = (np.array([r[i] for r in rows]) for i in (1, 0, 2, 3))
+        stats = latent_doc_stats(doc, lat, act.astype(np.float32), attr.astype(np.float32))  # as stored
+        st.write_parquet(paths.latent_docs_part(0), pa.table({k: pa.array(v, LD_TYPES[k]) for k, v in
+                                                              stats._asdict().items()}))  # fmt: skip
     half = len(rows) // 2
     for i, part in enumerate((rows[:half], rows[half:])):
         st.write_parquet(
@@ -63,10 +77,11 @@ def write_run(
     return paths
 
 
-@pytest.fixture
-def base_run(any_store: str) -> RunPaths:
-    """The hand-computed run, on a local folder and on the real S3 server (conftest.any_store)."""
-    return write_run(any_store, BASE_ROWS, LABELS, N_TOKENS)
+@pytest.fixture(params=["latent_docs", "tokens_only"])
+def base_run(any_store: str, request: pytest.FixtureRequest) -> RunPaths:
+    """The hand-computed run, on a local folder and on the real S3 server (conftest.any_store), with the
+    latent_docs table the attribution stage writes and without it (older runs: rebuilt in SQL)."""
+    return write_run(any_store, BASE_ROWS, LABELS, N_TOKENS, latent_docs=request.param == "latent_docs")
 
 
 def by_id(table: pa.Table) -> dict[int, dict]:
@@ -184,9 +199,10 @@ def recovery_rows() -> tuple[list[tuple], list[str | None]]:
     return rows, LABELS + ["gamma", "delta"]
 
 
-def test_recovery_by_hand(tmp_path) -> None:
+@pytest.mark.parametrize("latent_docs", [True, False])
+def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
     rows, labels = recovery_rows()
-    paths = write_run(str(tmp_path / "s"), rows, labels, N_TOKENS)
+    paths = write_run(str(tmp_path / "s"), rows, labels, N_TOKENS, latent_docs=latent_docs)
     con = connect(paths.store, paths.run)
     latents = rank_latents(con, "total")
     # total: 5 (4.0), 30 (4.0), 10 (3.5), 20 (2.75), 70 (2.5), 60 (1.0), 40 (-4.9)
@@ -235,7 +251,7 @@ def test_rare_planted_latents_beat_broad_drift_except_under_total(tmp_path) -> N
         labels += [f"planted{b}"] * 5
         rows += [(1000 + b, d, 2.0, 0.5) for d in docs for _ in range(2)]
     rows += [(lid, d, 1.0, 0.05) for lid in range(20) for d in range(100) for _ in range(3)]
-    paths = write_run(str(tmp_path / "s"), rows, labels, 1000)
+    paths = write_run(str(tmp_path / "s"), rows, labels, 1000, latent_docs=True)
     con = connect(paths.store, paths.run)
     rec = {(r["score"], r["behaviour"]): r for r in recovery(con, rank_latents(con)).to_pylist()}
     for b in range(3):
@@ -246,3 +262,39 @@ def test_rare_planted_latents_beat_broad_drift_except_under_total(tmp_path) -> N
             assert rec[(score, f"planted{b}")]["best_rank"] <= 3, score
     assert rec[("total", "planted0")]["top10_capture_fraction"] == 0.0
     assert rec[("focus", "planted0")]["top10_capture_fraction"] == pytest.approx(3 / 10)
+
+
+def test_latent_doc_stats_by_hand() -> None:
+    """The attribution stage's per-(latent, document) aggregation, against the rows of BASE_ROWS."""
+    doc, lat, act, attr = (np.array([r[i] for r in BASE_ROWS]) for i in (1, 0, 2, 3))
+    s = latent_doc_stats(doc, lat, act.astype(np.float32), attr.astype(np.float32))
+    got = {(int(a), int(d)): tuple(float(v) for v in rest) for a, d, *rest in zip(*s)}
+    assert list(got)[:3] == [(5, 4), (10, 0), (10, 1)]  # sorted by latent, then document
+    assert got[(5, 4)] == (2, 4.0, 3.0, 4.0, 2.0)
+    assert got[(20, 0)] == (2, 3.0, 2.0, -0.25, 0.25)
+    assert got[(40, 1)] == (5, 2.5, 0.5, -5.0, -1.0)
+    assert len(got) == len({(r[0], r[1]) for r in BASE_ROWS})
+    empty = latent_doc_stats(*(np.zeros(0, t) for t in (np.int64, np.int32, np.float32, np.float32)))
+    assert all(len(c) == 0 for c in empty) and empty.attr_sum.dtype == np.float64
+
+
+def test_ranking_equal_with_and_without_latent_docs(tmp_path) -> None:
+    """The precomputed table and the SQL rebuild from latent_tokens give the same latents and recovery."""
+    rng = np.random.default_rng(0)
+    rows = [(int(rng.integers(0, 30)), int(d), float(rng.random()), float(rng.normal(0.01, 0.1)))
+            for d in range(40) for _ in range(int(rng.integers(1, 60)))]  # fmt: skip
+    labels = ["none"] * 30 + ["alpha"] * 5 + ["beta"] * 5
+    out = []
+    for flag in (True, False):
+        paths = write_run(str(tmp_path / str(flag)), rows, labels, 2000, latent_docs=flag)
+        con = connect(paths.store, paths.run)
+        latents = rank_latents(con, "focus")
+        out.append((latents, recovery(con, latents)))
+    (a, ra), (b, rb) = out
+    assert a.column_names == b.column_names and ra.equals(rb)
+    for name in a.column_names:
+        x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
+        if name.startswith(("score_", "kl_", "mean_", "pos_", "dominant_share", "frequency")):
+            assert x == pytest.approx(y, rel=1e-9, abs=1e-12, nan_ok=True), name
+        else:
+            assert x == y, name

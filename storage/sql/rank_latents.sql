@@ -1,7 +1,7 @@
 -- rank_latents.sql: the `latents` table: statistics, every score and its rank, one row per latent that fires.
 -- Run by storage/ranking.py rank_latents(); placeholders {{...}} are relations or SQL files it inlines, $names are
 -- query parameters:
---   {{latent_tokens}} the token rows; {{latent_docs}} latent_docs.sql over them; {{dominant}} dominant_behaviour.sql
+--   {{latent_docs}} the latent_docs table (or latent_docs.sql over latent_tokens); {{dominant}} dominant_behaviour.sql
 --   or an empty query; {{latent_dirs}} (latent_id, promoted, suppressed) or an empty relation; {{rank_by}} a score
 --   name, validated in Python;
 --   $n_tokens analysed tokens (frequency denominator); $min_support firing tokens needed by score_mean;
@@ -16,35 +16,23 @@
 --   score_focus         exp(sum_d (s_d/P) ln s_d): the mass-weighted geometric mean of s_d, = P / exp(H) where H is
 --                       the entropy of the document shares s_d/P (exp(H) = effective number of documents)
 -- Every rank_<score> is 1 for the best latent, NULL scores last, ties by latent_id; `rank` = rank_{{rank_by}}.
--- Cost: token statistics are one aggregation over latents straight from the token rows; document scores need one
--- aggregation over (latent, document) pairs and one over its output (see bench/rank.py).
-WITH latent_docs AS (
-    {{latent_docs}}
-),
-token_stats AS (
+-- Cost: one aggregation over the (latent, document) rows of latent_docs, which the attribution stage writes
+-- (every statistic and score derives from them), 7 window ranks over the latents (see bench/rank.py).
+WITH per_latent AS (
     SELECT
         latent_id,
-        count(*) AS n_active,
-        avg(activation::DOUBLE) AS mean_activation,
-        max(activation)::DOUBLE AS max_activation,
-        sum(kl_attribution::DOUBLE) AS kl_attr_sum,
-        max(kl_attribution)::DOUBLE AS kl_attr_max
-    FROM {{latent_tokens}}
-    GROUP BY latent_id
-),
-doc_stats AS (
-    SELECT
-        latent_id,
+        sum(n_tokens)::BIGINT AS n_active,
+        sum(act_sum) / sum(n_tokens) AS mean_activation,
+        max(act_max)::DOUBLE AS max_activation,
+        sum(attr_sum) AS kl_attr_sum,
+        max(attr_max)::DOUBLE AS kl_attr_max,
         count(*) AS n_docs,
         max(attr_sum) AS peak_doc,
         sum(greatest(attr_sum, 0)) AS pos_mass,
         sum(CASE WHEN attr_sum > 0 THEN attr_sum * ln(attr_sum) ELSE 0 END) AS pos_xlogx,
         max(greatest(attr_sum, 0), $top_n) AS top_docs_desc
-    FROM latent_docs
+    FROM {{latent_docs}}
     GROUP BY latent_id
-),
-per_latent AS (
-    SELECT * FROM token_stats JOIN doc_stats USING (latent_id)
 ),
 scored AS (
     SELECT
