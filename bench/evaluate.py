@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from storage.ranking import SCORES
+# run as a script, bench/ comes first on sys.path and bench/dashboards.py would shadow the dashboards package
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+from storage.ranking import SCORES  # noqa: E402
 
 
 def run_one(store: str, preset: str, seed: int, width: int) -> dict[str, Any]:

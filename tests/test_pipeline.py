@@ -27,6 +27,22 @@ def _states(out: dict) -> dict[str, str]:
     return {k: "+".join(sorted(v)) for k, v in out["stages"].items()}
 
 
+def _check_latent_docs(store: str) -> None:
+    """The attribution stage's latent_docs equals the SQL aggregation of latent_tokens, one row per pair."""
+    from storage.duck import connect
+    from storage.ranking import load_sql, render
+
+    con = connect(store, "t")
+    rebuilt = render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens", where="true")
+    n, pairs, bad = con.execute(f"""
+        SELECT (SELECT count(*) FROM latent_docs), (SELECT count(*) FROM ({rebuilt})), count(*)
+        FROM latent_docs AS a FULL JOIN ({rebuilt}) AS b USING (latent_id, doc_id)
+        WHERE a.n_tokens IS DISTINCT FROM b.n_tokens OR a.act_max IS DISTINCT FROM b.act_max
+           OR a.attr_max IS DISTINCT FROM b.attr_max OR NOT abs(a.attr_sum - b.attr_sum) <= 1e-6
+           OR NOT abs(a.act_sum - b.act_sum) <= 1e-4 * b.act_sum""").fetchone()
+    assert n == pairs > 0 and bad == 0, (n, pairs, bad)
+
+
 @pytest.mark.slow
 def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
     cfg = tiny_config(tiny_pair, any_store, sae=SAE, attribution={"steps": 4})
@@ -38,8 +54,9 @@ def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
     assert _states(first) == {k: "Completed" for k in ALL}
     assert store.exists(first["dashboards"]["index"])
     assert first["ranking"]["n_latents"] > 0
-    for table in ("tokens", "latent_tokens", "latents", "docs", "metrics"):
+    for table in ("tokens", "latent_tokens", "latent_docs", "latents", "docs", "metrics"):
         assert store.glob(paths.table(table)), table
+    _check_latent_docs(any_store)
 
     from tasks.extract import _pair
 
