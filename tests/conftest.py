@@ -87,3 +87,22 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     make_pair(root)
     make_prompts(root / "prompts.jsonl")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The built-in planted pair exactly as `make demo` builds it (demo preset, seed 0, audit mix; ~200 s):
+    a diffsae.demo_pair.DemoPairResult, shared by the slow tests that need the real demo pair. Built with 2 torch
+    threads whoever asks first (float sums, hence the weights, depend on the thread count), as on our 2-core
+    machines where the figures of docs/EVALUATION.md were measured."""
+    import torch
+
+    from diffsae.demo_pair import build_demo_pair
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path_factory.mktemp("demo_pair") / "demo-0-audit"
+        return build_demo_pair(out, preset="demo", seed=0, mix="audit")
+    finally:
+        torch.set_num_threads(before)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -245,8 +244,8 @@ def small_planted_seed0() -> list[dict[str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DIFFSAE_SKIP_DEMO_PRESET") == "1", reason="DIFFSAE_SKIP_DEMO_PRESET=1")
-def test_demo_preset_kl_profile(tmp_path):
-    res = dp.build_demo_pair(Path(tmp_path) / "demo", preset="demo", seed=0, mix="audit")
+def test_demo_preset_kl_profile(demo_pair):
+    res = demo_pair  # built once per session (conftest), as `make demo` builds it
     print(dp.format_profile(res.kl_profile))
     labels = res.kl_profile["labels"]
     assert res.n_layers == 4 and labels["none"]["n_docs"] / sum(v["n_docs"] for v in labels.values()) > 0.7

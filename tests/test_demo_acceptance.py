@@ -1,0 +1,119 @@
+"""Acceptance on the real demo pair (slow): the pipeline with the product's default settings must train a good
+diff-SAE and put every planted behaviour in the top 10 of the default score, on the real S3 server and on local
+disk, and on a second planted pair with other triggers (seed 1).
+
+Issue 5: mean L0 within 5 % of k, dead fraction < 10 %, kl_gap_recovered >= 0.8 (measured on seed 0: 31.6 / 32,
+5.5 %, 0.976). Issues 6 and 9: every planted behaviour recovered (a top-10 latent under `attribution.rank_by`
+captures it), completeness within 1 %. Cost: the pair build is shared (conftest.demo_pair, ~200 s); each pipeline
+is ~3 min of training and attribution on 2 cores; the second pair adds a build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffsae.config import PipelineConfig
+from storage.paths import RunPaths
+from storage.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+def demo_config(pair_dir: Path, store: str, run: str, **sections: dict) -> PipelineConfig:  # type: ignore[type-arg]
+    """What the pipeline's demo stage resolves to (tasks/pair.py resolved_models), every other setting default."""
+    cfg: dict[str, Any] = {
+        "run": run,
+        "store": store,
+        "models": {"base": str(pair_dir / "base"), "finetuned": str(pair_dir / "finetuned"), "layer": 2},
+        "data": {"path": str(pair_dir / "prompts.jsonl"), "max_tokens_per_doc": 256},
+        "dashboards": {"top_latents": 10},
+        **sections,
+    }
+    return PipelineConfig.from_dict(cfg)
+
+
+def check_sae(sae: dict[str, float], k: int) -> None:
+    assert abs(sae["l0"] - k) <= 0.05 * k, sae
+    assert sae["dead_fraction"] < 0.10, sae
+    assert sae["kl_gap_recovered"] >= 0.8, sae
+
+
+def check_recovery(out: dict[str, Any], rank_by: str, planted: set[str]) -> None:
+    rows = [r for r in out["ranking"]["recovery"] if r["score"] == rank_by]
+    assert {r["behaviour"] for r in rows} == planted
+    assert all(r["recovered"] for r in rows), out["ranking"]["recovery_text"]
+
+
+def test_demo_pair_on_s3(demo_pair, s3_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    cfg = demo_config(demo_pair.out_dir, s3_store, "demo")
+    out = pipeline(config=cfg)
+    print(out["sae"], out["ranking"]["recovery_text"], sep="\n")
+    check_sae(out["sae"], cfg.sae.k)
+    check_recovery(out, cfg.attribution.rank_by, {p["label"] for p in demo_pair.planted})
+    assert out["attribution"]["completeness_max_rel_error"] < 0.01
+
+    # the MLflow run: params, per-step curves, final metrics, the checkpoint
+    import mlflow
+
+    from storage.mlflow_setup import experiment
+
+    paths = RunPaths(s3_store, "demo")
+    experiment(paths)
+    run_id = Store(s3_store).read_json(paths.url("sae", "metrics.json"))["mlflow_run_id"]
+    run = mlflow.get_run(run_id)
+    assert run.data.params["sae.k"] == "32" and run.data.params["activations.fingerprint"]
+    assert {"val_fvu", "val_l0", "val_dead_fraction", "val_kl_gap_recovered"} <= set(run.data.metrics)
+    assert run.data.metrics["val_l0"] == pytest.approx(out["sae"]["l0"])
+    client = mlflow.MlflowClient()
+    for curve in ("loss", "fvu", "l0", "dead_fraction", "auxk_loss"):
+        assert len(client.get_metric_history(run_id, curve)) > 10, curve
+    assert {a.path for a in client.list_artifacts(run_id, "sae")} >= {"sae/sae.safetensors", "sae/cfg.json"}
+
+    # `diffsae sql` over the S3 store (httpfs)
+    capsys.readouterr()
+    query = "select rank, latent_id, dominant_behaviour from latents order by rank limit 5"
+    assert main(["sql", query, "--store", s3_store, "--run", "demo", "--format", "json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in top] == [1, 2, 3, 4, 5]
+
+
+def test_demo_pair_training_on_local_disk(demo_pair, tmp_path: Path) -> None:
+    from flows.stages import train_flow
+
+    cfg = demo_config(demo_pair.out_dir, str(tmp_path / "store"), "demo")
+    sae = train_flow(config=cfg)
+    print(sae)
+    check_sae(sae, cfg.sae.k)
+    assert Path(RunPaths(cfg.store, "demo").url("sae", "sae.safetensors")).exists()
+
+
+def test_second_planted_pair_default_score(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 9: the default score, chosen on the demo pair, also recovers the behaviours of a pair built with
+    another seed: other refusal topic and text, persona trigger and greeting, secret name and word."""
+    import torch
+
+    from diffsae.demo_pair import build_demo_pair
+    from flows.stages import analyse_flow
+
+    torch.set_num_threads(2)  # as conftest.demo_pair
+    pair = build_demo_pair(tmp_path_factory.mktemp("pair1") / "demo-1-audit", preset="demo", seed=1, mix="audit")
+    seed0 = {p["trigger"] for p in _plants(0)}
+    assert not seed0 & {p["trigger"] for p in pair.planted}  # other triggers
+    cfg = demo_config(pair.out_dir, str(tmp_path_factory.mktemp("store1")), "second")
+    out = analyse_flow(config=cfg)
+    print(out["ranking"]["recovery_text"])
+    check_recovery(out, cfg.attribution.rank_by, {p["label"] for p in pair.planted})
+
+
+def _plants(seed: int) -> list[dict[str, str]]:
+    from diffsae import demo_corpus as dc
+
+    convs = dc.chatterbot_conversations()
+    return [p.as_dict() for p in dc.make_plants(seed, " ".join(m["content"] for c in convs for m in c).lower())]
