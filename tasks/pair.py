@@ -56,6 +56,8 @@ def build_demo_pair_task(store_root: str, demo: dict[str, Any], key: str) -> dic
     cfg = DemoConfig.model_validate(demo)
     store = Store(store_root)
     url = store.root + f"/cache/demo_pair/{key}"
+    if store.exists(f"{url}/{DONE}"):  # built by an earlier run on this store (cache records are per run)
+        return {"url": url, "key": key}
     if store.is_s3:
         with tempfile.TemporaryDirectory() as tmp:
             build_demo_pair(Path(tmp) / "pair", preset=cfg.preset, seed=cfg.seed, mix=cfg.mix)
