@@ -11,14 +11,15 @@ from storage.store import Store
 
 
 @pytest.mark.slow
-def test_demo_pair_stage_on_s3(s3_store: str) -> None:
+def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.pipeline import pipeline
 
-    cfg = PipelineConfig.from_dict({
+    settings = {
         "run": "demo-small", "store": s3_store, "demo": {"preset": "small"},
         "sae": {"n_latents": 128, "k": 8, "batch_size": 256, "epochs": 2, "min_tokens": 0}, "attribution": {"steps": 2},
         "dashboards": {"top_latents": 5},
-    })
+    }
+    cfg = PipelineConfig.from_dict(settings)
     out = pipeline(config=cfg)
     assert out["stages"]["demo_pair"] == {"Completed": 1}
     assert all(v == {"Completed": 1} for k, v in out["stages"].items() if k not in ("extract", "demo_pair"))
@@ -31,3 +32,12 @@ def test_demo_pair_stage_on_s3(s3_store: str) -> None:
     assert {r["behaviour"] for r in out["ranking"]["recovery"]} >= {"refusal", "persona"}
     again = pipeline(config=cfg)
     assert all(set(v) == {"Cached"} for v in again["stages"].values()), again["stages"]
+
+    # another run on the same store reuses the pair (Prefect's cache records are per run; the store's pair is not)
+    def rebuild(*args, **kwargs):
+        raise AssertionError("the demo pair was rebuilt")
+
+    monkeypatch.setattr("diffsae.demo_pair.build_demo_pair", rebuild)
+    other = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-2"}))
+    assert other["stages"]["demo_pair"] == {"Completed": 1}
+    assert other["stages"]["train"] == {"Completed": 1}
