@@ -16,6 +16,7 @@ from diffsae.config import PipelineConfig
 from flows.runners import on_cluster
 from storage.lock import RunLock
 from storage.paths import RunPaths
+from storage.ranking import sql_fingerprint
 from storage.store import Store
 from tasks import analyse as an
 from tasks import dashboards as db
@@ -219,7 +220,7 @@ def _analyse(
         batch_tokens=cfg.extract.batch_tokens,
         key=akey,
     )
-    rkey = stable_hash(cfg.attribution.rank_by, akey)
+    rkey = stable_hash(cfg.attribution.rank_by, akey, sql_fingerprint())  # the SQL files define the scores
     ok = guarded(lambda: an.rank_ok(store, paths, rkey))
     ranking = call_stage(
         an.rank_task,

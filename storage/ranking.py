@@ -68,6 +68,16 @@ def resolve_score(rank_by: str) -> str:
     return name
 
 
+def sql_fingerprint() -> str:
+    """sha256 of every storage/sql file: part of the rank stage's cache key, so editing a score reranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(SQL_DIR.glob("*.sql")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def load_sql(name: str) -> str:
     """A storage/sql file without its full-line `--` comments (the header documents the placeholders)."""
     lines = (SQL_DIR / name).read_text().splitlines()

@@ -298,3 +298,18 @@ def test_ranking_equal_with_and_without_latent_docs(tmp_path) -> None:
             assert x == pytest.approx(y, rel=1e-9, abs=1e-12, nan_ok=True), name
         else:
             assert x == y, name
+
+
+def test_sql_fingerprint_follows_the_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rank stage's cache key includes the SQL: editing a score's definition reranks (flows/stages.py)."""
+    import shutil
+
+    import storage.ranking as ranking
+
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(ranking.SQL_DIR, sql_dir)
+    monkeypatch.setattr(ranking, "SQL_DIR", sql_dir)
+    before = ranking.sql_fingerprint()
+    assert before == ranking.sql_fingerprint()
+    (sql_dir / "rank_latents.sql").write_text((sql_dir / "rank_latents.sql").read_text() + "\n-- edited\n")
+    assert ranking.sql_fingerprint() != before
