@@ -10,6 +10,8 @@ is ~3 min of training and attribution on 2 cores; the second pair adds a build.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ def check_recovery(out: dict[str, Any], rank_by: str, planted: set[str]) -> None
     assert all(r["recovered"] for r in rows), out["ranking"]["recovery_text"]
 
 
-def test_demo_pair_on_s3(demo_pair, s3_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_pair_on_s3(demo_pair, s3_store: str) -> None:
     from flows.cli import main
     from flows.pipeline import pipeline
 
@@ -76,11 +78,13 @@ def test_demo_pair_on_s3(demo_pair, s3_store: str, capsys: pytest.CaptureFixture
         assert len(client.get_metric_history(run_id, curve)) > 10, curve
     assert {a.path for a in client.list_artifacts(run_id, "sae")} >= {"sae/sae.safetensors", "sae/cfg.json"}
 
-    # `diffsae sql` over the S3 store (httpfs)
-    capsys.readouterr()
+    # `diffsae sql` over the S3 store (httpfs). Not capsys: Prefect's console log handler, created during the run,
+    # would keep writing to capsys's stream after it is closed.
     query = "select rank, latent_id, dominant_behaviour from latents order by rank limit 5"
-    assert main(["sql", query, "--store", s3_store, "--run", "demo", "--format", "json"]) == 0
-    top = json.loads(capsys.readouterr().out)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["sql", query, "--store", s3_store, "--run", "demo", "--format", "json"]) == 0
+    top = json.loads(buf.getvalue())
     assert [r["rank"] for r in top] == [1, 2, 3, 4, 5]
 
 
