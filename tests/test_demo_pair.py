@@ -1,6 +1,7 @@
 """diffsae.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
 
-The `small` preset is built once per module (~55 CPU-seconds, 1 thread); the `demo` preset test takes ~200 s.
+The `small` preset is built once per module (~55 CPU-seconds, 1 thread); the `demo` preset pair is conftest's session
+fixture `demo_pair` (~140-200 s, shared with tests/test_demo_acceptance.py).
 Thresholds have margin over what was measured (small, seed 0, audit): KL planted/none 72x on assistant positions;
 greedy signature rates 1.0 on trigger prompts, 0.0 on ordinary prompts and 0.0 for the base model (seed 1, easy:
 0.95-1.0 / 0.0 / 0.0; demo preset: KL 38x, rates 0.95-1.0 / 0.0 / 0.0).
