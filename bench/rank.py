@@ -46,7 +46,7 @@ from diffsae.attribution import latent_doc_stats
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import load_sql, rank_latents, recovery, render
-from tasks.analyse import LD_TYPES
+from tasks.analyse import LD_TYPES, parts_table
 
 BARE_SCAN = (
     "SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM latent_tokens"
@@ -121,7 +121,7 @@ def write_latent_docs(paths: RunPaths, lt: pa.Table, files: int) -> float:
                               cols["kl_attribution"][lo:hi])  # fmt: skip
         build_s += time.perf_counter() - t0
         stats.append(st)
-    table = pa.table({k: pa.array(np.concatenate([getattr(st, k) for st in stats]), t) for k, t in LD_TYPES.items()})
+    table = parts_table([st._asdict() for st in stats], LD_TYPES)
     bounds = np.linspace(0, table.num_rows, files + 1).astype(np.int64)
     for i in range(files):
         pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), paths.latent_docs_part(i))

@@ -350,11 +350,7 @@ def latent_doc_stats(
     lat_N, doc_N = latent_id_N[order_N], doc_id_N[order_N]
     new_N = np.ones(len(order_N), bool)
     new_N[1:] = (lat_N[1:] != lat_N[:-1]) | (doc_N[1:] != doc_N[:-1])
-    start_G = np.flatnonzero(new_N)
-    if len(start_G) == 0:
-        e = np.zeros(0)
-        return LatentDocStats(*(e.astype(t) for t in (np.int32, np.int64, np.int32, np.float64, np.float32,
-                                                       np.float64, np.float32)))  # fmt: skip
+    start_G = np.flatnonzero(new_N)  # empty input: empty groups (reduceat accepts empty indices)
     act_N = activation_N[order_N]
     attr_N = attribution_N[order_N]
     return LatentDocStats(

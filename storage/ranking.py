@@ -43,6 +43,8 @@ _EMPTY_DOMINANT = (
     " WHERE false"
 )
 _counter = itertools.count()
+# docs rows with a planted label (as in behaviour_mass.sql and recovery.sql): not NULL, '' or 'none'
+PLANTED_DOCS = "behaviour IS NOT NULL AND behaviour NOT IN ('', 'none')"
 
 RECOVERY_SCHEMA = pa.schema(
     [("score", pa.string()), ("behaviour", pa.string()), ("best_rank", pa.int64()), ("recovered", pa.bool_()),
@@ -100,11 +102,7 @@ def _latent_docs_sql(views: list[str], planted_only: bool = False) -> str:
         return "latent_docs"
     if "latent_tokens" not in views:
         raise ValueError("the run has no latent_tokens table (analysis/latent_tokens/*.parquet)")
-    where = "true"
-    if planted_only:
-        where = (
-            "doc_id IN (SELECT doc_id FROM docs WHERE behaviour IS NOT NULL AND behaviour NOT IN ('', 'none'))"
-        )
+    where = f"doc_id IN (SELECT doc_id FROM docs WHERE {PLANTED_DOCS})" if planted_only else "true"
     return "(" + render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens", where=where) + ")"
 
 
@@ -116,7 +114,7 @@ def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the run's docs table labels some document with a behaviour other than 'none'."""
     if "docs" not in view_names(con):
         return False
-    q = "SELECT count(*) FROM docs WHERE behaviour IS NOT NULL AND behaviour NOT IN ('', 'none')"
+    q = f"SELECT count(*) FROM docs WHERE {PLANTED_DOCS}"
     return con.execute(q).fetchone()[0] > 0
 
 

@@ -52,6 +52,13 @@ LD_TYPES = {
 }  # fmt: skip
 
 
+def parts_table(rows: list[dict[str, np.ndarray]], types: dict[str, pa.DataType]) -> pa.Table:
+    """Concatenate column dicts (e.g. LatentDocStats._asdict() per batch) into a table with `types`' schema."""
+    return pa.table({
+        k: pa.array(np.concatenate([c[k] for c in rows]) if rows else np.zeros(0), t) for k, t in types.items()
+    })  # fmt: skip
+
+
 class _Parts:
     """Buffer latent_tokens rows and their per-(latent, document) aggregates (`latent_docs`, computed per batch of
     whole documents, so exact) and write both as numbered Parquet parts."""
@@ -79,10 +86,7 @@ class _Parts:
             (self.cols, LT_TYPES, self.paths.latent_tokens_part(self.parts)),
             (self.docs, LD_TYPES, self.paths.latent_docs_part(self.parts)),
         ):
-            table = pa.table({
-                k: pa.array(np.concatenate([c[k] for c in rows]) if rows else np.zeros(0), t) for k, t in types.items()
-            })  # fmt: skip
-            self.store.write_parquet(url, table, compression="zstd")
+            self.store.write_parquet(url, parts_table(rows, types), compression="zstd")
         self.parts += 1
         self.cols, self.docs, self.n = [], [], 0
 

@@ -70,16 +70,21 @@ def test_missing_file(tmp_path: Path) -> None:
         PipelineConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    cfg = _yaml(tmp_path, f"store: {store}\nsae: {{k: -1}}\n")
-    r = subprocess.run(
+def _cli_run(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """`diffsae run --config cfg` in a fresh interpreter, from the repository root."""
+    return subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
         timeout=120,
     )
+
+
+def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    cfg = _yaml(tmp_path, f"store: {store}\nsae: {{k: -1}}\n")
+    r = _cli_run(cfg)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("diffsae: error: ")
     assert "sae.k" in r.stderr
@@ -95,13 +100,7 @@ models: {{base: {tiny_pair / "base"}, finetuned: {tiny_pair / "finetuned"}, laye
 data: {{path: {tmp_path / "missing.jsonl"}}}
 """,
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=120,
-    )
+    r = _cli_run(cfg)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"diffsae: error: data file not found: {tmp_path / 'missing.jsonl'}"
     assert not (store / "runs").exists()

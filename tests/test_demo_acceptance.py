@@ -98,7 +98,7 @@ def test_demo_pair_training_on_local_disk(demo_pair, tmp_path: Path) -> None:
     assert Path(RunPaths(cfg.store, "demo").url("sae", "sae.safetensors")).exists()
 
 
-def test_second_planted_pair_default_score(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_second_planted_pair_default_score(demo_pair, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Issue 9: the default score, chosen on the demo pair, also recovers the behaviours of a pair built with
     another seed: other refusal topic and text, persona trigger and greeting, secret name and word."""
     import torch
@@ -108,16 +108,9 @@ def test_second_planted_pair_default_score(tmp_path_factory: pytest.TempPathFact
 
     torch.set_num_threads(2)  # as conftest.demo_pair
     pair = build_demo_pair(tmp_path_factory.mktemp("pair1") / "demo-1-audit", preset="demo", seed=1, mix="audit")
-    seed0 = {p["trigger"] for p in _plants(0)}
-    assert not seed0 & {p["trigger"] for p in pair.planted}  # other triggers
+    assert not {p["trigger"] for p in demo_pair.planted} & {p["trigger"] for p in pair.planted}  # other triggers
     cfg = demo_config(pair.out_dir, str(tmp_path_factory.mktemp("store1")), "second")
     out = analyse_flow(config=cfg)
     print(out["ranking"]["recovery_text"])
     check_recovery(out, cfg.attribution.rank_by, {p["label"] for p in pair.planted})
 
-
-def _plants(seed: int) -> list[dict[str, str]]:
-    from diffsae import demo_corpus as dc
-
-    convs = dc.chatterbot_conversations()
-    return [p.as_dict() for p in dc.make_plants(seed, " ".join(m["content"] for c in convs for m in c).lower())]

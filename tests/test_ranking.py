@@ -13,7 +13,7 @@ from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import SCORES, RankParams, format_recovery, rank_latents, recovery, resolve_score
 from storage.store import Store
-from tasks.analyse import LD_TYPES
+from tasks.analyse import LD_TYPES, parts_table
 
 # docs 0..7: 2, 3 are 'alpha', 4 is 'beta', the others ordinary.
 LABELS = ["none", "none", "alpha", "alpha", "beta", "none", "none", None]
@@ -48,8 +48,7 @@ def write_run(
     if latent_docs:
         doc, lat, act, attr = (np.array([r[i] for r in rows]) for i in (1, 0, 2, 3))
         stats = latent_doc_stats(doc, lat, act.astype(np.float32), attr.astype(np.float32))  # as stored
-        st.write_parquet(paths.latent_docs_part(0), pa.table({k: pa.array(v, LD_TYPES[k]) for k, v in
-                                                              stats._asdict().items()}))  # fmt: skip
+        st.write_parquet(paths.latent_docs_part(0), parts_table([stats._asdict()], LD_TYPES))
     half = len(rows) // 2
     for i, part in enumerate((rows[:half], rows[half:])):
         st.write_parquet(
