@@ -51,6 +51,7 @@ def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict
             ok,
             states,
             "demo_pair",
+            results_url=paths.cache_dir(".prefect"),  # the pair is store-wide: so are its cache records
             store_root=paths.store_root,
             demo=cfg.demo.model_dump(),
             key=key,

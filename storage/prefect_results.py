@@ -1,4 +1,5 @@
-"""Where Prefect persists task results (and so its cache records): `<store>/runs/<run>/.prefect/`.
+"""Where Prefect persists task results (and so its cache records): `<store>/runs/<run>/.prefect/` for a run's
+stages, `<store>/cache/.prefect/` for store-wide ones (the built-in demo pair, shared by every run on the store).
 
 Local stores use a plain path; S3 stores need a saved RemoteFileSystem block (Prefect only accepts saved blocks
 for remote result storage). The block holds no credentials: s3fs reads them, and the endpoint, from the standard
@@ -11,12 +12,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from storage.paths import RunPaths, is_s3
+from storage.paths import is_s3
 from storage.store import s3_endpoint
 
 
-def result_storage(paths: RunPaths) -> Any:
-    url = paths.prefect_results
+def result_storage(url: str) -> Any:
     if not is_s3(url):
         Path(url).mkdir(parents=True, exist_ok=True)
         return Path(url)

@@ -70,20 +70,33 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 IO_RETRY = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "retry_condition_fn": retry_on_io}
 
 
-def configured(task: Any, paths: RunPaths, output_ok: bool) -> Any:
-    """The task bound to the run's result storage; forced to recompute when its output is missing."""
+def configured(task: Any, paths: RunPaths, output_ok: bool, results_url: str | None = None) -> Any:
+    """The task bound to the run's result storage (or `results_url`, for store-wide stages); forced to recompute
+    when its output is missing."""
     from storage.prefect_results import result_storage
 
     return task.with_options(
-        result_storage=result_storage(paths), persist_result=True, refresh_cache=not output_ok
+        result_storage=result_storage(results_url or paths.prefect_results),
+        persist_result=True,
+        refresh_cache=not output_ok,
     )
 
 
 def call_stage(
-    task: Any, paths: RunPaths, output_ok: bool, states: dict[str, dict[str, int]], name: str, **kwargs: Any
+    task: Any,
+    paths: RunPaths,
+    output_ok: bool,
+    states: dict[str, dict[str, int]],
+    name: str,
+    *,
+    results_url: str | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """Run a stage task, count in `states[name]` whether it ran ("Completed") or was "Cached", return its result."""
-    state = configured(task, paths, output_ok)(return_state=True, **kwargs)
+    """Run a stage task, count in `states[name]` whether it ran ("Completed") or was "Cached", return its result.
+
+    `results_url`: where its cache records live, when not the run's (a store-wide stage's records are shared by
+    every run on the store)."""
+    state = configured(task, paths, output_ok, results_url)(return_state=True, **kwargs)
     counts = states.setdefault(name, {})
     counts[state.name] = counts.get(state.name, 0) + 1
     return state.result()

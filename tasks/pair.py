@@ -56,7 +56,7 @@ def build_demo_pair_task(store_root: str, demo: dict[str, Any], key: str) -> dic
     cfg = DemoConfig.model_validate(demo)
     store = Store(store_root)
     url = store.root + f"/cache/demo_pair/{key}"
-    if store.exists(f"{url}/{DONE}"):  # built by an earlier run on this store (cache records are per run)
+    if store.exists(f"{url}/{DONE}"):  # complete on the store (its cache record was lost): reuse, never rebuild
         return {"url": url, "key": key}
     if store.is_s3:
         with tempfile.TemporaryDirectory() as tmp:

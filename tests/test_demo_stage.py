@@ -33,11 +33,15 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
     again = pipeline(config=cfg)
     assert all(set(v) == {"Cached"} for v in again["stages"].values()), again["stages"]
 
-    # another run on the same store reuses the pair (Prefect's cache records are per run; the store's pair is not)
+    # another run on the same store reuses the pair: its cache record is store-wide (under cache/.prefect)
     def rebuild(*args, **kwargs):
         raise AssertionError("the demo pair was rebuilt")
 
     monkeypatch.setattr("diffsae.demo_pair.build_demo_pair", rebuild)
     other = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-2"}))
-    assert other["stages"]["demo_pair"] == {"Completed": 1}
+    assert other["stages"]["demo_pair"] == {"Cached": 1}
     assert other["stages"]["train"] == {"Completed": 1}
+    # with that record gone, the task still reuses the complete pair on the store instead of rebuilding it
+    store.delete_tree(RunPaths(s3_store, "x").cache_dir(".prefect"))
+    third = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-3"}))
+    assert third["stages"]["demo_pair"] == {"Completed": 1}
