@@ -49,10 +49,10 @@ bench: install
 
 # Prefect server + UI, MLflow UI, a local S3 store and a worker, in the background (state in .serve/); see README.
 serve: install
-	$(PY) -m flows.serve start
+	$(PY) -m services.serve start
 
 stop:
-	$(PY) -m flows.serve stop
+	$(PY) -m services.serve stop
 
 clean:
 	rm -rf diffsae-data .pytest_cache

@@ -23,8 +23,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)
 
 from dashboards import render_site, render_to_dir  # noqa: E402
-from dashboards.synthetic import synthetic_summary, synthetic_tables  # noqa: E402
 from diffsae.config import DashboardsConfig  # noqa: E402
+from tests.synthetic import synthetic_summary, synthetic_tables  # noqa: E402
 
 
 def main() -> None:

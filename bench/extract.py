@@ -27,6 +27,7 @@ sys.path = [p for p in sys.path if not p.endswith("/bench")]  # `bench/` must no
 
 import torch  # noqa: E402
 
+from diffsae.config import local_cache_dir  # noqa: E402
 from diffsae.data import load_docs  # noqa: E402
 from diffsae.extract import extract_docs, pad_batch, paired_forward, plan_batches  # noqa: E402
 
@@ -34,12 +35,9 @@ from diffsae.extract import extract_docs, pad_batch, paired_forward, plan_batche
 def pair_dir(args: argparse.Namespace) -> Path:
     if args.pair:
         return Path(args.pair)
-    cache = (
-        Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae")
-        / f"bench-{args.preset}"
-    )
+    cache = local_cache_dir() / f"bench-{args.preset}"
     if not (cache / "prompts.jsonl").exists():
-        from diffsae.demo_pair import build_demo_pair
+        from organisms.demo_pair import build_demo_pair
 
         build_demo_pair(cache, preset=args.preset, seed=0, mix="audit")
     return cache
@@ -69,13 +67,14 @@ def bare(pair, docs, layer: int, batch_tokens: int) -> float:  # type: ignore[no
 
 def extraction(pair, docs, layer: int, batch_tokens: int, shards: int = 1) -> float:  # type: ignore[no-untyped-def]
     from storage import activations as act
+    from storage import schemas
     from storage.paths import RunPaths
     from storage.store import Store
 
     strings = [pair.tokenizer.decode([i]) for i in range(len(pair.tokenizer))]
     with tempfile.TemporaryDirectory() as tmp:
         paths, store = RunPaths(tmp, "bench"), Store(tmp)
-        schema = act.shard_schema(pair.base.config.hidden_size, "float16", False)
+        schema = schemas.activation_shard(pair.base.config.hidden_size, "float16", False)
         t0, n = time.perf_counter(), 0
         per = -(-len(docs) // shards)
         for s in range(shards):

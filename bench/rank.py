@@ -41,12 +41,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tasks.analyse import LD_TYPES, parts_table
 
 from diffsae.attribution import latent_doc_stats
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import load_sql, rank_latents, recovery, render
-from tasks.analyse import LD_TYPES, parts_table
 
 BARE_SCAN = (
     "SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM latent_tokens"

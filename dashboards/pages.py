@@ -7,6 +7,7 @@ high-KL token rows. All selection runs in polars (dashboards/select.py); Python 
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import polars as pl
@@ -78,6 +79,19 @@ class RecoveryGroup(NamedTuple):
 class Recovery(NamedTuple):
     columns: tuple[str, ...]
     groups: tuple[RecoveryGroup, ...]
+    selected: str  # the score the selector opens on: the run's rank_by when it has a group, else the first
+
+
+class LatentCount(NamedTuple):
+    """The index's "Latents" row. The latents table has one row per latent that fires, so the never-firing count
+    needs the SAE's dictionary size (`width`, summary["n_latents"]); runs that predate it only say what fires."""
+
+    firing: int  # rows of the latents table with n_active > 0
+    width: int | None
+
+    @property
+    def never(self) -> int | None:
+        return None if self.width is None else self.width - self.firing
 
 
 class Site(NamedTuple):
@@ -85,8 +99,7 @@ class Site(NamedTuple):
     rank_cols: tuple[str, ...]
     score_cols: tuple[str, ...]
     has_labels: bool
-    n_latents: int
-    n_dead: int
+    latent_count: LatentCount
     n_tokens: int
     kl_plot: SvgPlot | None
     kl_scale: float
@@ -96,7 +109,16 @@ class Site(NamedTuple):
     window: int
 
 
-def build(tables: SiteTables, cfg: DashboardsConfig, window: int) -> Site:
+def build(
+    tables: SiteTables,
+    cfg: DashboardsConfig,
+    window: int,
+    *,
+    n_latents: int | None = None,
+    rank_by: str | None = None,
+) -> Site:
+    """The site's data. `n_latents`: the SAE's dictionary size (None: unknown); `rank_by`: the run's ranking score
+    (a score name; the recovery selector opens on it)."""
     lat = select.top_latents(tables.latents, cfg.top_latents)
     rank_cols = tuple(c for c in tables.latents.columns if c.startswith("rank_"))
     score_cols = tuple(c for c in tables.latents.columns if c.startswith("score_"))
@@ -109,16 +131,26 @@ def build(tables: SiteTables, cfg: DashboardsConfig, window: int) -> Site:
         rank_cols=rank_cols,
         score_cols=score_cols,
         has_labels=has_labels,
-        n_latents=tables.latents.height,
-        n_dead=int((tables.latents["n_active"] == 0).sum()),
+        latent_count=latent_count(tables.latents, n_latents),
         n_tokens=tables.tokens.height,
         kl_plot=svg_histogram(kl_hist, "per-token KL(ft \u2016 base), nats", log_y=True) if kl_hist else None,
         kl_scale=scale,
-        recovery=_recovery(tables.recovery),
+        recovery=_recovery(tables.recovery, rank_by),
         latent_pages=_latent_pages(tables, lat["latent_id"], rows, cfg, window, scale),
         token_rows=_token_rows(tables, {r.latent_id for r in rows}, cfg, window, scale),
         window=window,
     )
+
+
+def latent_count(latents: pl.DataFrame, width: int | None) -> LatentCount:
+    """Firing latents (rows with n_active > 0: a latents table may also list never-firing ones with n_active 0)
+    and the dictionary size; a width below the firing count is a bug upstream, reported as one line."""
+    firing = int((latents["n_active"] > 0).sum())
+    if width is None:
+        return LatentCount(firing, None)
+    if isinstance(width, bool) or not isinstance(width, Integral) or width < firing:
+        raise ValueError(f"summary n_latents must be the SAE width, an int >= {firing} (latents that fire): {width!r}")
+    return LatentCount(firing, int(width))
 
 
 def _latent_row(r: dict[str, Any], rank_cols: tuple[str, ...], score_cols: tuple[str, ...]) -> LatentRow:
@@ -209,7 +241,7 @@ def _token_rows(
     return tuple(out)
 
 
-def _recovery(rec: pl.DataFrame | None) -> Recovery | None:
+def _recovery(rec: pl.DataFrame | None, rank_by: str | None) -> Recovery | None:
     if rec is None or rec.height == 0:
         return None
     columns = tuple(c for c in rec.columns if c != "score")
@@ -229,4 +261,5 @@ def _recovery(rec: pl.DataFrame | None) -> Recovery | None:
             rows.append(tuple(cells))
         n_rec = int(part["recovered"].cast(pl.Boolean).fill_null(False).sum())
         groups.append(RecoveryGroup(str(score), tuple(rows), n_rec))
-    return Recovery(columns, tuple(groups))
+    scores = [g.score for g in groups]
+    return Recovery(columns, tuple(groups), rank_by if rank_by in scores else scores[0])

@@ -9,7 +9,9 @@ geometry drawn by the templates. Offline: relative links, two local assets, a CS
     # or: render_site(tables, summary, lambda path, data, ctype: s3.put(path, data, ctype), cfg)
 
 Summary keys shown first when present (else looked up by name in `metrics`): run, base_model, finetuned_model,
-models, layer, sae, fvu, l0, dead_fraction, kl_gap_recovered; any other keys follow.
+models, layer, sae, rank_by, fvu, l0, dead_fraction, kl_gap_recovered; any other keys follow, except n_latents (the
+SAE width: the "Latents" row shows it with the counts of latents that fire and never fire). rank_by (a score name)
+is also the score the recovery table's selector opens on.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ HEADLINE = (
     ("models", "Models"),
     ("layer", "Layer"),
     ("sae", "SAE"),
+    ("rank_by", "Ranked by"),
     ("fvu", "FVU"),
     ("l0", "L0"),
     ("dead_fraction", "Dead fraction"),
     ("kl_gap_recovered", "KL gap recovered"),
 )
 PERCENT = {"dead_fraction", "kl_gap_recovered"}
+SHOWN_ELSEWHERE = {"n_latents"}  # summary keys with their own row
 
 
 class SummaryRow(NamedTuple):
@@ -89,7 +93,7 @@ def render_site(
         source, _, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
         emit(f"assets/{name}", source.encode("utf-8"))
 
-    site = pages.build(tables, cfg, window)
+    site = pages.build(tables, cfg, window, n_latents=summary.get("n_latents"), rank_by=summary.get("rank_by"))
     run = str(summary.get("run", ""))
     common = {"run": run, "site": site}
     emit(
@@ -149,7 +153,7 @@ def summary_rows(summary: dict[str, Any], metrics: pl.DataFrame) -> list[Summary
         if value is None:
             continue
         rows.append(SummaryRow(label, _value(value, pct=key in PERCENT)))
-    known = {k for k, _ in HEADLINE}
+    known = {k for k, _ in HEADLINE} | SHOWN_ELSEWHERE
     rows += [SummaryRow(str(k), _value(v)) for k, v in summary.items() if k not in known]
     return rows
 

@@ -5,18 +5,26 @@ carries a one-line description: Prefect renders them as the deployment's UI form
 
     cfg = PipelineConfig.from_yaml("run.yaml", overrides={"store": "s3://bucket/x"})
 
-`models` and `data` may be omitted: the built-in planted demo pair and its held-out prompts are then used.
+Without `models.base`/`models.finetuned` and `data`, the built-in planted demo pair (`demo`) and its held-out prompts
+are used; `models.layer` is the analysed layer either way.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+def local_cache_dir() -> Path:
+    """This machine's cache folder (model mirrors, file hashes, the MLflow db of S3 stores): $DIFFSAE_CACHE_DIR
+    or ~/.cache/diffsae. Nothing on the store ever refers to it."""
+    return Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae")
 
 
 class ConfigError(ValueError):
@@ -28,8 +36,10 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    base: str = Field(description="Base model: local folder or hub id")
-    finetuned: str = Field(description="Finetuned model: local folder or hub id (same tokenizer and width)")
+    base: str | None = Field(None, description="Base model: local folder or hub id (omit: the built-in demo pair)")
+    finetuned: str | None = Field(
+        None, description="Finetuned model: local folder or hub id, same tokenizer and width (omit: the demo pair)"
+    )
     layer: int = Field(
         2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)"
     )
@@ -43,6 +53,12 @@ class ModelsConfig(_Section):
         if v != "auto" and not (v == "cpu" or v == "mps" or v.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu, mps or cuda[:N], got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "ModelsConfig":
+        if (self.base is None) != (self.finetuned is None):
+            raise ValueError("give both base and finetuned, or neither for the built-in demo pair")
+        return self
 
 
 class DataConfig(_Section):
@@ -59,7 +75,6 @@ class DemoConfig(_Section):
     mix: Literal["audit", "easy"] = Field(
         "audit", description="audit: planted behaviours are rare; easy: they cover about a third of the docs"
     )
-    layer: int = Field(2, ge=0, description="Layer analysed in the built-in pair")
 
 
 class ExtractConfig(_Section):
@@ -146,13 +161,52 @@ class SAEConfig(_Section):
         return self
 
 
+# Latent scores (defined and documented in storage/sql/rank_latents.sql): each is a `score_<name>` and a
+# `rank_<name>` column of the latents table; `attribution.rank_by` picks the one that defines `rank`.
+Score = Literal["total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus"]
+SCORES: tuple[str, ...] = get_args(Score)
+# Every accepted `rank_by`: a score, `score_<name>`, or a statistics column equal to a score (SCORE_ALIASES).
+RankBy = Literal[
+    Score,
+    "score_total", "score_mean", "score_peak_token", "score_peak_doc", "score_concentration", "score_top_docs",
+    "score_focus",
+    "kl_attr_sum", "kl_attr_mean", "kl_attr_max",
+]  # fmt: skip
+SCORE_ALIASES: dict[str, str] = {
+    **{f"score_{s}": s for s in SCORES},
+    "kl_attr_sum": "total",
+    "kl_attr_mean": "mean",
+    "kl_attr_max": "peak_token",
+}
+# The Literal (typing, JSON schema, the Prefect form) and the names the ranking resolves are one list.
+assert get_args(RankBy) == SCORES + tuple(SCORE_ALIASES), "RankBy must list SCORES then SCORE_ALIASES"
+
+
+def resolve_score(rank_by: str) -> str:
+    """The score name for `rank_by` (a score, `score_<name>` or a kl_attr_* alias), else a one-line ValueError."""
+    name = SCORE_ALIASES.get(rank_by, rank_by) if isinstance(rank_by, str) else rank_by
+    if name not in SCORES:
+        raise ValueError(
+            f"unknown rank_by {rank_by!r}: choose one of {', '.join(SCORES)}"
+            " (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)"
+        )
+    return name
+
+
 class AttributionConfig(_Section):
     steps: int = Field(16, ge=1, description="Riemann steps of the integrated-gradients path")
-    batch_docs: int = Field(8, ge=1, description="Documents per attribution batch")
-    rank_by: str = Field(
-        "mean", description="Latent score that defines `rank`: total, mean, peak_token, peak_doc, concentration, ..."
+    rank_by: RankBy = Field(
+        "mean",
+        description="Latent score that defines `rank`: total, mean, peak_token, peak_doc, concentration, top_docs, "
+        "focus (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)",
     )
     top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
+
+    @field_validator("rank_by", mode="before")
+    @classmethod
+    def _known_score(cls, v: Any) -> Any:
+        resolve_score(v)  # one readable line listing the scores, instead of pydantic's 17 quoted literals
+        return v
 
 
 class DashboardsConfig(_Section):
@@ -170,7 +224,9 @@ class PipelineConfig(_Section):
     lock_wait_s: float = Field(
         0, ge=0, description="Wait this long for another flow holding the same run (0: fail)"
     )
-    models: ModelsConfig | None = Field(None, description="Model pair (omit: the built-in planted demo pair)")
+    models: ModelsConfig = Field(
+        default_factory=ModelsConfig, description="Model pair and layer (no base/finetuned: the built-in demo pair)"
+    )
     data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
     demo: DemoConfig = Field(
         default_factory=DemoConfig, description="Built-in pair settings (used without models)"
@@ -200,19 +256,19 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _data_needs_models(self) -> "PipelineConfig":
-        if self.data is not None and self.models is None:
+        if self.data is not None and self.models.base is None:
             raise ValueError(
-                "data is set but models is not: give both, or neither for the built-in demo pair"
+                "data is set but models.base is not: give both, or neither for the built-in demo pair"
             )
-        if self.models is not None and self.data is None:
+        if self.models.base is not None and self.data is None:
             raise ValueError(
-                "models is set but data is not: give both, or neither for the built-in demo pair"
+                "models.base is set but data is not: give both, or neither for the built-in demo pair"
             )
         return self
 
     @property
     def uses_demo_pair(self) -> bool:
-        return self.models is None
+        return self.models.base is None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "PipelineConfig":

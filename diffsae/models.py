@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from diffsae.config import ModelsConfig
+from diffsae.config import ModelsConfig, local_cache_dir
 from diffsae.hooks import n_layers, read_residual, replace_residual
 
 __all__ = [
@@ -211,12 +211,8 @@ def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
 # ----------------------------------------------------------------------------------------------- fingerprints
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae")
-
-
 def _memo_path() -> Path:
-    return _cache_dir() / "file_hashes.json"
+    return local_cache_dir() / "file_hashes.json"
 
 
 def _read_memo() -> dict[str, str]:

@@ -42,79 +42,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(cfg: Any, out: dict[str, Any]) -> str:
-    """The end-of-run summary: stages (ran / cached), SAE metrics, top latents, recovery, dashboards."""
+def report(cfg: Any, out: Any) -> str:
+    """The end-of-run summary of a flows.pipeline.PipelineResult: stages (ran / cached), SAE metrics, top latents,
+    recovery, dashboards."""
     from tasks.common import format_states
 
+    sae, ranking = out.sae, out.ranking
     lines = [
-        f"\nrun '{cfg.run}' on {cfg.store} ({out['seconds']:.1f} s)",
-        f"stages: {format_states(out['stages'])}",
+        f"\nrun '{cfg.run}' on {cfg.store} ({out.seconds:.1f} s)",
+        f"stages: {format_states(out.stages)}",
+        "diff-SAE (validation): "
+        + ", ".join(f"{k}={getattr(sae, k):.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")),
     ]
-    sae = out.get("sae", {})
-    if sae:
-        lines.append(
-            "diff-SAE (validation): "
-            + ", ".join(
-                f"{k}={sae[k]:.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered") if k in sae
-            )
-        )
-    ranking = out.get("ranking", {})
-    if ranking.get("top"):
+    if ranking.top:
         lines.append(f"\ntop latents by {cfg.attribution.rank_by}:")
         lines.append(f"{'rank':>4}  {'latent':>6}  {'total KL attr':>13}  dominant behaviour")
-        for r in ranking["top"]:
+        for r in ranking.top:
             lines.append(
                 f"{r['rank']:>4}  {r['latent_id']:>6}  {r['kl_attr_sum']:>13.5f}  "
                 f"{r.get('dominant_behaviour') or '-'}"
             )
-    if ranking.get("recovery"):
+    if ranking.recovery:
         lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")
-        lines.append(ranking["recovery_text"])
-    site = out.get("dashboards", {})
-    if site.get("index"):
-        lines.append(f"\ndashboards: {site['index']}")
+        lines.append(ranking.recovery_text)
+    lines.append(f"\ndashboards: {out.dashboards.index}")
     return "\n".join(lines)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    from storage.store import Store
-
-    Store(cfg.store, cfg.s3_endpoint_url).check()
-    from storage.paths import normalize_root
+    from storage.context import RunContext
     from tasks.dashboards import render_dashboards
 
-    info = render_dashboards(normalize_root(cfg.store), cfg.run, cfg.dashboards)
-    print(f"{info['pages']} pages ({info['bytes'] / 1e6:.1f} MB) in {info['seconds']:.1f} s: {info['index']}")
+    ctx = RunContext.from_config(cfg)
+    ctx.store.check()
+    info = render_dashboards(ctx, cfg.dashboards)
+    print(f"{info.pages} pages ({info.bytes / 1e6:.1f} MB) in {info.seconds:.1f} s: {info.index}")
     if args.open:
         import webbrowser
 
-        webbrowser.open(info["index"] if "://" in info["index"] else "file://" + info["index"])
+        webbrowser.open(info.index if "://" in info.index else "file://" + info.index)
     return 0
 
 
 def cmd_s3_server(args: argparse.Namespace) -> int:
-    from storage.s3server import serve_foreground
+    from services.s3server import serve_foreground
 
     return serve_foreground(args.dir, args.port)
 
 
 def cmd_build_demo_pair(args: argparse.Namespace) -> int:
-    from diffsae.demo_pair import run_cli
+    from organisms.demo_pair import run_cli
 
     return int(run_cli(args) or 0)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    from storage.paths import normalize_root
-    from storage.store import Store
+    from storage.context import RunContext
+    from tasks.rank import evaluate_run
 
-    Store(cfg.store, cfg.s3_endpoint_url).check()
-    from tasks.analyse import evaluate_run
-
+    ctx = RunContext.from_config(cfg)
+    ctx.store.check()
     try:
-        print(evaluate_run(normalize_root(cfg.store), cfg.run))
+        print(evaluate_run(ctx))
     except FileNotFoundError as e:
         print(f"diffsae: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """The end-to-end diffsae flow: model pair -> activations -> diff-SAE -> attribution + ranking -> dashboards.
 
-Takes the whole config as one typed parameter (the Prefect UI renders it as a form). Every stage is cached on its
-config section, the fingerprints of its inputs and its task source, with results persisted on the run's store:
-a rerun with nothing changed recomputes nothing, a changed `sae.k` reruns training and what follows.
+Takes the whole config as one typed parameter (the Prefect UI renders it as a form). Every stage is keyed on its
+config section, its upstream results and its source, with its output and marker on the run's store: a rerun with
+nothing changed recomputes nothing, a changed `sae.k` reruns training and what follows.
 
     python -m flows.pipeline            # the embedded default: built-in planted pair, ./diffsae-data
     diffsae run --config run.yaml       # the CLI runs preflight checks first, then this flow
@@ -11,32 +11,43 @@ a rerun with nothing changed recomputes nothing, a changed `sae.k` reruns traini
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import NamedTuple
 
 from prefect import flow
 
 from diffsae.config import PipelineConfig
 from flows import stages
+from tasks.attribute import AttributionResult
+from tasks.dashboards import SiteResult
+from tasks.extract import Activations
+from tasks.rank import RankingResult
+from tasks.train import SAEResult
+
+
+class PipelineResult(NamedTuple):
+    stages: stages.States  # per stage: {"Completed" | "Cached": count}
+    activations: Activations
+    sae: SAEResult
+    attribution: AttributionResult
+    ranking: RankingResult
+    dashboards: SiteResult
+    seconds: float
 
 
 @flow(name="diffsae-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
-    """Run every stage; returns the per-stage state (Completed / Cached) and the stage outputs."""
+def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
+    """Run every stage; returns the per-stage state (Completed / Cached) and the stage results."""
     t0 = time.perf_counter()
-    states: dict[str, dict[str, int]] = {}
-    with stages.locked(config):
-        activations = stages._extract(config, states)
-        sae = stages._train(config, activations, states)
-        analysis = stages._analyse(config, activations, sae, states)
-        site = stages._dashboards(config, analysis, states)
-    return {
-        "stages": states,
-        "activations": {k: v for k, v in activations.items() if k not in ("models", "data")},
-        "sae": sae,
-        **analysis,
-        "dashboards": site,
-        "seconds": time.perf_counter() - t0,
-    }
+    states: stages.States = {}
+    with stages.locked(config) as ctx:
+        inputs = stages.resolve_inputs(ctx, config, states)
+        activations = stages.run_extract(ctx, config, inputs, states)
+        sae = stages.run_train(ctx, config, inputs, activations, states)
+        analysis = stages.run_analyse(ctx, config, inputs, activations, sae, states)
+        site = stages.run_dashboards(ctx, config, analysis, states)
+    return PipelineResult(
+        states, activations, sae, analysis.attribution, analysis.ranking, site, time.perf_counter() - t0
+    )
 
 
 if __name__ == "__main__":

@@ -1,117 +1,110 @@
 """Stage flows: each stage of the pipeline as a flow of its own (a deployment entry point and a subflow of
 `pipeline`). They hold the DAG only: which tasks run, in which order, on whose outputs; tasks do the work.
 
-Every stage asks whether its output is still on the store; if not, its task is forced to recompute even when
-Prefect holds a cache record (the output was deleted or corrupted).
+Every stage computes its key from its config section and its upstream results, asks the store whether its marker
+holds that key, and calls its task (Prefect's cache key = that key) -- forced to recompute when the marker does not.
+One `RunContext` (store, endpoint, run name) is built from the config and handed to every task.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator, NamedTuple
 
 from prefect import flow
 
-from diffsae.config import PipelineConfig
+from diffsae.config import DataConfig, ModelsConfig, PipelineConfig
+from diffsae.models import model_fingerprint
 from flows.runners import on_cluster
+from storage.context import RunContext
 from storage.lock import RunLock
-from storage.paths import RunPaths
-from storage.ranking import sql_fingerprint
-from storage.store import Store
-from tasks import analyse as an
+from tasks import attribute as at
 from tasks import dashboards as db
 from tasks import extract as ex
 from tasks import pair as pr
+from tasks import rank as rk
 from tasks import train as tr
-from tasks.common import call_stage, collect_stage, guarded, stable_hash, submit_stage
+from tasks.common import call_stage, collect_stage, submit_stage
+from tasks.models import local_models
+
+States = dict[str, dict[str, int]]
+
+# Extract settings that say where shards run, not what they hold: kept out of the manifest (and its key).
+EXECUTION_ONLY = {"runner", "cluster_address", "n_workers", "verify"}
 
 
-def _ctx(cfg: PipelineConfig) -> tuple[RunPaths, Store]:
-    return RunPaths(cfg.store, cfg.run), Store(cfg.store, cfg.s3_endpoint_url)
+class Inputs(NamedTuple):
+    """The run's resolved models and data (the config's, or the demo pair's by store URL)."""
+
+    models: ModelsConfig
+    data: DataConfig  # `path` is the prompts' URL on the store
+
+
+class Analysis(NamedTuple):
+    attribution: at.AttributionResult
+    ranking: rk.RankingResult
 
 
 @contextmanager
-def locked(cfg: PipelineConfig) -> Iterator[None]:
-    """Hold the run's lock on the store for the whole flow (same-name runs never interleave)."""
-    paths, store = _ctx(cfg)
-    with RunLock(store, paths, wait=cfg.lock_wait_s):
-        yield
+def locked(cfg: PipelineConfig) -> Iterator[RunContext]:
+    """Hold the run's lock on the store for the whole flow (same-name runs never interleave); yields the context."""
+    ctx = RunContext.from_config(cfg)
+    with RunLock(ctx.store, ctx.paths, wait=cfg.lock_wait_s):
+        yield ctx
 
 
-def resolve_pair(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """The run's models and data: the config's, or the built-in demo pair (built once per store)."""
-    paths, store = _ctx(cfg)
-    pair_dir = None
+def resolve_inputs(ctx: RunContext, cfg: PipelineConfig, states: States) -> Inputs:
+    """The built-in demo pair (built once per store) or the config's pair; the prompts uploaded to the store."""
+    pair = None
     if cfg.uses_demo_pair:
         key = pr.demo_key(cfg.demo)
-        ok = guarded(lambda: pr.demo_pair_ok(store, paths, cfg.demo))
-        out = call_stage(
+        pair = call_stage(
             pr.build_demo_pair_task,
-            paths,
-            ok,
+            ctx,
+            pr.demo_pair_done(ctx, key) is not None,
             states,
             "demo_pair",
-            results_url=paths.cache_dir(".prefect"),  # the pair is store-wide: so are its cache records
-            store_root=paths.store_root,
-            demo=cfg.demo.model_dump(),
+            results_url=ctx.paths.cache_dir(".prefect"),  # the pair is store-wide: so are its cache records
+            demo=cfg.demo,
             key=key,
         )
-        pair_dir = pr.local_copy(store, out["url"], key)
-    models, data = pr.resolved_models(cfg, pair_dir)
-    return {"models": models, "data": data}
+    models, data = pr.resolved_inputs(cfg, pair)
+    return Inputs(models, data.model_copy(update={"path": ex.upload_data(ctx, data.path)}))
 
 
 @flow(name="extract", log_prints=True)
-def extract_flow(config: PipelineConfig) -> dict[str, Any]:
+def extract_flow(config: PipelineConfig) -> tuple[ex.Activations, States]:
     """Stage 1: activation differences and per-token KL to Parquet shards, then the manifest."""
-    states: dict[str, dict[str, int]] = {}
-    with locked(config):
-        out = _extract(config, states)
-    return {**{k: v for k, v in out.items() if k not in ("models", "data")}, "stages": states}
+    states: States = {}
+    with locked(config) as ctx:
+        return run_extract(ctx, config, resolve_inputs(ctx, config, states), states), states
 
 
-def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str, Any]:
-    from diffsae.models import model_fingerprint
-
-    paths, store = _ctx(cfg)
-    pair = resolve_pair(cfg, states)
-    models, data = pair["models"], pair["data"]
-    fps = (
-        model_fingerprint(models.base, models.revision),
-        model_fingerprint(models.finetuned, models.revision),
-    )
-    plan = ex.plan_extraction(models, data.path, data.max_tokens_per_doc, data.max_docs, cfg.extract, fps)
-    ctx = ex.ShardCtx(
-        models.model_dump_json(),
-        data.path,
-        data.max_tokens_per_doc,
-        data.max_docs,
-        cfg.extract.model_dump_json(),
-        len(plan.shards),
-    )
+def run_extract(ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, states: States) -> ex.Activations:
+    models, data = inputs
+    local = local_models(ctx, models)
+    assert local.base is not None and local.finetuned is not None
+    fps = (model_fingerprint(local.base, models.revision), model_fingerprint(local.finetuned, models.revision))
+    plan = ex.plan_extraction(ctx, models, data, cfg.extract, fps)
+    shard_inputs = ex.ShardInputs(models=models, data=data, extract=cfg.extract, n_shards=len(plan.shards))
     if cfg.extract.runner != "local":
-        digests = _extract_on_cluster(cfg, plan.shards, ctx, states)
+        records = _extract_on_cluster(ctx, cfg, plan.shards, shard_inputs, states)
     else:
-        digests = []
-        for spec in plan.shards:
-            ok = guarded(lambda: ex.shard_ok(store, paths, spec, cfg.extract.verify))
-            rec = call_stage(
+        records = [
+            call_stage(
                 ex.extract_shard,
-                paths,
-                ok,
+                ctx,
+                ex.shard_done(ctx, spec, cfg.extract.verify) is not None,
                 states,
                 "extract",
-                store_root=paths.store_root,
-                run=cfg.run,
                 spec=spec,
-                ctx=ctx,
+                inputs=shard_inputs,
+                key=spec.key,
             )
-            digests.append(rec["sha256"])
+            for spec in plan.shards
+        ]
     meta = {
-        "data_path": data.path,
-        "tokenizer": models.finetuned,
-        "max_tokens": data.max_tokens_per_doc,
-        "max_docs": data.max_docs,
+        "data": data.model_dump(),  # the prompts by their URL on the store
         "layer": models.layer,
         "base": models.base,
         "finetuned": models.finetuned,
@@ -119,151 +112,136 @@ def _extract(cfg: PipelineConfig, states: dict[str, dict[str, int]]) -> dict[str
         "extract": cfg.extract.model_dump(exclude=EXECUTION_ONLY),
         "tokens": plan.n_tokens,
     }
-    ok = guarded(lambda: ex.manifest_ok(store, paths, plan.data_key))
-    out = call_stage(
+    digests = [r.sha256 for r in records]
+    key = ex.activations_key(plan, digests, meta)
+    return call_stage(
         ex.commit_activations,
-        paths,
-        ok,
+        ctx,
+        ex.activations_done(ctx, key) is not None,
         states,
         "commit_activations",
-        store_root=paths.store_root,
-        run=cfg.run,
+        inputs=shard_inputs,
         shard_keys=[s.key for s in plan.shards],
-        shard_digests=digests,
-        plan_key=plan.data_key,
+        digests=digests,
         meta=meta,
+        key=key,
     )
-    return {**out, "models": models, "data": data}
-
-
-# Extract settings that say where shards run, not what they hold: kept out of the manifest (and its cache key).
-EXECUTION_ONLY = {"runner", "cluster_address", "n_workers"}
 
 
 def _extract_on_cluster(
-    cfg: PipelineConfig, shards: list[ex.ShardSpec], ctx: ex.ShardCtx, states: dict[str, dict[str, int]]
-) -> list[str]:
-    """The shard tasks in parallel on `cfg.extract.runner` (Dask or Ray); returns their sha256 in shard order.
+    ctx: RunContext, cfg: PipelineConfig, shards: list[ex.ShardSpec], inputs: ex.ShardInputs, states: States
+) -> list[ex.act.ShardRecord]:
+    """The shard tasks in parallel on `cfg.extract.runner` (Dask or Ray), in shard order.
 
     Same cache semantics as the local loop: a shard whose file is missing or fails its check is recomputed."""
-    paths, store = _ctx(cfg)
-    oks = [guarded(lambda s=spec: ex.shard_ok(store, paths, s, cfg.extract.verify)) for spec in shards]
+    done = [ex.shard_done(ctx, spec, cfg.extract.verify) is not None for spec in shards]
     with on_cluster(cfg.extract) as runner:
         futures = [
-            submit_stage(
-                runner, ex.extract_shard, paths, ok, store_root=paths.store_root, run=cfg.run, spec=spec, ctx=ctx
-            )
-            for spec, ok in zip(shards, oks)
+            submit_stage(runner, ex.extract_shard, ctx, ok, spec=spec, inputs=inputs, key=spec.key)
+            for spec, ok in zip(shards, done)
         ]
         for future in futures:  # every shard finishes (kept for a resume) before the first failure is raised
             future.wait()
-        return [collect_stage(future, states, "extract")["sha256"] for future in futures]
+        return [collect_stage(future, states, "extract") for future in futures]
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config: PipelineConfig) -> dict[str, Any]:
+def train_flow(config: PipelineConfig) -> tuple[tr.SAEResult, States]:
     """Stage 2: the BatchTopK diff-SAE on the stored activations (extraction runs first if needed)."""
-    states: dict[str, dict[str, int]] = {}
-    with locked(config):
-        return _train(config, _extract(config, states), states)
+    states: States = {}
+    with locked(config) as ctx:
+        inputs = resolve_inputs(ctx, config, states)
+        return run_train(ctx, config, inputs, run_extract(ctx, config, inputs, states), states), states
 
 
-def _train(
-    cfg: PipelineConfig, activations: dict[str, Any], states: dict[str, dict[str, int]]
-) -> dict[str, Any]:
-    paths, store = _ctx(cfg)
-    key = stable_hash(cfg.sae.model_dump(), activations["fingerprint"])
-    ok = guarded(lambda: tr.sae_ok(store, paths, key))
+def run_train(
+    ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, activations: ex.Activations, states: States
+) -> tr.SAEResult:
+    key = tr.sae_key(cfg.sae, activations)
     return call_stage(
         tr.train_sae_task,
-        paths,
-        ok,
+        ctx,
+        tr.sae_done(ctx, key) is not None,
         states,
         "train",
-        store_root=paths.store_root,
-        run=cfg.run,
-        sae_cfg=cfg.sae.model_dump(),
-        manifest_fingerprint=activations["fingerprint"],
-        models=activations["models"].model_dump(),
+        cfg=cfg.sae,
+        activations=activations,
+        models=inputs.models,
         key=key,
     )
 
 
 @flow(name="analyse", log_prints=True)
-def analyse_flow(config: PipelineConfig) -> dict[str, Any]:
+def analyse_flow(config: PipelineConfig) -> tuple[Analysis, States]:
     """Stages 3-4: KL attribution of every analysed token, then the latent ranking (upstream stages if needed)."""
-    states: dict[str, dict[str, int]] = {}
-    with locked(config):
-        activations = _extract(config, states)
-        return _analyse(config, activations, _train(config, activations, states), states)
+    states: States = {}
+    with locked(config) as ctx:
+        inputs = resolve_inputs(ctx, config, states)
+        activations = run_extract(ctx, config, inputs, states)
+        sae = run_train(ctx, config, inputs, activations, states)
+        return run_analyse(ctx, config, inputs, activations, sae, states), states
 
 
-def _analyse(
-    cfg: PipelineConfig, activations: dict[str, Any], sae: dict[str, Any], states: dict[str, dict[str, int]]
-) -> dict[str, Any]:
-    paths, store = _ctx(cfg)
-    akey = stable_hash(an.attribution_key(cfg.attribution, sae, activations["fingerprint"]))
-    ok = guarded(lambda: an.analysis_ok(store, paths, akey))
+def run_analyse(
+    ctx: RunContext,
+    cfg: PipelineConfig,
+    inputs: Inputs,
+    activations: ex.Activations,
+    sae: tr.SAEResult,
+    states: States,
+) -> Analysis:
+    akey = at.attribution_key(cfg.attribution, sae, activations, cfg.extract.skip_first)
     attribution = call_stage(
-        an.attribute_task,
-        paths,
-        ok,
+        at.attribute_task,
+        ctx,
+        at.attribution_done(ctx, akey) is not None,
         states,
         "attribute",
-        store_root=paths.store_root,
-        run=cfg.run,
-        steps=cfg.attribution.steps,
-        top_promoted=cfg.attribution.top_promoted,
-        sae_key=sae["key"],
-        manifest_fingerprint=activations["fingerprint"],
-        models=activations["models"].model_dump(),
+        cfg=cfg.attribution,
+        models=inputs.models,
+        sae=sae,
+        activations=activations,
         skip_first=cfg.extract.skip_first,
         batch_tokens=cfg.extract.batch_tokens,
         key=akey,
     )
-    rkey = stable_hash(cfg.attribution.rank_by, akey, sql_fingerprint())  # the SQL files define the scores
-    ok = guarded(lambda: an.rank_ok(store, paths, rkey))
+    rkey = rk.rank_key(cfg.attribution.rank_by, akey)
     ranking = call_stage(
-        an.rank_task,
-        paths,
-        ok,
+        rk.rank_task,
+        ctx,
+        rk.rank_done(ctx, rkey) is not None,
         states,
         "rank",
-        store_root=paths.store_root,
-        run=cfg.run,
         rank_by=cfg.attribution.rank_by,
         skip_first=cfg.extract.skip_first,
         attribution_key=akey,
         key=rkey,
     )
-    return {"attribution": attribution, "ranking": ranking}
+    return Analysis(attribution, ranking)
 
 
 @flow(name="dashboards", log_prints=True)
-def dashboards_flow(config: PipelineConfig) -> dict[str, Any]:
+def dashboards_flow(config: PipelineConfig) -> tuple[db.SiteResult, States]:
     """Stage 5: the static KL dashboards (upstream stages run first if needed)."""
-    states: dict[str, dict[str, int]] = {}
-    with locked(config):
-        activations = _extract(config, states)
-        analysis = _analyse(config, activations, _train(config, activations, states), states)
-        return _dashboards(config, analysis, states)
+    states: States = {}
+    with locked(config) as ctx:
+        inputs = resolve_inputs(ctx, config, states)
+        activations = run_extract(ctx, config, inputs, states)
+        sae = run_train(ctx, config, inputs, activations, states)
+        analysis = run_analyse(ctx, config, inputs, activations, sae, states)
+        return run_dashboards(ctx, config, analysis, states), states
 
 
-def _dashboards(
-    cfg: PipelineConfig, analysis: dict[str, Any], states: dict[str, dict[str, int]]
-) -> dict[str, Any]:
-    paths, store = _ctx(cfg)
-    key = stable_hash(cfg.dashboards.model_dump(), analysis["ranking"]["key"])
-    ok = guarded(lambda: db.site_ok(store, paths, key))
+def run_dashboards(ctx: RunContext, cfg: PipelineConfig, analysis: Analysis, states: States) -> db.SiteResult:
+    key = db.site_key(cfg.dashboards, analysis.ranking.key)
     return call_stage(
         db.dashboards_task,
-        paths,
-        ok,
+        ctx,
+        db.site_done(ctx, key) is not None,
         states,
         "dashboards",
-        store_root=paths.store_root,
-        run=cfg.run,
-        cfg=cfg.dashboards.model_dump(),
-        rank_key=analysis["ranking"]["key"],
+        cfg=cfg.dashboards,
+        rank_key=analysis.ranking.key,
         key=key,
     )
+

@@ -22,10 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffsae.data import Doc
+from storage import schemas
 from storage.paths import RunPaths
 from storage.store import Store
 
-TOKEN_COLUMNS = ["doc_id", "pos", "token_id", "token", "role", "kl"]
+TOKEN_COLUMNS = schemas.TOKENS.names  # the tokens table is this projection of the shards
 
 
 class ShardRecord(NamedTuple):
@@ -37,23 +39,6 @@ class ShardRecord(NamedTuple):
     bytes: int
     sha256: str
     key: str  # hash of everything the shard was computed from
-
-
-def shard_schema(d: int, dtype: str, save_raw: bool) -> pa.Schema:
-    val = pa.float16() if dtype == "float16" else pa.float32()
-    fields = [
-        pa.field("doc_id", pa.int64()),
-        pa.field("pos", pa.int32()),
-        pa.field("token_id", pa.int32()),
-        pa.field("token", pa.string()),
-        pa.field("role", pa.string()),
-        pa.field("kl", pa.float32()),
-        pa.field("in_sae", pa.bool_()),
-        pa.field("diff", pa.list_(val, d)),
-    ]
-    if save_raw:
-        fields += [pa.field("base", pa.list_(val, d)), pa.field("ft", pa.list_(val, d))]
-    return pa.schema(fields)
 
 
 def _fixed_list(arr_ND: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -200,28 +185,26 @@ def manifest_fingerprint(records: Sequence[ShardRecord]) -> str:
 
 
 def write_docs_table(store: Store, paths: RunPaths, docs: Sequence[Any]) -> None:
-    table = pa.table(
-        {
-            "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
-            "id": pa.array([d.id for d in docs], pa.string()),
-            "text": pa.array([d.text for d in docs], pa.string()),
-            "behaviour": pa.array([d.behaviour for d in docs], pa.string()),
-            "n_tokens": pa.array([len(d.token_ids) for d in docs], pa.int32()),
-        }
-    )
-    store.write_parquet(paths.url("activations", "docs.parquet"), table)
+    cols = {
+        "doc_id": [d.doc_id for d in docs],
+        "id": [d.id for d in docs],
+        "text": [d.text for d in docs],
+        "behaviour": [d.behaviour for d in docs],
+        "n_tokens": [len(d.token_ids) for d in docs],
+    }
+    store.write_parquet(paths.table("activation_docs"), pa.table(cols, schema=schemas.DOCS))
 
 
 def write_tokens_table(store: Store, paths: RunPaths, records: Sequence[ShardRecord]) -> int:
     """Project the shards onto TOKEN_COLUMNS into one tokens.parquet (one row group per shard, streaming)."""
-    url = paths.url("activations", "tokens.parquet")
+    url = paths.table("activation_tokens")
     rows = 0
     with store.writing(url, "application/vnd.apache.parquet") as tmp:
         writer: pq.ParquetWriter | None = None
         for rec in records:
             with store.open_read(paths.shard(rec.index)) as f:
                 t = pq.read_table(f, columns=TOKEN_COLUMNS)
-            writer = writer or pq.ParquetWriter(tmp, t.schema, compression="zstd")
+            writer = writer or pq.ParquetWriter(tmp, schemas.TOKENS, compression="zstd")
             writer.write_table(t)
             rows += t.num_rows
         if writer is not None:
@@ -279,3 +262,24 @@ def iter_diff_chunks(
                 d = col.type.list_size
                 flat = col.values.to_numpy(zero_copy_only=False)
                 yield flat.reshape(-1, d).astype(np.float32, copy=False)
+
+
+def read_docs(store: Store, paths: RunPaths, doc_ids: Sequence[int] | None = None) -> list[Doc]:
+    """The run's documents as extraction saw them (token ids and roles), read back from the activations stage's
+    docs and tokens tables: downstream stages never reopen the prompts file nor tokenize again."""
+    docs = store.read_parquet(paths.table("activation_docs")).to_pylist()
+    toks = store.read_parquet(paths.table("activation_tokens"), columns=["doc_id", "pos", "token_id", "role"])
+    order = np.lexsort((toks["pos"].to_numpy(), toks["doc_id"].to_numpy()))
+    doc_col = toks["doc_id"].to_numpy()[order]
+    ids, roles = toks["token_id"].to_numpy()[order], np.asarray(toks["role"].to_pylist(), dtype=object)[order]
+    starts = np.searchsorted(doc_col, [d["doc_id"] for d in docs], side="left")
+    ends = np.searchsorted(doc_col, [d["doc_id"] for d in docs], side="right")
+    wanted = None if doc_ids is None else set(int(i) for i in doc_ids)
+    out = []
+    for d, a, b in zip(docs, starts, ends):
+        if wanted is not None and d["doc_id"] not in wanted:
+            continue
+        if b - a != d["n_tokens"]:
+            raise RuntimeError(f"activations: document {d['doc_id']} has {b - a} tokens, expected {d['n_tokens']}")
+        out.append(Doc(d["doc_id"], d["id"], d["text"], d["behaviour"], ids[a:b].tolist(), list(roles[a:b])))
+    return out

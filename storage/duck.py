@@ -1,12 +1,12 @@
 """DuckDB over a run's Parquet tables: one view per table, local or on S3, never copying data.
 
-Why: every analysis table of a run (storage/paths.py TABLES) is Parquet under `<store>/runs/<run>/`;
+Why: every analysis table of a run (storage/schemas.py TABLES) is Parquet under `<store>/runs/<run>/`;
 DuckDB reads them in place, so ranking (storage/ranking.py), `diffsae sql` (storage/sql_cli.py) and any
 DuckDB client see the same tables under the same names.
 
-    con = connect("./diffsae-data", "demo")                 # views: docs, tokens, latent_tokens, ...
+    con = connect(RunContext.create("./diffsae-data", "demo"))   # views: docs, tokens, latent_tokens, ...
     con.sql("SELECT count(*) FROM latent_tokens")
-    print(catalog_sql("s3://bucket/team", "demo"))          # the same views for the DuckDB CLI
+    print(catalog_sql(ctx))                                      # the same views for the DuckDB CLI
 
 S3 goes through the httpfs extension shipped by the PyPI package `duckdb-extension-httpfs` (DuckDB cannot
 download extensions here). The package's `__init__` is empty; it only holds the file
@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlparse
 
 import duckdb
 
-from storage.paths import TABLES, RunPaths, is_s3
+from storage.paths import RunPaths, is_s3
+from storage.schemas import TABLES
+from storage.store import s3_endpoint
+
+if TYPE_CHECKING:
+    from storage.context import RunContext
 
 
 class S3Settings(NamedTuple):
@@ -43,9 +48,7 @@ class S3Settings(NamedTuple):
     @classmethod
     def from_env(cls, endpoint_url: str | None = None) -> "S3Settings":
         return cls(
-            endpoint_url=endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL"),
+            endpoint_url=s3_endpoint(endpoint_url),
             key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
             secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
             region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -122,13 +125,13 @@ def harden(con: duckdb.DuckDBPyConnection, root: str) -> None:
 
 
 def connect(
-    store: str, run: str, s3: S3Settings | None = None, *, harden_connection: bool = True
+    ctx: "RunContext", s3: S3Settings | None = None, *, harden_connection: bool = True
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per existing table of the run (see module docstring)."""
-    paths = RunPaths(store, run)
+    paths = ctx.paths
     con = duckdb.connect(":memory:")
     if is_s3(paths.store_root):
-        setup_s3(con, paths.store_root, s3)
+        setup_s3(con, paths.store_root, s3 or S3Settings.from_env(ctx.endpoint_url))
     for name, url in existing_tables(con, paths).items():
         con.execute(view_sql(name, url))
     if harden_connection:
@@ -143,7 +146,7 @@ def view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in rows]
 
 
-def catalog_sql(store: str, run: str, s3: S3Settings | None = None, *, cli_env: bool = True) -> str:
+def catalog_sql(ctx: "RunContext", s3: S3Settings | None = None, *, cli_env: bool = True) -> str:
     """SQL that creates the run's views in any DuckDB 1.5.5 client (CLI: `duckdb -init catalog.sql`).
 
     Credentials are never written out. The S3 secret reads them from two DuckDB variables, `diffsae_key_id`
@@ -152,7 +155,7 @@ def catalog_sql(store: str, run: str, s3: S3Settings | None = None, *, cli_env: 
     are comments and the client sets the variables itself, e.g.
     `con.execute("SET VARIABLE diffsae_key_id = ?", [key])`.
     """
-    paths = RunPaths(store, run)
+    paths, run = ctx.paths, ctx.run
     lines = [
         f"-- diffsae catalog: run {run!r} in {paths.store_root}",
         "-- One view per Parquet table of the run; the data stays where it is.",
@@ -161,7 +164,7 @@ def catalog_sql(store: str, run: str, s3: S3Settings | None = None, *, cli_env: 
     probe = duckdb.connect(":memory:")
     try:
         if is_s3(paths.store_root):
-            s3 = s3 or S3Settings.from_env()
+            s3 = s3 or S3Settings.from_env(ctx.endpoint_url)
             setup_s3(probe, paths.store_root, s3)
             ext = httpfs_extension_path()
             set_vars = [

@@ -13,21 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-STAGES = ("activations", "sae", "analysis", "dashboards")
-
-# Parquet tables of a run: name -> path relative to the run root (a glob for partitioned tables).
-TABLES: dict[str, str] = {
-    "docs": "analysis/docs.parquet",
-    "tokens": "analysis/tokens.parquet",
-    "latent_tokens": "analysis/latent_tokens/*.parquet",
-    "latent_docs": "analysis/latent_docs/*.parquet",
-    "latents": "analysis/latents.parquet",
-    "metrics": "analysis/metrics.parquet",
-    "recovery": "analysis/recovery.parquet",
-    "activations": "activations/shard-*.parquet",
-    "activation_docs": "activations/docs.parquet",
-    "activation_tokens": "activations/tokens.parquet",
-}
+from storage.schemas import TABLES
 
 
 def normalize_root(store: str) -> str:
@@ -75,14 +61,10 @@ class RunPaths:
     def activations_manifest(self) -> str:
         return self.url("activations", "manifest.json")
 
-    # -- SAE (stage 2)
-    @property
-    def sae_dir(self) -> str:
-        return self.url("sae")
-
     # -- analysis (stages 3-4) and dashboards (stage 5)
     def table(self, name: str) -> str:
-        return self.url(TABLES[name])
+        """URL (or glob, for partitioned tables) of a table of storage/schemas.py TABLES."""
+        return self.url(TABLES[name].path)
 
     def latent_tokens_part(self, index: int) -> str:
         return self.url("analysis", "latent_tokens", f"part-{index:05d}.parquet")

@@ -2,8 +2,8 @@
 stages, `<store>/cache/.prefect/` for store-wide ones (the built-in demo pair, shared by every run on the store).
 
 Local stores use a plain path; S3 stores need a saved RemoteFileSystem block (Prefect only accepts saved blocks
-for remote result storage). The block holds no credentials: s3fs reads them, and the endpoint, from the standard
-AWS variables, so any machine sharing the store finds the same cache records.
+for remote result storage). The block holds no credentials (s3fs reads them from the standard AWS variables) and the
+run context's endpoint, so any machine sharing the store finds the same cache records.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from storage.paths import is_s3
-from storage.store import s3_endpoint
 
 
-def result_storage(url: str) -> Any:
+def result_storage(url: str, endpoint: str | None) -> Any:
+    """Prefect result storage at `url` (a local folder, or an s3:// URL reached through `endpoint`)."""
     if not is_s3(url):
         Path(url).mkdir(parents=True, exist_ok=True)
         return Path(url)
     from prefect.filesystems import RemoteFileSystem
 
     settings: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-    endpoint = s3_endpoint()
     if endpoint:
         settings["client_kwargs"] = {"endpoint_url": endpoint}
     block = RemoteFileSystem(basepath=url, settings=settings)

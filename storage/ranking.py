@@ -1,8 +1,8 @@
 """Latent ranking and planted-behaviour recovery, in DuckDB SQL over a run's Parquet tables.
 
 Why: an auditor wants rare, high-impact behaviours at the top, and ranking by total KL attribution favours
-frequent, broad-drift latents. So every latent gets several scores (SCORES, defined and documented in
-storage/sql/rank_latents.sql), each with its own `rank_<score>` column; `rank` follows
+frequent, broad-drift latents. So every latent gets several scores (SCORES, named in diffsae/config.py, defined
+and documented in storage/sql/rank_latents.sql), each with its own `rank_<score>` column; `rank` follows
 `attribution.rank_by`. `recovery` measures, per score, whether latents that capture a planted behaviour
 (>= 80 % of their positive attribution mass in documents with that label) reach the top 10.
 
@@ -23,16 +23,11 @@ from typing import NamedTuple
 import duckdb
 import pyarrow as pa
 
+from diffsae.config import SCORES, resolve_score
+from storage import schemas
 from storage.duck import view_names
 
 SQL_DIR = Path(__file__).parent / "sql"
-
-# Score names; each is a `score_<name>` and a `rank_<name>` column of the latents table (see
-# rank_latents.sql).
-SCORES: tuple[str, ...] = ("total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus")
-# Other accepted spellings of `rank_by` (the statistics columns equal to a score, and `score_<name>`).
-ALIASES: dict[str, str] = {"kl_attr_sum": "total", "kl_attr_mean": "mean", "kl_attr_max": "peak_token"}
-ALIASES.update({f"score_{s}": s for s in SCORES})
 
 _EMPTY_DIRS = (
     "(SELECT NULL::INTEGER AS latent_id, NULL::VARCHAR[] AS promoted, NULL::VARCHAR[] AS suppressed"
@@ -45,29 +40,14 @@ _EMPTY_DOMINANT = (
 _counter = itertools.count()
 # docs rows with a planted label (as in behaviour_mass.sql and recovery.sql): not NULL, '' or 'none'
 PLANTED_DOCS = "behaviour IS NOT NULL AND behaviour NOT IN ('', 'none')"
-
-RECOVERY_SCHEMA = pa.schema(
-    [("score", pa.string()), ("behaviour", pa.string()), ("best_rank", pa.int64()), ("recovered", pa.bool_()),
-     ("top10_capture_fraction", pa.float64())]
-)  # fmt: skip
+# latents columns that exist only when docs has planted labels
+DOMINANT_COLUMNS = ("dominant_behaviour", "dominant_share")
 
 
 class RankParams(NamedTuple):
     min_support: int = 5  # firing tokens a latent needs for score_mean
     top_n: int = 5  # documents whose mass score_concentration keeps
     top_m: int = 3  # documents score_top_docs averages
-
-
-def resolve_score(rank_by: str) -> str:
-    """The score name for `rank_by` (a score, `score_<name>` or a kl_attr_* alias), else ValueError."""
-    name = ALIASES.get(rank_by, rank_by)
-    if name not in SCORES:
-        allowed = ", ".join(SCORES)
-        raise ValueError(
-            f"unknown rank_by {rank_by!r}: choose one of {allowed}"
-            " (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)"
-        )
-    return name
 
 
 def sql_fingerprint() -> str:
@@ -135,7 +115,8 @@ def rank_latents(
 ) -> pa.Table:
     """The latents table (DESIGN.md), sorted by rank: statistics, n_docs, pos_mass, score_<s> and rank_<s> for
     s in SCORES, `rank` (by `rank_by`), dominant_behaviour/dominant_share (only when docs has planted labels),
-    promoted/suppressed (from `latent_dirs(latent_id, promoted, suppressed)`, NULL without it)."""
+    promoted/suppressed (from `latent_dirs(latent_id, promoted, suppressed)`, NULL without it). Its schema is
+    storage.schemas.latents_schema(SCORES) (less the dominant_* columns without planted labels)."""
     score = resolve_score(rank_by)
     views = view_names(con)
     planted = has_planted(con)
@@ -163,9 +144,15 @@ def rank_latents(
     finally:
         if latent_dirs is not None:
             con.unregister(dirs_name)
+    schema = schemas.latents_schema(SCORES)
     if not planted:
-        table = table.drop_columns(["dominant_behaviour", "dominant_share"])
-    return table
+        table = table.drop_columns(list(DOMINANT_COLUMNS))
+        schema = pa.schema([f for f in schema if f.name not in DOMINANT_COLUMNS])
+    if table.column_names != schema.names:  # the SQL and storage/schemas.py disagree: a bug, not bad data
+        raise RuntimeError(
+            f"rank_latents.sql returned columns {table.column_names}, storage/schemas.py expects {schema.names}"
+        )
+    return table.cast(schema)
 
 
 def recovery(
@@ -180,7 +167,7 @@ def recovery(
     ranked now. Empty when the run has no planted behaviour."""
     views = view_names(con)
     if not has_planted(con):
-        return RECOVERY_SCHEMA.empty_table()
+        return schemas.RECOVERY.empty_table()
     _latent_docs_sql(views)  # latent_tokens must exist
     if latents is None:
         latents = rank_latents(con) if "latents" not in views else None
@@ -199,7 +186,7 @@ def recovery(
     finally:
         if latents is not None:
             con.unregister(name)
-    return table.cast(RECOVERY_SCHEMA)
+    return table.cast(schemas.RECOVERY)
 
 
 def format_recovery(table: pa.Table) -> str:

@@ -22,6 +22,7 @@ import math
 import sys
 from typing import Any
 
+from storage.context import RunContext
 from storage.sql_guard import QueryResult
 
 
@@ -95,30 +96,28 @@ def format_json(res: QueryResult) -> str:
 FORMATS = {"table": format_table, "csv": format_csv, "json": format_json}
 
 
-def resolve(args: argparse.Namespace) -> tuple[str, str, str | None]:
-    """(store, run, s3 endpoint) from the flags, then --config, then the PipelineConfig defaults."""
+def resolve(args: argparse.Namespace) -> RunContext:
+    """The run context from the flags, then --config, then the PipelineConfig defaults."""
     from diffsae.config import PipelineConfig
 
     cfg = PipelineConfig.from_yaml(args.config, overrides={"store": args.store, "run": args.run})
-    return cfg.store, cfg.run, cfg.s3_endpoint_url
+    return RunContext.from_config(cfg)
 
 
 def run(args: argparse.Namespace) -> int:
-    from storage.duck import S3Settings, catalog_sql, connect
-    from storage.paths import RunPaths, is_s3
+    from storage.duck import catalog_sql, connect
     from storage.sql_guard import run_query
 
     try:
-        store, run_name, endpoint = resolve(args)
-        s3 = S3Settings.from_env(endpoint) if is_s3(store) else None
+        ctx = resolve(args)
         if args.catalog:
-            sys.stdout.write(catalog_sql(store, run_name, s3))
+            sys.stdout.write(catalog_sql(ctx))
             return 0
         if not args.query:
             raise ValueError('give a query, e.g. diffsae sql "SHOW TABLES", or --catalog')
-        con = connect(store, run_name, s3)
+        con = connect(ctx)
         try:
-            res = run_query(con, args.query, RunPaths(store, run_name).root, max_rows=args.max_rows)
+            res = run_query(con, args.query, ctx.paths.root, max_rows=args.max_rows)
         finally:
             con.close()
         sys.stdout.write(FORMATS[args.format](res))

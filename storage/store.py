@@ -4,13 +4,15 @@ Writes are atomic: a reader never sees a half-written object. Locally we write a
 folder and `os.replace` it; on S3 an object becomes visible only when its PUT (or multipart upload) completes, and
 we upload from a finished local temp file, so an interrupted write leaves nothing behind.
 
-S3 endpoint and credentials come from the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_REGION) or an explicit endpoint. `Store.check()` turns a missing bucket, refused
+S3 credentials come from the standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, or a
+profile); the endpoint is explicit (the config's `s3_endpoint_url`) or, when not given, AWS_ENDPOINT_URL_S3 /
+AWS_ENDPOINT_URL: `s3_endpoint` is the one place that reads them. `Store.check()` turns a missing bucket, refused
 credentials or an unreachable endpoint into one clear line, before any compute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -29,6 +31,7 @@ class StoreError(RuntimeError):
 
 
 def s3_endpoint(explicit: str | None = None) -> str | None:
+    """The S3 endpoint to use: `explicit`, else the environment's (None: the default AWS endpoint)."""
     return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
@@ -141,10 +144,35 @@ class Store:
     def get_file(self, url: str, local_path: str) -> None:
         self.fs.get_file(self._p(url), local_path)
 
-    def get_dir(self, url: str, local_dir: str) -> None:
-        os.makedirs(local_dir, exist_ok=True)
-        for f in self.ls(url):
-            self.get_file(f, os.path.join(local_dir, f.rsplit("/", 1)[-1]))
+    def mirror(self, url: str, local_root: str) -> str:
+        """A local path with the content of `url` (a file or a folder): `url` itself on a local store; on S3 a copy
+        at `local_root/<digest>/<name>`, the digest taken over the URL and its listing (names, sizes), so changed
+        content gets a new copy. Downloaded once; completed by an atomic rename, so an interrupted download is never
+        taken for a copy."""
+        if not self.is_s3:
+            return url
+        prefix = self._p(url).rstrip("/")
+        listing = self.fs.find(prefix, detail=True)
+        if not listing:
+            raise FileNotFoundError(f"nothing on the store at {url}")
+        digest = hashlib.sha256(url.encode())
+        for name in sorted(listing):
+            digest.update(f"\0{name}\0{listing[name].get('size')}".encode())
+        name = prefix.rsplit("/", 1)[-1]
+        home = os.path.join(local_root, digest.hexdigest()[:24])
+        if os.path.exists(os.path.join(home, name)):
+            return os.path.join(home, name)
+        os.makedirs(local_root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".mirror-", dir=local_root)
+        for f in sorted(listing):
+            out = os.path.join(tmp, name, f[len(prefix) + 1 :]) if f != prefix else os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            self.fs.get_file(f, out)
+        try:
+            os.rename(tmp, home)
+        except OSError:  # another process finished the same copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return os.path.join(home, name)
 
     # -- atomic writes
     @contextmanager
@@ -184,11 +212,13 @@ class Store:
         with self.writing(url, content_type) as tmp:
             shutil.copyfile(local_path, tmp)
 
-    def put_dir(self, local_dir: str, url: str) -> None:
-        for name in sorted(os.listdir(local_dir)):
-            src = os.path.join(local_dir, name)
-            if os.path.isfile(src):
-                self.put_file(src, f"{url.rstrip('/')}/{name}")
+    def put_tree(self, local_dir: str, url: str) -> None:
+        """Upload every file under `local_dir` to `url/<relative path>` (each atomically)."""
+        for dirpath, _, names in sorted(os.walk(local_dir)):
+            for name in sorted(names):
+                src = os.path.join(dirpath, name)
+                rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                self.put_file(src, f"{url.rstrip('/')}/{rel}")
 
     def write_parquet(self, url: str, table: Any, **kwargs: Any) -> int:
         """Write a pyarrow Table atomically; returns the byte size."""

@@ -8,24 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffsae.config import ConfigError, PipelineConfig
-from storage.store import Store
+from diffsae.data import DataError, docs_have_messages
+from diffsae.models import check_pair
+from storage.context import RunContext
+from tasks.models import MODEL_CACHE
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    Store(cfg.store, cfg.s3_endpoint_url).check()
-    if cfg.models is None or cfg.data is None:
+    ctx = RunContext.from_config(cfg)
+    ctx.store.check()
+    if cfg.uses_demo_pair or cfg.data is None:
         return  # the built-in pair is produced by the pipeline itself
-    from diffsae.data import DataError, docs_have_messages
-    from diffsae.models import check_pair
-
+    assert cfg.models.finetuned is not None
     if not Path(cfg.data.path).is_file():
         raise DataError(f"data file not found: {cfg.data.path}")
-    check_pair(cfg.models, needs_chat_template=docs_have_messages(cfg.data.path))
-    from tasks.extract import _docs
-
-    # The same memoised tokenization the extraction plan reads: the dataset is tokenized once per process.
-    docs = _docs(cfg.data.path, cfg.models.finetuned, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
-    if not docs:
-        raise DataError(f"{cfg.data.path}: no documents")
     if cfg.extract.skip_first >= cfg.data.max_tokens_per_doc:
         raise ConfigError("extract.skip_first must be smaller than data.max_tokens_per_doc")
+    check_pair(cfg.models, needs_chat_template=docs_have_messages(cfg.data.path))
+    # The same in-process tokenization the extraction plan reads: the dataset is tokenized once per process.
+    docs = MODEL_CACHE.docs(ctx, cfg.data.path, cfg.models.finetuned, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
+    if not docs:
+        raise DataError(f"{cfg.data.path}: no documents")

@@ -2,36 +2,46 @@
 
 Tables are read through the DuckDB views of storage/duck.py; `latent_tokens` is narrowed in SQL to the rows the
 site shows (the listed latents, and the positions of the high-KL tokens), so memory stays bounded on big runs.
-Objects on S3 get their content types. `diffsae dashboards` calls `render_dashboards` directly (no recompute).
+Objects on S3 get their content types. `dashboards/site.json`, written last, is the stage's marker.
+`diffsae dashboards` calls `render_dashboards` directly (no recompute).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 from prefect import task
 
-from diffsae.config import DashboardsConfig
-from storage.paths import RunPaths
-from storage.store import Store
-from tasks.common import IO_RETRY, STAGE_CACHE
+from dashboards import SiteTables, render_site
+from diffsae.config import DashboardsConfig, SAEConfig
+from storage import duck
+from storage.context import RunContext
+from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
 
 
-def site_ok(store: Store, paths: RunPaths, key: str) -> bool:
-    try:
-        return store.read_json(f"{paths.dashboards_dir}/site.json").get("key") == key and store.exists(
-            f"{paths.dashboards_dir}/index.html"
-        )
-    except (FileNotFoundError, ValueError):
-        return False
+class SiteResult(NamedTuple):
+    """The rendered site (`dashboards/site.json`)."""
+
+    key: str
+    index: str  # URL of index.html on the store
+    pages: int
+    files: int
+    bytes: int
+    seconds: float
 
 
-def load_site_tables(store_root: str, run: str, cfg: DashboardsConfig) -> Any:
-    from dashboards import SiteTables
-    from storage import duck
+def site_key(cfg: DashboardsConfig, rank_key: str) -> str:
+    return stage_key("dashboards", render_dashboards, cfg.model_dump(), rank_key)
 
-    con = duck.connect(store_root, run)
+
+def site_done(ctx: RunContext, key: str) -> SiteResult | None:
+    out = read_marker(ctx.store, f"{ctx.paths.dashboards_dir}/site.json", key, SiteResult)
+    return out if out is not None and ctx.store.exists(out.index) else None
+
+
+def load_site_tables(ctx: RunContext, cfg: DashboardsConfig) -> SiteTables:
+    con = ctx.duck()
     views = duck.view_names(con)
 
     def q(sql: str) -> pl.DataFrame:
@@ -54,50 +64,48 @@ def load_site_tables(store_root: str, run: str, cfg: DashboardsConfig) -> Any:
     )
 
 
-def summary_for(store: Store, paths: RunPaths) -> dict[str, Any]:
+def summary_for(ctx: RunContext) -> dict[str, Any]:
+    """The site's header: models, layer, SAE (its width in `n_latents`), rank_by and the validation metrics."""
+    store, paths = ctx.store, ctx.paths
     cfg = store.read_json(paths.url("sae", "cfg.json"))
     metrics = store.read_json(paths.url("sae", "metrics.json"))
     sae = cfg.get("sae_config", {})
-    from diffsae.config import SAEConfig
-
     lr = SAEConfig.model_validate(sae).learning_rate if sae else None
+    try:
+        rank_by = store.read_json(paths.url("analysis", "ranking.json")).get("rank_by")
+    except FileNotFoundError:
+        rank_by = None
     return {
         "run": paths.run,
         "base_model": cfg.get("base"),
         "finetuned_model": cfg.get("finetuned"),
         "layer": cfg.get("layer"),
         "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={lr:.2g}, batch={sae.get('batch_size')}",
+        "n_latents": int(cfg["n_latents"]),
+        **({"rank_by": rank_by} if rank_by else {}),
         **{k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
     }
 
 
-def render_dashboards(store_root: str, run: str, cfg: DashboardsConfig, key: str = "") -> dict[str, Any]:
-    """Render the site onto the store (atomic per object); returns the index URL and counts."""
-    from dashboards import render_site
-
-    paths, store = RunPaths(store_root, run), Store(store_root)
-    tables = load_site_tables(store_root, run, cfg)
-    root = paths.dashboards_dir
+def render_dashboards(ctx: RunContext, cfg: DashboardsConfig, key: str = "") -> SiteResult:
+    """Render the site onto the store (atomic per object), site.json last."""
+    store, root = ctx.store, ctx.paths.dashboards_dir
+    tables = load_site_tables(ctx, cfg)
 
     def out(rel: str, data: bytes, content_type: str) -> None:
         store.write_bytes(f"{root}/{rel}", data, content_type)
 
-    res = render_site(tables, summary_for(store, paths), out, cfg)
-    index = f"{root}/index.html"
-    info = {
-        "key": key,
-        "index": index,
-        "pages": res.n_pages,
-        "files": len(res.files),
-        "bytes": res.n_bytes,
-        "seconds": res.seconds,
-    }
-    store.write_json(f"{root}/site.json", info)  # last: marks the stage complete
+    res = render_site(tables, summary_for(ctx), out, cfg)
+    info = SiteResult(key, f"{root}/index.html", res.n_pages, len(res.files), res.n_bytes, res.seconds)
+    write_marker(store, f"{root}/site.json", info)  # last: marks the stage complete
     return info
 
 
+def render_stage(ctx: RunContext, cfg: DashboardsConfig, key: str) -> SiteResult:
+    done = site_done(ctx, key)
+    return done if done is not None else render_dashboards(ctx, cfg, key)
+
+
 @task(name="dashboards", cache_policy=STAGE_CACHE, **IO_RETRY)
-def dashboards_task(
-    store_root: str, run: str, cfg: dict[str, Any], rank_key: str, key: str
-) -> dict[str, Any]:
-    return render_dashboards(store_root, run, DashboardsConfig.model_validate(cfg), key)
+def dashboards_task(ctx: RunContext, cfg: DashboardsConfig, rank_key: str, key: str) -> SiteResult:
+    return render_stage(ctx, cfg, key)

@@ -1,28 +1,35 @@
 """Stage 1 tasks: one cached task per activation shard, then a commit task that writes the manifest last.
 
-A shard's cache key is its content key (model fingerprints, layer, model dtype, the shard's token ids and roles,
-the extract settings that change the output) + the task source. A killed run restarted recomputes only the shards
-whose file is missing or fails its sidecar check (size + sha256); the manifest is written only when every shard
-is in place, so a reader never sees a partial stage.
+A shard's key is its content (model fingerprints, layer, model dtype, the shard's token ids and roles, the
+extract settings that change the output) + the source of `write_shard`; its sidecar (size + sha256 + key) is its
+completion marker. A killed run restarted recomputes only the shards whose file is missing or fails its sidecar
+check; the manifest, the stage's marker, is written only when every shard is in place, so a reader never sees a
+partial stage. The prompts file is uploaded to the store first (`inputs/<sha256>-<name>`), so every task input
+and the manifest name it by its store URL, never by a path of this machine.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from functools import lru_cache
 from typing import Any, NamedTuple
 
+import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from diffsae.config import ExtractConfig, ModelsConfig
-from diffsae.data import Doc, load_docs
+from diffsae.config import DataConfig, ExtractConfig, ModelsConfig
+from diffsae.data import data_fingerprint
 from diffsae.extract import extract_docs
 from storage import activations as act
-from storage.paths import RunPaths
-from storage.store import Store
-from tasks.common import IO_RETRY, stable_hash
+from storage import schemas
+from storage.context import RunContext
+from storage.paths import is_s3
+from tasks.common import IO_RETRY, STAGE_CACHE, code_version, stable_hash, stage_key
+from tasks.models import MODEL_CACHE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ShardSpec(NamedTuple):
@@ -40,47 +47,42 @@ class ExtractPlan(NamedTuple):
     data_key: str
 
 
-# ---------------------------------------------------------------- in-process caches (models load once per worker)
+class ShardInputs(BaseModel):
+    """How to compute a shard (not part of its key: `ShardSpec.key` already says what the output depends on)."""
+
+    model_config = ConfigDict(frozen=True)
+    models: ModelsConfig
+    data: DataConfig  # `path` is the prompts' URL on the store
+    extract: ExtractConfig
+    n_shards: int
 
 
-@lru_cache(maxsize=2)
-def _pair(models_json: str) -> Any:
-    from diffsae.models import load_pair
+class Activations(NamedTuple):
+    """The committed activations stage (its manifest)."""
 
-    return load_pair(ModelsConfig.model_validate_json(models_json), needs_chat_template=False)
-
-
-@lru_cache(maxsize=2)
-def _tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    key: str
+    fingerprint: str  # hash of the shards' (index, sha256, rows, key): what downstream stages depend on
+    rows: int
+    n_docs: int
+    n_shards: int
 
 
-@lru_cache(maxsize=2)
-def _docs(data_path: str, tokenizer_src: str, max_tokens: int, max_docs: int | None) -> list[Doc]:
-    return load_docs(data_path, _tokenizer(tokenizer_src), max_tokens, max_docs)
-
-
-@lru_cache(maxsize=2)
-def _token_strings(tokenizer_src: str) -> list[str]:
-    tok = _tokenizer(tokenizer_src)
-    return [tok.decode([i]) for i in range(len(tok))]
-
-
-# ------------------------------------------------------------------------------------------------- planning
+def upload_data(ctx: RunContext, path: str) -> str:
+    """The prompts file's URL on the store, `<store>/inputs/<sha256>-<name>` (uploaded once per content)."""
+    if is_s3(path) or path.startswith(ctx.store_url + "/"):
+        return path
+    url = ctx.paths.cache_dir("inputs", f"{data_fingerprint(path)[:24]}-{os.path.basename(path)}")
+    if not ctx.store.exists(url):
+        ctx.store.put_file(path, url)
+    return url
 
 
 def plan_extraction(
-    models: ModelsConfig,
-    data_path: str,
-    max_tokens: int,
-    max_docs: int | None,
-    extract: ExtractConfig,
-    fingerprints: tuple[str, str],
+    ctx: RunContext, models: ModelsConfig, data: DataConfig, extract: ExtractConfig, fingerprints: tuple[str, str]
 ) -> ExtractPlan:
     """Tokenize the dataset (tokenizer only, no model) and cut it into shards of ~extract.shard_tokens tokens."""
-    docs = _docs(data_path, models.finetuned, max_tokens, max_docs)
+    assert models.finetuned is not None
+    docs = MODEL_CACHE.docs(ctx, data.path, models.finetuned, data.max_tokens_per_doc, data.max_docs)
     settings = {
         "layer": models.layer,
         "model_dtype": models.dtype,
@@ -88,6 +90,7 @@ def plan_extraction(
         "skip_first": extract.skip_first,
         "save_raw": extract.save_raw,
         "models": fingerprints,
+        "code": code_version(write_shard),
     }
     shards: list[ShardSpec] = []
     start, n = 0, 0
@@ -95,60 +98,44 @@ def plan_extraction(
         n += len(d.token_ids)
         if n >= extract.shard_tokens or i == len(docs) - 1:
             content = [(x.doc_id, x.token_ids, x.roles) for x in docs[start : i + 1]]
-            shards.append(ShardSpec(len(shards), start, i + 1, n, stable_hash(settings, content)))
+            shards.append(ShardSpec(len(shards), start, i + 1, n, "shard-" + stable_hash(settings, content)))
             start, n = i + 1, 0
     total = sum(s.n_tokens for s in shards)
     return ExtractPlan(shards, len(docs), total, stable_hash(settings, [s.key for s in shards]))
 
 
-class ShardCtx(NamedTuple):
-    """How to compute a shard (not part of its cache key: `key` already says what the output depends on)."""
-
-    models_json: str
-    data_path: str
-    max_tokens: int
-    max_docs: int | None
-    extract_json: str
-    n_shards: int
+def shard_done(ctx: RunContext, spec: ShardSpec, verify: str = "checksum") -> act.ShardRecord | None:
+    """The shard's record when its file is on the store and matches it (size, and sha256 for `checksum`)."""
+    rec = act.read_sidecar(ctx.store, ctx.paths, spec.index)
+    return rec if act.shard_valid(ctx.store, ctx.paths, rec, spec.key, verify) else None
 
 
-def shard_ok(store: Store, paths: RunPaths, spec: ShardSpec, verify: str = "checksum") -> bool:
-    return act.shard_valid(store, paths, act.read_sidecar(store, paths, spec.index), spec.key, verify)
-
-
-@task(
-    name="extract-shard",
-    cache_policy=(INPUTS - "ctx") + TASK_SOURCE,
-    **IO_RETRY,
-    task_run_name="extract-shard-{spec.index}",
-)
-def extract_shard(store_root: str, run: str, spec: ShardSpec, ctx: ShardCtx) -> dict[str, Any]:
+def write_shard(ctx: RunContext, spec: ShardSpec, inputs: ShardInputs) -> act.ShardRecord:
     """Run both models over the shard's documents and write the shard (+ sidecar) atomically."""
-    import torch
-
-    paths, store = RunPaths(store_root, run), Store(store_root)
-    models = ModelsConfig.model_validate_json(ctx.models_json)
-    extract = ExtractConfig.model_validate_json(ctx.extract_json)
-    pair = _pair(ctx.models_json)
-    docs = _docs(ctx.data_path, models.finetuned, ctx.max_tokens, ctx.max_docs)[spec.doc_start : spec.doc_end]
+    done = shard_done(ctx, spec, inputs.extract.verify)
+    if done is not None:
+        return done
+    models, extract = inputs.models, inputs.extract
+    assert models.finetuned is not None
+    pair = MODEL_CACHE.pair(ctx, models)
+    data = inputs.data
+    docs = MODEL_CACHE.docs(ctx, data.path, models.finetuned, data.max_tokens_per_doc, data.max_docs)
     d_model = int(pair.base.config.get_text_config().hidden_size)
-    schema = act.shard_schema(d_model, extract.dtype, extract.save_raw)
-    writer = act.ShardWriter(store, paths, spec.index, schema, _token_strings(models.finetuned))
+    schema = schemas.activation_shard(d_model, extract.dtype, extract.save_raw)
+    strings = MODEL_CACHE.token_strings(ctx, models.finetuned)
+    writer = act.ShardWriter(ctx.store, ctx.paths, spec.index, schema, strings)
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[models.dtype]
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=spec.n_tokens, unit="tok", unit_scale=True, desc=f"shard {spec.index + 1}/{ctx.n_shards}"
-    )
+    bar = tqdm(total=spec.n_tokens, unit="tok", unit_scale=True, desc=f"shard {spec.index + 1}/{inputs.n_shards}")
     try:
         for batch in extract_docs(
             pair.base,
             pair.finetuned,
             models.layer,
-            docs,
+            docs[spec.doc_start : spec.doc_end],
             extract.batch_tokens,
             pair.device,
-            dtype,
+            DTYPES[models.dtype],
             extract.dtype,
             extract.skip_first,
             extract.save_raw,
@@ -164,43 +151,56 @@ def extract_shard(store_root: str, run: str, spec: ShardSpec, ctx: ShardCtx) -> 
         bar.close()
     if rec.rows != spec.n_tokens:
         raise RuntimeError(f"shard {spec.index}: wrote {rec.rows} rows, expected {spec.n_tokens}")
-    return {**rec._asdict(), "seconds": time.perf_counter() - t0}
+    print(f"shard {spec.index}: {rec.rows} tokens in {time.perf_counter() - t0:.1f} s")
+    return rec
 
 
-@task(name="commit-activations", cache_policy=INPUTS + TASK_SOURCE, **IO_RETRY)
-def commit_activations(
-    store_root: str,
-    run: str,
-    shard_keys: list[str],
-    shard_digests: list[str],
-    plan_key: str,
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """Write docs and tokens tables, then the manifest (last). Returns the manifest fingerprint and counts.
+@task(name="extract-shard", cache_policy=STAGE_CACHE, **IO_RETRY, task_run_name="extract-shard-{spec.index}")
+def extract_shard(ctx: RunContext, spec: ShardSpec, inputs: ShardInputs, key: str) -> act.ShardRecord:
+    return write_shard(ctx, spec, inputs)
 
-    Keyed by the shards' sha256: recomputed shards identical to the old ones leave the manifest cached."""
-    paths, store = RunPaths(store_root, run), Store(store_root)
+
+def activations_key(plan: ExtractPlan, digests: list[str], meta: dict[str, Any]) -> str:
+    """Keyed by the shards' sha256: recomputed shards identical to the old ones leave the manifest in place."""
+    return stage_key("activations", commit, plan.data_key, digests, meta)
+
+
+def activations_done(ctx: RunContext, key: str) -> Activations | None:
+    m = act.read_manifest(ctx.store, ctx.paths)
+    if m is None or m.get("key") != key:
+        return None
+    if not all(ctx.store.exists(ctx.paths.shard(s["index"])) for s in m["shards"]):
+        return None
+    if not ctx.store.exists(ctx.paths.table("activation_tokens")):
+        return None
+    return Activations(m["key"], m["fingerprint"], m["rows"], m["n_docs"], len(m["shards"]))
+
+
+def commit(
+    ctx: RunContext, inputs: ShardInputs, shard_keys: list[str], digests: list[str], meta: dict[str, Any], key: str
+) -> Activations:
+    """Write the docs and tokens tables, then the manifest (last)."""
+    done = activations_done(ctx, key)
+    if done is not None:
+        return done
+    store, paths = ctx.store, ctx.paths
     records = []
-    for i, key in enumerate(shard_keys):
+    for i, shard_key in enumerate(shard_keys):
         rec = act.read_sidecar(store, paths, i)
-        if (
-            rec is None
-            or rec.sha256 != shard_digests[i]
-            or not act.shard_valid(store, paths, rec, key, "size")
-        ):
+        if rec is None or rec.sha256 != digests[i] or not act.shard_valid(store, paths, rec, shard_key, "size"):
             raise RuntimeError(f"shard {i} is missing or does not match its record; rerun extraction")
         records.append(rec)
-    docs = _docs(meta["data_path"], meta["tokenizer"], meta["max_tokens"], meta["max_docs"])
+    assert inputs.models.finetuned is not None
+    data = inputs.data
+    docs = MODEL_CACHE.docs(ctx, data.path, inputs.models.finetuned, data.max_tokens_per_doc, data.max_docs)
     act.write_docs_table(store, paths, docs)
-    n_tok = act.write_tokens_table(store, paths, records)
-    fp = act.commit_manifest(store, paths, records, {"plan_key": plan_key, "n_docs": len(docs), **meta})
-    return {"fingerprint": fp, "rows": n_tok, "shards": len(records), "docs": len(docs)}
+    rows = act.write_tokens_table(store, paths, records)
+    fp = act.commit_manifest(store, paths, records, {"key": key, "n_docs": len(docs), "n_shards": len(records), **meta})
+    return Activations(key, fp, rows, len(docs), len(records))
 
 
-def manifest_ok(store: Store, paths: RunPaths, plan_key: str) -> bool:
-    m = act.read_manifest(store, paths)
-    if m is None or m.get("plan_key") != plan_key:
-        return False
-    return all(store.exists(paths.shard(s["index"])) for s in m["shards"]) and store.exists(
-        paths.url("activations", "tokens.parquet")
-    )
+@task(name="commit-activations", cache_policy=STAGE_CACHE, **IO_RETRY)
+def commit_activations(
+    ctx: RunContext, inputs: ShardInputs, shard_keys: list[str], digests: list[str], meta: dict[str, Any], key: str
+) -> Activations:
+    return commit(ctx, inputs, shard_keys, digests, meta, key)

@@ -1,107 +1,78 @@
 """Stage 0: the model pair. The built-in planted demo pair is built once per (preset, seed, mix, builder source)
 into `<store>/cache/demo_pair/<key>/` and reused by every run on that store; user pairs need no stage.
 
-Models are loaded by transformers from local folders, so a pair on an S3 store is mirrored into the local cache
-(`~/.cache/diffsae/mirror/<key>/`) before use.
+The pair is named by its URL on the store in every task input (models load through tasks/models.py, which mirrors
+an S3 copy into this machine's cache), so nothing machine-local reaches the store or a cache key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 from prefect import task
 
+import organisms.demo_corpus
+import organisms.demo_pair
+import organisms.demo_train
 from diffsae.config import DataConfig, DemoConfig, ModelsConfig, PipelineConfig
-from storage.paths import RunPaths
-from storage.store import Store
-from tasks.common import IO_RETRY, STAGE_CACHE
+from storage.context import RunContext
+from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stable_hash, write_marker
 
 DONE = "DONE.json"
 
 
+class DemoPair(NamedTuple):
+    """The built-in pair on the store: `url` holds base/, finetuned/, prompts.jsonl, kl_profile.json."""
+
+    key: str
+    url: str
+
+
 def demo_key(demo: DemoConfig) -> str:
-    import diffsae.demo_corpus
-    import diffsae.demo_pair
-    import diffsae.demo_train
-
-    src = "".join(inspect.getsource(m) for m in (diffsae.demo_pair, diffsae.demo_corpus, diffsae.demo_train))
-    raw = f"{demo.preset}|{demo.seed}|{demo.mix}|{hashlib.sha256(src.encode()).hexdigest()}"
-    return f"{demo.preset}-s{demo.seed}-{demo.mix}-" + hashlib.sha256(raw.encode()).hexdigest()[:12]
+    """Preset, seed, mix and the builder's source (organisms/demo_*.py): a changed builder builds a new pair."""
+    src = "".join(inspect.getsource(m) for m in (organisms.demo_pair, organisms.demo_corpus, organisms.demo_train))
+    return f"{demo.preset}-s{demo.seed}-{demo.mix}-" + stable_hash(demo.model_dump(), src)[:12]
 
 
-def demo_pair_url(paths: RunPaths, demo: DemoConfig) -> str:
-    return paths.cache_dir("demo_pair", demo_key(demo))
+def demo_pair_url(ctx: RunContext, key: str) -> str:
+    return ctx.paths.cache_dir("demo_pair", key)
 
 
-def demo_pair_ok(store: Store, paths: RunPaths, demo: DemoConfig) -> bool:
-    return store.exists(f"{demo_pair_url(paths, demo)}/{DONE}")
+def demo_pair_done(ctx: RunContext, key: str) -> DemoPair | None:
+    return read_marker(ctx.store, f"{demo_pair_url(ctx, key)}/{DONE}", key, DemoPair)
 
 
-def _upload_tree(store: Store, local: Path, url: str) -> None:
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            store.put_file(str(f), f"{url}/{f.relative_to(local).as_posix()}")
+def build_pair(ctx: RunContext, demo: DemoConfig, key: str) -> DemoPair:
+    """Build the planted pair (≤ 5 min for the demo preset on 2 cores) and publish it on the store."""
+    done = demo_pair_done(ctx, key)
+    if done is not None:  # complete on the store (its Prefect record was lost): reuse, never rebuild
+        return done
+    store, url = ctx.store, demo_pair_url(ctx, key)
+    store.delete_tree(url)  # an incomplete earlier build
+    if ctx.is_s3:
+        with tempfile.TemporaryDirectory() as tmp:
+            organisms.demo_pair.build_demo_pair(Path(tmp) / "pair", preset=demo.preset, seed=demo.seed, mix=demo.mix)
+            store.put_tree(f"{tmp}/pair", url)
+    else:
+        organisms.demo_pair.build_demo_pair(Path(url), preset=demo.preset, seed=demo.seed, mix=demo.mix)
+    out = DemoPair(key, url)
+    write_marker(store, f"{url}/{DONE}", out)  # last: marks the pair complete
+    return out
 
 
 @task(name="build-demo-pair", cache_policy=STAGE_CACHE, **IO_RETRY)
-def build_demo_pair_task(store_root: str, demo: dict[str, Any], key: str) -> dict[str, Any]:
-    """Build the planted pair (≤ 5 min for the demo preset on 2 cores) and publish it on the store."""
-    from diffsae.demo_pair import build_demo_pair
-
-    cfg = DemoConfig.model_validate(demo)
-    store = Store(store_root)
-    url = store.root + f"/cache/demo_pair/{key}"
-    if store.exists(f"{url}/{DONE}"):  # complete on the store (its cache record was lost): reuse, never rebuild
-        return {"url": url, "key": key}
-    if store.is_s3:
-        with tempfile.TemporaryDirectory() as tmp:
-            build_demo_pair(Path(tmp) / "pair", preset=cfg.preset, seed=cfg.seed, mix=cfg.mix)
-            _upload_tree(store, Path(tmp) / "pair", url)
-    else:
-        if Path(url).exists():  # an older build without DONE marker: rebuild cleanly
-            store.delete_tree(url)
-        build_demo_pair(Path(url), preset=cfg.preset, seed=cfg.seed, mix=cfg.mix)
-    profile = store.read_json(f"{url}/kl_profile.json") if store.exists(f"{url}/kl_profile.json") else {}
-    store.write_json(f"{url}/{DONE}", {"key": key, "kl_profile": profile})  # last: marks the pair complete
-    return {"url": url, "key": key}
+def build_demo_pair_task(ctx: RunContext, demo: DemoConfig, key: str) -> DemoPair:
+    return build_pair(ctx, demo, key)
 
 
-def local_copy(store: Store, url: str, key: str) -> str:
-    """A local folder with the content of `url` (the folder itself for local stores)."""
-    if not store.is_s3:
-        return url
-    root = Path(os.environ.get("DIFFSAE_CACHE_DIR") or Path.home() / ".cache" / "diffsae") / "mirror" / key
-    if (root / DONE).exists():
-        return str(root)
-    tmp = Path(tempfile.mkdtemp(prefix=".mirror-", dir=root.parent if root.parent.exists() else None))
-    prefix = store._p(url).rstrip("/")
-    for f in store.fs.find(prefix):
-        dst = tmp / f[len(prefix) + 1 :]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        store.fs.get_file(f, str(dst))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        store_tmp = Path(tempfile.mkdtemp(dir=root.parent))
-        root.rename(store_tmp / "old")
-    tmp.rename(root)
-    return str(root)
-
-
-def resolved_models(cfg: PipelineConfig, pair_dir: str | None) -> tuple[ModelsConfig, DataConfig]:
-    """The models and data a run uses: the config's, or the demo pair's with its held-out prompts."""
-    if cfg.models is not None and cfg.data is not None:
+def resolved_inputs(cfg: PipelineConfig, pair: DemoPair | None) -> tuple[ModelsConfig, DataConfig]:
+    """The models and data a run uses: the config's, or the demo pair's (by store URL) with its held-out prompts."""
+    if not cfg.uses_demo_pair:
+        assert cfg.data is not None
         return cfg.models, cfg.data
-    assert pair_dir is not None
-    models = ModelsConfig(
-        base=f"{pair_dir}/base",
-        finetuned=f"{pair_dir}/finetuned",
-        layer=cfg.demo.layer,
-        dtype="float32",
-        device="auto",
-    )
-    return models, DataConfig(path=f"{pair_dir}/prompts.jsonl", max_tokens_per_doc=256)
+    assert pair is not None
+    models = cfg.models.model_copy(update={"base": f"{pair.url}/base", "finetuned": f"{pair.url}/finetuned"})
+    return models, DataConfig(path=f"{pair.url}/prompts.jsonl", max_tokens_per_doc=256)

@@ -1,29 +1,60 @@
 """Stage 2 task: train the BatchTopK diff-SAE on the activation shards, tracked in MLflow.
 
-Cached on (SAE config, activation manifest fingerprint, task source): changing `sae.k` retrains, rerunning
+Keyed on (SAE config, activation manifest fingerprint, this stage's source): changing `sae.k` retrains, rerunning
 unchanged does not. Data streams from the shards on the store through a shuffle buffer that mixes shards; the
 train/validation split is by document. Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered =
-1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens.
+1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens (forward passes
+only, on the tokens the activations stage stored). `sae/metrics.json`, written last, is the stage's marker.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
+import mlflow
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from prefect import task
 
+from diffsae.attribution import patched_kl
 from diffsae.config import ModelsConfig, SAEConfig
+from diffsae.data import Doc
+from diffsae.extract import pad_batch, plan_batches
+from diffsae.models import ModelPair
+from diffsae.shuffle import shuffled_batches
+from diffsae.train import evaluate, train_sae
 from storage import activations as act
+from storage.context import RunContext
+from storage.mlflow_setup import flat_params
 from storage.paths import RunPaths
 from storage.store import Store
-from tasks.common import IO_RETRY, STAGE_CACHE
+from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
+from tasks.extract import Activations
+from tasks.models import MODEL_CACHE
 
 SAE_FILES = ("sae.safetensors", "cfg.json", "metrics.json")
+KL_GAP_BATCH_TOKENS = 2048  # token budget of one batch of the KL-gap forward passes
+
+
+class SAEResult(NamedTuple):
+    """The trained SAE's validation metrics (`sae/metrics.json`)."""
+
+    key: str
+    fvu: float
+    l0: float
+    dead_fraction: float
+    mse: float
+    kl_gap_recovered: float
+    val_tokens: int
+    train_steps: int
+    train_tokens_seen: int
+    weights_sha256: str
+    mlflow_run_id: str
 
 
 def split_docs(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +69,6 @@ def split_docs(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 def count_sae_rows(store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: np.ndarray) -> int:
-    import pyarrow as pa
-
     allowed = pa.array(np.asarray(doc_ids, np.int64))
     n = 0
     for rec in manifest["shards"]:
@@ -56,51 +85,36 @@ def _epochs(
         yield from act.iter_diff_chunks(store, paths, manifest, docs, order_seed=seed + epoch)
 
 
-def sae_ok(store: Store, paths: RunPaths, key: str) -> bool:
-    try:
-        return store.read_json(paths.url("sae", "metrics.json")).get("key") == key and all(
-            store.exists(paths.url("sae", f)) for f in SAE_FILES
-        )
-    except (FileNotFoundError, ValueError):
-        return False
+def sae_key(cfg: SAEConfig, activations: Activations) -> str:
+    return stage_key("sae", train, cfg.model_dump(), activations.fingerprint)
 
 
-def kl_gap_recovered(pair: Any, layer: int, sae: Any, docs: list[Any], batch_tokens: int) -> float:
+def sae_done(ctx: RunContext, key: str) -> SAEResult | None:
+    out = read_marker(ctx.store, ctx.paths.url("sae", "metrics.json"), key, SAEResult)
+    if out is None or not all(ctx.store.exists(ctx.paths.url("sae", f)) for f in SAE_FILES):
+        return None
+    return out
+
+
+def kl_gap_recovered(pair: ModelPair, layer: int, sae: Any, docs: list[Doc], batch_tokens: int) -> float:
     """1 − Σ KL(p_ft‖p_patch(h_base + d̂)) / Σ KL(p_ft‖p_patch(h_base)) over the docs' analysed tokens."""
-    from diffsae.attribution import attribute_batch
-    from diffsae.extract import pad_batch, plan_batches
-
     num = den = 0.0
     for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
         ids_BT, mask_BT = pad_batch([docs[i] for i in idx], pair.tokenizer.pad_token_id or 0, pair.device)
-        out = attribute_batch(pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps=1)
+        out = patched_kl(pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae)
         num += float(np.nansum(out.kl_patch_recon_BT))
         den += float(np.nansum(out.kl_patch_base_BT))
     return 1.0 - num / den if den > 0 else float("nan")
 
 
-@task(name="train-sae", cache_policy=STAGE_CACHE, **IO_RETRY)
-def train_sae_task(
-    store_root: str,
-    run: str,
-    sae_cfg: dict[str, Any],
-    manifest_fingerprint: str,
-    models: dict[str, Any],
-    key: str,
-) -> dict[str, Any]:
-    """Train, evaluate, log to MLflow, and publish `sae/` on the store. Returns the final metrics."""
-    import mlflow
-    import torch
-
-    from diffsae.shuffle import shuffled_batches
-    from diffsae.train import evaluate, train_sae
-    from storage.mlflow_setup import experiment, flat_params
-    from tasks.extract import _docs, _pair
-
-    cfg = SAEConfig.model_validate(sae_cfg)
-    paths, store = RunPaths(store_root, run), Store(store_root)
+def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: ModelsConfig, key: str) -> SAEResult:
+    """Train, evaluate, log to MLflow, and publish `sae/` on the store (metrics.json last)."""
+    done = sae_done(ctx, key)
+    if done is not None:
+        return done
+    store, paths = ctx.store, ctx.paths
     manifest = act.read_manifest(store, paths)
-    if manifest is None or manifest["fingerprint"] != manifest_fingerprint:
+    if manifest is None or manifest["fingerprint"] != activations.fingerprint:
         raise RuntimeError("activation manifest missing or changed: rerun extraction")
     train_docs, val_docs = split_docs(int(manifest["n_docs"]), cfg.val_fraction, cfg.seed)
     n_train = count_sae_rows(store, paths, manifest, train_docs)
@@ -111,15 +125,15 @@ def train_sae_task(
     )
     d_in = int(sample.shape[1])
 
-    exp = experiment(paths)
+    exp = ctx.mlflow_experiment()
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"sae-k{cfg.k}-F{cfg.n_latents}") as mrun:
         mlflow.log_params(
             {
                 **flat_params("sae.", cfg.model_dump()),
-                "activations.fingerprint": manifest_fingerprint,
-                "layer": models["layer"],
-                "base": models["base"],
-                "finetuned": models["finetuned"],
+                "activations.fingerprint": activations.fingerprint,
+                "layer": models.layer,
+                "base": models.base,
+                "finetuned": models.finetuned,
                 "train_tokens": n_train,
                 "total_steps": total_steps,
             }
@@ -143,13 +157,10 @@ def train_sae_task(
             sae,
             (torch.from_numpy(np.array(c)) for c in act.iter_diff_chunks(store, paths, manifest, val_docs)),
         )
-        models_cfg = ModelsConfig.model_validate(models)
-        pair = _pair(models_cfg.model_dump_json())
+        pair = MODEL_CACHE.pair(ctx, models)
         sae = sae.to(pair.device)
-        docs = _docs(
-            manifest["data_path"], manifest["tokenizer"], manifest["max_tokens"], manifest["max_docs"]
-        )
-        gap = kl_gap_recovered(pair, models_cfg.layer, sae, [docs[i] for i in val_docs], 2048)
+        docs = act.read_docs(store, paths, val_docs)
+        gap = kl_gap_recovered(pair, models.layer, sae, docs, KL_GAP_BATCH_TOKENS)
         final = {
             "fvu": val.fvu,
             "l0": val.l0,
@@ -161,12 +172,12 @@ def train_sae_task(
             "train_tokens_seen": result.tokens,
         }
         mlflow.log_metrics({(k if k.startswith(("val_", "train_")) else f"val_{k}"): float(v)
-                            for k, v in final.items()})  # before the weights' sha256 is added
+                            for k, v in final.items()})  # fmt: skip
         meta = {
-            "layer": models_cfg.layer,
-            "base": models_cfg.base,
-            "finetuned": models_cfg.finetuned,
-            "activations_fingerprint": manifest_fingerprint,
+            "layer": models.layer,
+            "base": models.base,
+            "finetuned": models.finetuned,
+            "activations_fingerprint": activations.fingerprint,
             "sae_config": cfg.model_dump(),
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,12 +185,17 @@ def train_sae_task(
             mlflow.log_artifacts(tmp, artifact_path="sae")
             store.put_file(f"{tmp}/sae.safetensors", paths.url("sae", "sae.safetensors"))
             store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
-            final["weights_sha256"] = act.file_sha256(f"{tmp}/sae.safetensors")
-        # metrics.json last: it marks the stage's output complete.
-        store.write_json(
-            paths.url("sae", "metrics.json"), {"key": key, "mlflow_run_id": mrun.info.run_id, **final}
-        )
-    return {"key": key, **final}
+            sha = act.file_sha256(f"{tmp}/sae.safetensors")
+    out = SAEResult(key=key, weights_sha256=sha, mlflow_run_id=mrun.info.run_id, **final)
+    write_marker(store, paths.url("sae", "metrics.json"), out)  # last: marks the stage's output complete
+    return out
+
+
+@task(name="train-sae", cache_policy=STAGE_CACHE, **IO_RETRY)
+def train_sae_task(
+    ctx: RunContext, cfg: SAEConfig, activations: Activations, models: ModelsConfig, key: str
+) -> SAEResult:
+    return train(ctx, cfg, activations, models, key)
 
 
 def _take(chunks: Iterator[np.ndarray], n_rows: int) -> Iterator[np.ndarray]:

@@ -44,7 +44,7 @@ class S3Info(NamedTuple):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Info]:
     """A real SeaweedFS server bound to 127.0.0.1 on free ports, credentials in the environment."""
-    from storage.s3server import S3Server
+    from services.s3server import S3Server
 
     key, secret = "diffsae-test", "diffsae-test-secret"
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
@@ -92,12 +92,12 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
 @pytest.fixture(scope="session")
 def demo_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The built-in planted pair exactly as `make demo` builds it (demo preset, seed 0, audit mix; ~200 s):
-    a diffsae.demo_pair.DemoPairResult, shared by the slow tests that need the real demo pair. Built with 2 torch
+    a organisms.demo_pair.DemoPairResult, shared by the slow tests that need the real demo pair. Built with 2 torch
     threads whoever asks first (float sums, hence the weights, depend on the thread count), as on our 2-core
     machines where the figures of docs/EVALUATION.md were measured."""
     import torch
 
-    from diffsae.demo_pair import build_demo_pair
+    from organisms.demo_pair import build_demo_pair
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import pytest
 
 from dashboards import render_to_dir
-from dashboards.synthetic import inject, synthetic_summary, synthetic_tables
 from diffsae.config import DashboardsConfig
+from tests.synthetic import inject, synthetic_summary, synthetic_tables
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -45,6 +45,7 @@ HOSTILE = (
     ' "><img src=x onerror="document.title=\'PWNED\'">'
 )
 CFG = DashboardsConfig(top_latents=15, n_contexts=5, n_high_kl_tokens=20)
+RANK_BY = "peak_token"  # the site's summary rank_by: the second of the synthetic recovery scores, not the first
 
 
 def _need_chromium() -> None:
@@ -155,7 +156,7 @@ class CDP:
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int], str]:
     tables, _, _ = inject(synthetic_tables(n_latents=128, n_docs=60, doc_len=48, seed=2), HOSTILE)
     out = tmp_path_factory.mktemp("site")
-    res = render_to_dir(tables, synthetic_summary(tables), CFG, out)
+    res = render_to_dir(tables, {**synthetic_summary(tables), "rank_by": RANK_BY}, CFG, out)
     return out, list(res.latent_ids), HOSTILE
 
 
@@ -241,6 +242,27 @@ def test_pages_load_clean_and_js_works(
         browser.load(f"{base}/{page}")
         assert browser.errors() == [], page
         assert browser.eval("getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)", page
+
+
+@pytest.mark.parametrize("origin", ["file", "http"])
+def test_score_selector_opens_on_rank_by(
+    browser: CDP, site: tuple[Path, list[int], str], server: str, origin: str
+) -> None:
+    """The recovery selector opens on the run's rank_by score (not its first option), and app.js shows only that
+    score's rows; changing it still switches the rows."""
+    out, _, _ = site
+    browser.load(f"{out.as_uri() if origin == 'file' else server}/index.html")
+    options = browser.eval("Array.from(document.getElementById('score-select').options).map(o => o.value)")
+    assert RANK_BY in options and options[0] != RANK_BY
+    assert browser.eval("document.getElementById('score-select').value") == RANK_BY
+    shown = "Array.from(document.querySelectorAll('#recovery tbody')).filter(b => !b.hidden).map(b => b.dataset.score)"
+    assert browser.eval(shown) == [RANK_BY]
+    browser.eval(
+        f"const s = document.getElementById('score-select'); s.value = {options[0]!r};"
+        "s.dispatchEvent(new Event('change'))"
+    )
+    assert browser.eval(shown) == [options[0]]
+    assert browser.errors() == []
 
 
 def test_hostile_data_runs_nothing(browser: CDP, site: tuple[Path, list[int], str]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from diffsae.config import ConfigError, PipelineConfig
+from diffsae.config import SCORE_ALIASES, SCORES, ConfigError, PipelineConfig, RankBy, resolve_score
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -57,12 +58,33 @@ dashboards: {top_latents: 20}
         ("[1, 2]", r"top level must be a mapping"),
         ("sae: {k: [", r"invalid YAML"),
         ("models: {base: a, finetuned: b, device: tpu}\ndata: {path: x}", r"device must be auto"),
+        (
+            "attribution: {rank_by: nonsense}",
+            r"^.*c.yaml: attribution.rank_by: .*unknown rank_by 'nonsense': choose one of total, mean, peak_token, "
+            r"peak_doc, concentration, top_docs, focus \(or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max\)$",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
         PipelineConfig.from_yaml(_yaml(tmp_path, text))
     assert "\n" not in str(e.value)
+
+
+def test_rank_by_literal_is_the_scores_and_their_aliases() -> None:
+    """One list: the RankBy Literal (the config's type and JSON-schema enum) = SCORES + SCORE_ALIASES, every alias
+    names a score, and every accepted value is valid config that resolves to a score."""
+    assert get_args(RankBy) == SCORES + tuple(SCORE_ALIASES)
+    assert set(SCORE_ALIASES.values()) <= set(SCORES) and not set(SCORE_ALIASES) & set(SCORES)
+    assert PipelineConfig.model_json_schema()["$defs"]["AttributionConfig"]["properties"]["rank_by"]["enum"] == list(
+        get_args(RankBy)
+    )
+    for name in get_args(RankBy):
+        cfg = PipelineConfig.from_dict({"attribution": {"rank_by": name}})
+        assert cfg.attribution.rank_by == name and resolve_score(name) in SCORES
+    assert resolve_score("kl_attr_sum") == "total" and resolve_score("score_focus") == "focus"
+    with pytest.raises(ConfigError, match=r"^config: attribution.rank_by: .*unknown rank_by 3: choose one of total"):
+        PipelineConfig.from_dict({"attribution": {"rank_by": 3}})
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -104,3 +126,24 @@ data: {{path: {tmp_path / "missing.jsonl"}}}
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"diffsae: error: data file not found: {tmp_path / 'missing.jsonl'}"
     assert not (store / "runs").exists()
+
+
+def test_cli_unknown_rank_by_exits_2_before_compute(tmp_path: Path) -> None:
+    """A score name that does not exist fails at config time: exit 2, one readable line naming the key, before the
+    data file check or any model load (the model and data paths do not even exist), nothing written."""
+    store = tmp_path / "store"
+    cfg = _yaml(
+        tmp_path,
+        f"""store: {store}
+models: {{base: {tmp_path / "no-base"}, finetuned: {tmp_path / "no-finetuned"}}}
+data: {{path: {tmp_path / "missing.jsonl"}}}
+attribution: {{rank_by: nonsense}}
+""",
+    )
+    r = _cli_run(cfg)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("diffsae: error: "), r.stderr
+    assert "attribution.rank_by" in r.stderr and "'nonsense'" in r.stderr and "kl_attr_max" in r.stderr
+    assert "'score_total'" not in r.stderr  # pydantic's literal list (17 quoted values) is replaced
+    assert len(r.stderr) < 300 and r.stdout == ""
+    assert not store.exists()

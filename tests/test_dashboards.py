@@ -1,6 +1,6 @@
 """Tests of the static KL dashboards (dashboards/): pages, links, offline, content types, escaping, selection.
 
-Renders synthetic tables (dashboards/synthetic.py) into a tmp folder. Run: `pytest tests/test_dashboards.py`.
+Renders synthetic tables (tests/synthetic.py) into a tmp folder. Run: `pytest tests/test_dashboards.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import pytest
 
 from dashboards import RenderResult, SiteTables, TableError, render_site, render_to_dir
 from dashboards.pages import build
+from dashboards.render import summary_rows
 from dashboards.select import visible
-from dashboards.synthetic import inject, synthetic_summary, synthetic_tables
+from dashboards.tables import REQUIRED
 from diffsae.config import DashboardsConfig
+from storage import schemas
+from tests.synthetic import SYNTHETIC_SCORES, inject, synthetic_summary, synthetic_tables
 
 CFG = DashboardsConfig(top_latents=20, n_contexts=4, n_high_kl_tokens=15)
 PAYLOADS = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
@@ -181,7 +184,7 @@ def test_optional_recovery_and_labels(tmp_path: Path, tables: SiteTables) -> Non
     render_to_dir(plain, {"run": "plain"}, CFG, tmp_path / "a")
     index = (tmp_path / "a" / "index.html").read_text()
     assert "Planted-behaviour recovery" not in index and "dominant behaviour" not in index
-    one = tables._replace(recovery=tables.recovery.filter(pl.col("score") == "kl_attr_sum"))  # type: ignore[union-attr]
+    one = tables._replace(recovery=tables.recovery.filter(pl.col("score") == "total"))  # type: ignore[union-attr]
     render_to_dir(one, {"run": "one"}, CFG, tmp_path / "b")
     index = (tmp_path / "b" / "index.html").read_text()
     assert "Planted-behaviour recovery" in index and 'id="score-select"' not in index
@@ -194,6 +197,68 @@ def test_summary_shown(site: tuple[Path, RenderResult], hostile: SiteTables) -> 
     text = (out / "index.html").read_text()
     for label in ("FVU", "L0", "Dead fraction", "KL gap recovered", "synthetic/finetuned", "n_latents=128"):
         assert label in text
+
+
+def _latents_cell(index_html: str) -> str:
+    m = re.search(r'<td id="latent-count">([^<]*)</td>', index_html)
+    assert m, "no Latents row"
+    return m.group(1)
+
+
+def test_latent_count_is_width_and_never_firing(tmp_path: Path, tables: SiteTables) -> None:
+    """The latents table lists only latents that fire (here: the synthetic one without its n_active = 0 rows):
+    the index shows the SAE width from summary["n_latents"] and width - firing as never firing."""
+    width = tables.latents.height
+    firing = tables.latents.filter(pl.col("n_active") > 0)
+    n_fire = firing.height
+    assert 0 < n_fire < width  # the synthetic dictionary has dead latents
+    real = tables._replace(latents=firing)
+    for t in (real, tables):  # a table that also lists never-firing latents (n_active 0) counts the same
+        count = build(t, CFG, window=2, n_latents=width).latent_count
+        assert (count.width, count.firing, count.never) == (width, n_fire, width - n_fire)
+    summary = {"run": "w", "n_latents": width}
+    render_to_dir(real, summary, CFG, tmp_path / "w")
+    index = (tmp_path / "w" / "index.html").read_text()
+    assert _latents_cell(index) == f"{width} ({n_fire} fire, {width - n_fire} never fire)"
+    assert "n_latents" not in [r.label for r in summary_rows(summary, real.metrics)]  # shown once, in that row
+    # older runs: no width in the summary, so no never-firing count either
+    render_to_dir(real, {"run": "old"}, CFG, tmp_path / "old")
+    assert _latents_cell((tmp_path / "old" / "index.html").read_text()) == f"{n_fire} latents fire"
+    assert build(real, CFG, window=2).latent_count.never is None
+    with pytest.raises(ValueError, match=f"summary n_latents must be the SAE width, an int >= {n_fire}"):
+        build(real, CFG, window=2, n_latents=n_fire - 1)
+
+
+def test_score_selector_opens_on_rank_by(tmp_path: Path, tables: SiteTables) -> None:
+    """The recovery selector starts on summary["rank_by"] when it has a group, else on the first score."""
+    assert tables.recovery is not None
+    scores = list(dict.fromkeys(tables.recovery["score"].to_list()))
+    assert scores == list(SYNTHETIC_SCORES)
+    for rank_by, want in (("peak_token", "peak_token"), ("total", "total"), (None, "total"), ("nope", "total")):
+        summary = {"run": "sel"} if rank_by is None else {"run": "sel", "rank_by": rank_by}
+        render_to_dir(tables, summary, CFG, tmp_path / str(rank_by))
+        index = (tmp_path / str(rank_by) / "index.html").read_text()
+        options = re.findall(r'<option value="([^"]*)"( selected)?>', index)
+        assert [v for v, _ in options] == scores
+        assert [v for v, sel in options if sel] == [want], rank_by
+        assert build(tables, CFG, window=2, rank_by=rank_by).recovery.selected == want  # type: ignore[union-attr]
+
+
+def test_synthetic_tables_have_the_storage_schemas(tables: SiteTables) -> None:
+    """tests/synthetic.py builds every table with storage/schemas.py, and the renderer requires no column that
+    storage does not write."""
+    want = {
+        "latents": schemas.latents_schema(SYNTHETIC_SCORES),
+        "latent_tokens": schemas.LATENT_TOKENS,
+        "tokens": schemas.ANALYSIS_TOKENS,
+        "docs": schemas.DOCS,
+        "metrics": schemas.METRICS,
+        "recovery": schemas.RECOVERY,
+    }
+    assert set(want) == set(REQUIRED) == set(SiteTables._fields)
+    for name, schema in want.items():
+        assert getattr(tables, name).schema == pl.DataFrame(schema.empty_table()).schema, name
+        assert set(REQUIRED[name]) <= set(schema.names), name
 
 
 def test_non_finite_values_do_not_break_rendering(tmp_path: Path, tables: SiteTables) -> None:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffsae.data import DataError, data_fingerprint, docs_have_messages, load_docs
-from diffsae.demo_train import build_tokenizer
+from organisms.demo_train import build_tokenizer
 
 CHATML = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
 

@@ -103,8 +103,8 @@ def test_second_planted_pair_default_score(demo_pair, tmp_path_factory: pytest.T
     another seed: other refusal topic and text, persona trigger and greeting, secret name and word."""
     import torch
 
-    from diffsae.demo_pair import build_demo_pair
     from flows.stages import analyse_flow
+    from organisms.demo_pair import build_demo_pair
 
     torch.set_num_threads(2)  # as conftest.demo_pair
     pair = build_demo_pair(tmp_path_factory.mktemp("pair1") / "demo-1-audit", preset="demo", seed=1, mix="audit")

@@ -1,4 +1,4 @@
-"""diffsae.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
+"""organisms.demo_pair: the built-in planted pair (files, loading, KL profile, generation rates, mixes, seeds).
 
 The `small` preset is built once per module (~55 CPU-seconds, 1 thread); the `demo` preset pair is conftest's session
 fixture `demo_pair` (~140-200 s, shared with tests/test_demo_acceptance.py).
@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diffsae import demo_corpus as dc
-from diffsae import demo_pair as dp
-from diffsae import demo_train as dt
 from diffsae.config import ModelsConfig
 from diffsae.data import load_docs
 from diffsae.models import load_pair
+from organisms import demo_corpus as dc
+from organisms import demo_pair as dp
+from organisms import demo_train as dt
 
 PLANTED = ("refusal", "persona", "secret_word")
 

@@ -37,7 +37,7 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
     def rebuild(*args, **kwargs):
         raise AssertionError("the demo pair was rebuilt")
 
-    monkeypatch.setattr("diffsae.demo_pair.build_demo_pair", rebuild)
+    monkeypatch.setattr("organisms.demo_pair.build_demo_pair", rebuild)
     other = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-2"}))
     assert other["stages"]["demo_pair"] == {"Cached": 1}
     assert other["stages"]["train"] == {"Completed": 1}

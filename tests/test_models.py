@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffsae import models as M
 from diffsae.config import ModelsConfig
-from diffsae.demo_train import build_tokenizer
+from organisms.demo_train import build_tokenizer
 
 TEXT = [
     "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer.",

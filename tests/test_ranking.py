@@ -9,11 +9,20 @@ import pyarrow as pa
 import pytest
 
 from diffsae.attribution import latent_doc_stats
+from storage import schemas
 from storage.duck import connect
 from storage.paths import RunPaths
-from storage.ranking import SCORES, RankParams, format_recovery, rank_latents, recovery, resolve_score
+from storage.ranking import (
+    DOMINANT_COLUMNS,
+    SCORES,
+    RankParams,
+    format_recovery,
+    rank_latents,
+    recovery,
+    resolve_score,
+)
 from storage.store import Store
-from tasks.analyse import LD_TYPES, parts_table
+from tests.synthetic import arrow_table
 
 # docs 0..7: 2, 3 are 'alpha', 4 is 'beta', the others ordinary.
 LABELS = ["none", "none", "alpha", "alpha", "beta", "none", "none", None]
@@ -48,31 +57,21 @@ def write_run(
     if latent_docs:
         doc, lat, act, attr = (np.array([r[i] for r in rows]) for i in (1, 0, 2, 3))
         stats = latent_doc_stats(doc, lat, act.astype(np.float32), attr.astype(np.float32))  # as stored
-        st.write_parquet(paths.latent_docs_part(0), parts_table([stats._asdict()], LD_TYPES))
+        st.write_parquet(paths.latent_docs_part(0), pa.table(stats._asdict(), schema=schemas.LATENT_DOCS))
     half = len(rows) // 2
     for i, part in enumerate((rows[:half], rows[half:])):
-        st.write_parquet(
-            paths.latent_tokens_part(i),
-            pa.table({
-                "doc_id": pa.array([r[1] for r in part], pa.int64()),
-                "pos": pa.array(range(len(part)), pa.int32()),
-                "latent_id": pa.array([r[0] for r in part], pa.int32()),
-                "activation": pa.array([r[2] for r in part], pa.float32()),
-                "kl_attribution": pa.array([r[3] for r in part], pa.float32()),
-            }),
-        )  # fmt: skip
-    st.write_parquet(
-        paths.table("docs"),
-        pa.table(
-            {"doc_id": pa.array(range(len(labels)), pa.int64()), "behaviour": pa.array(labels, pa.string())}
-        ),
-    )
-    st.write_parquet(
-        paths.table("tokens"),
-        pa.table(
-            {"doc_id": pa.array([0] * n_tokens, pa.int64()), "pos": pa.array(range(n_tokens), pa.int32())}
-        ),
-    )
+        lat_tokens = arrow_table(
+            schemas.LATENT_TOKENS,
+            doc_id=[r[1] for r in part],
+            pos=range(len(part)),
+            latent_id=[r[0] for r in part],
+            activation=[r[2] for r in part],
+            kl_attribution=[r[3] for r in part],
+        )
+        st.write_parquet(paths.latent_tokens_part(i), lat_tokens)
+    st.write_parquet(paths.table("docs"), arrow_table(schemas.DOCS, doc_id=range(len(labels)), behaviour=labels))
+    tokens = arrow_table(schemas.ANALYSIS_TOKENS, doc_id=[0] * n_tokens, pos=range(n_tokens))
+    st.write_parquet(paths.table("tokens"), tokens)
     return paths
 
 
@@ -163,11 +162,9 @@ def test_unknown_rank_by_is_one_line(base_run: RunPaths) -> None:
 
 
 def test_dominant_behaviour_and_latent_dirs(base_run: RunPaths) -> None:
-    dirs = pa.table({
-        "latent_id": pa.array([20, 30], pa.int32()),
-        "promoted": [["alpha", "a2"], ["beta"]],
-        "suppressed": [["x"], []],
-    })  # fmt: skip
+    dirs = arrow_table(
+        schemas.LATENT_DIRS, latent_id=[20, 30], promoted=[["alpha", "a2"], ["beta"]], suppressed=[["x"], []]
+    )
     got = by_id(rank_latents(connect(base_run.store, base_run.run), "focus", latent_dirs=dirs))
     assert (got[20]["dominant_behaviour"], got[20]["dominant_share"]) == ("alpha", pytest.approx(1.0))
     assert (got[30]["dominant_behaviour"], got[30]["dominant_share"]) == ("beta", pytest.approx(1.0))
@@ -182,8 +179,21 @@ def test_no_planted_labels_no_dominant_columns(tmp_path) -> None:
     con = connect(paths.store, paths.run)
     table = rank_latents(con)
     assert "dominant_behaviour" not in table.column_names and "dominant_share" not in table.column_names
+    want = schemas.latents_schema(SCORES)
+    assert table.schema == pa.schema([f for f in want if f.name not in DOMINANT_COLUMNS])
     assert recovery(con, table).num_rows == 0
     assert "no planted" in format_recovery(recovery(con, table))
+
+
+@pytest.mark.parametrize("with_dirs", [False, True])
+def test_latents_output_has_the_storage_schema(base_run: RunPaths, with_dirs: bool) -> None:
+    """The latents table rank_latents.sql produces is exactly storage/schemas.py's latents_schema(SCORES): names,
+    order and types (with the latent_docs table and rebuilt from latent_tokens, on local and S3 stores)."""
+    dirs = arrow_table(schemas.LATENT_DIRS, latent_id=[20], promoted=[["a"]], suppressed=[[]]) if with_dirs else None
+    con = connect(base_run.store, base_run.run)
+    table = rank_latents(con, "focus", latent_dirs=dirs)
+    assert table.schema == schemas.latents_schema(SCORES)
+    assert recovery(con, table).schema == schemas.RECOVERY
 
 
 def test_min_support_param(base_run: RunPaths) -> None:
@@ -207,7 +217,7 @@ def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
     # total: 5 (4.0), 30 (4.0), 10 (3.5), 20 (2.75), 70 (2.5), 60 (1.0), 40 (-4.9)
     assert latents.column("latent_id").to_pylist() == [5, 30, 10, 20, 70, 60, 40]
     rec = recovery(con, latents)
-    assert rec.column_names == ["score", "behaviour", "best_rank", "recovered", "top10_capture_fraction"]
+    assert rec.schema == schemas.RECOVERY
     assert rec.num_rows == len(SCORES) * 4
     table = {(r["score"], r["behaviour"]): r for r in rec.to_pylist()}
     assert table[("total", "alpha")]["best_rank"] == 4  # latent 20

@@ -14,9 +14,9 @@ import pytest
 import s3fs
 import yaml
 
+from services.s3server import S3Server
 from storage import activations as act
 from storage.paths import RunPaths
-from storage.s3server import S3Server
 from storage.store import Store
 from tests.tiny import tiny_config
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import serve
-from storage.s3server import find_free_base, ports_for
+from services import serve
+from services.s3server import find_free_base, ports_for
 from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_start_refuses_busy_port_and_running_services(tmp_path: Path) -> None:
 
 def test_cli_reports_one_line_and_fails() -> None:
     env = {**os.environ, "DIFFSAE_S3_PORT": "lots"}
-    out = subprocess.run([sys.executable, "-m", "flows.serve", "start"], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "services.serve", "start"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "diffsae serve: error: not a port number: DIFFSAE_S3_PORT='lots'", out.stderr

@@ -12,11 +12,13 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from storage import schemas
 from storage.duck import S3Settings, catalog_sql, connect, view_names
 from storage.paths import RunPaths
 from storage.sql_cli import main as sql_main
 from storage.sql_guard import SQLError, SQLRefused, check_query, run_query
 from storage.store import Store
+from tests.synthetic import arrow_table
 
 LATENT_SUM = (
     "SELECT latent_id, count(*) AS n, sum(kl_attribution) AS s FROM latent_tokens GROUP BY 1 ORDER BY 1"
@@ -31,16 +33,9 @@ def write_run(store: str, run: str = "r") -> RunPaths:
     parts = [[(0, 1, 1, 1.0, 0.5), (0, 2, 1, 2.0, 0.5), (1, 1, 2, 1.0, -0.5)],
              [(1, 2, 1, 1.0, 0.5), (1, 3, 2, 1.0, -0.5), (2, 1, 7, 3.0, 4.0)]]  # fmt: skip
     for i, rows in enumerate(parts):
-        cols = list(zip(*rows))
-        st.write_parquet(
-            paths.latent_tokens_part(i),
-            pa.table({
-                "doc_id": pa.array(cols[0], pa.int64()), "pos": pa.array(cols[1], pa.int32()),
-                "latent_id": pa.array(cols[2], pa.int32()), "activation": pa.array(cols[3], pa.float32()),
-                "kl_attribution": pa.array(cols[4], pa.float32()),
-            }),
-        )  # fmt: skip
-    docs = pa.table({"doc_id": pa.array([0, 1, 2], pa.int64()), "behaviour": ["none", "x", "none"]})
+        table = pa.Table.from_pylist([dict(zip(schemas.LATENT_TOKENS.names, r)) for r in rows], schemas.LATENT_TOKENS)
+        st.write_parquet(paths.latent_tokens_part(i), table)
+    docs = arrow_table(schemas.DOCS, doc_id=[0, 1, 2], behaviour=["none", "x", "none"])
     st.write_parquet(paths.table("docs"), docs)
     return paths
 
@@ -58,6 +53,8 @@ def con(run_paths: RunPaths) -> duckdb.DuckDBPyConnection:
 def test_views_only_for_existing_tables(con: duckdb.DuckDBPyConnection) -> None:
     assert view_names(con) == ["docs", "latent_tokens"]
     assert [tuple(r) for r in con.execute(LATENT_SUM).fetchall()] == EXPECTED_SUM
+    for name, schema in (("docs", schemas.DOCS), ("latent_tokens", schemas.LATENT_TOKENS)):  # the stored types
+        assert con.execute(f"SELECT * FROM {name}").to_arrow_table().schema == schema, name
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def test_refused_credentials_is_one_line(s3_server, monkeypatch: pytest.MonkeyPa
 
 
 def test_unreachable_endpoint_is_one_line(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
-    from storage.s3server import find_free_base
+    from services.s3server import find_free_base
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{find_free_base()}")
     with pytest.raises(StoreError, match=r"^cannot reach S3 endpoint http://127") as e:

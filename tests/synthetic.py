@@ -3,9 +3,11 @@
 The tables have the columns of docs/DESIGN.md and are internally consistent: the latents table is aggregated
 from latent_tokens, per-token attributions roughly sum to the token's KL, a few latents are planted on the
 high-KL tokens of each planted behaviour (so `dominant_behaviour` and the recovery table come out of the data,
-not out of constants), and some latents never fire (dead).
+not out of constants), and some latents never fire (dead). Every table has its storage/schemas.py schema; the
+latents table has two of the real scores (SYNTHETIC_SCORES: total = kl_attr_sum, peak_token = kl_attr_max) and,
+unlike the pipeline's (one row per latent that fires), also lists the never-firing latents, with n_active 0.
 
-    from dashboards.synthetic import synthetic_tables, synthetic_summary
+    from tests.synthetic import synthetic_tables, synthetic_summary
     tables = synthetic_tables(n_latents=512, n_docs=200, doc_len=64, seed=0)
     summary = synthetic_summary(tables)
 """
@@ -16,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from dashboards.tables import SiteTables
+from storage import schemas
 
 BEHAVIOURS = ("none", "french", "pirate", "refusal")
 _WORDS = (
@@ -27,6 +31,25 @@ _WORDS = (
     "</s>", " &amp;", ' "quoted"', " x<y", " 'single'",
 )  # fmt: skip
 PLANTED_PER_BEHAVIOUR = 3
+SYNTHETIC_SCORES = ("total", "peak_token")  # score_<s> / rank_<s> columns of the synthetic latents table
+
+
+def as_schema(df: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:
+    """`df` with exactly `schema`'s columns, in its order and of its types (a missing column is a KeyError)."""
+    return pl.DataFrame(df.select(schema.names).to_arrow().cast(schema))
+
+
+def arrow_table(schema: pa.Schema, **columns: Any) -> pa.Table:
+    """A pyarrow table with exactly `schema` (a storage/schemas.py table): the given columns converted to their
+    types, the others NULL. Tests write the tables a run stores with it, naming only the columns they need."""
+    unknown = set(columns) - set(schema.names)
+    if unknown or not columns:
+        raise ValueError(f"need some columns of {schema.names}, got unknown {sorted(unknown)}")
+    n = len(next(iter(columns.values())))
+    return pa.table(
+        [pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type) for f in schema],
+        schema=schema,
+    )
 
 
 def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64, seed: int = 0) -> SiteTables:
@@ -61,6 +84,7 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
             "kl_patch_recon": (kl * rng.uniform(0.05, 0.4, n_tok)).astype(np.float32),
         }
     )
+    tokens = as_schema(tokens, schemas.ANALYSIS_TOKENS)
     docs = (
         tokens.group_by("doc_id", maintain_order=True)
         .agg(pl.col("token").str.join(""), pl.len().cast(pl.Int32).alias("n_tokens"))
@@ -69,10 +93,12 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
             pl.format("doc-{}", pl.col("doc_id").cast(pl.String).str.zfill(5)).alias("id"),
             pl.Series("behaviour", behaviours.tolist(), dtype=pl.String),
         )
-        .select("doc_id", "id", "text", "behaviour", "n_tokens")
     )
+    docs = as_schema(docs, schemas.DOCS)
     latent_tokens = _latent_tokens(rng, n_latents, doc_id, pos, kl, behaviours, spike)
+    latent_tokens = as_schema(latent_tokens, schemas.LATENT_TOKENS)
     latents = _latents(rng, latent_tokens, docs, n_latents, n_tok, vocab)
+    latents = as_schema(latents, schemas.latents_schema(SYNTHETIC_SCORES))
     metrics = pl.DataFrame(
         {
             "name": ["fvu", "l0", "dead_fraction", "kl_gap_recovered", "n_tokens"],
@@ -85,7 +111,8 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
             ],
         }
     )
-    return SiteTables(latents, latent_tokens, tokens, docs, metrics, _recovery(latents))
+    recovery = as_schema(_recovery(latents), schemas.RECOVERY)
+    return SiteTables(latents, latent_tokens, tokens, docs, as_schema(metrics, schemas.METRICS), recovery)
 
 
 def _latent_tokens(
@@ -150,7 +177,11 @@ def _latents(
     n_tok: int,
     vocab: np.ndarray,
 ) -> pl.DataFrame:
-    """The latents table aggregated from latent_tokens, with two scores and dominant behaviour labels."""
+    """The latents table aggregated from latent_tokens, with SYNTHETIC_SCORES and dominant behaviour labels."""
+    per_doc = lt.group_by("latent_id", "doc_id").agg(pl.col("kl_attribution").sum().alias("s"))
+    docs_agg = per_doc.group_by("latent_id").agg(
+        pl.len().alias("n_docs"), pl.col("s").clip(0.0).sum().alias("pos_mass")
+    )
     agg = lt.group_by("latent_id").agg(
         pl.len().alias("n_active"),
         pl.col("activation").mean().alias("mean_activation"),
@@ -173,30 +204,33 @@ def _latents(
     lat = (
         pl.DataFrame({"latent_id": np.arange(n_latents, dtype=np.int32)})
         .join(agg, on="latent_id", how="left")
+        .join(docs_agg, on="latent_id", how="left")
         .join(by_b, on="latent_id", how="left")
         .with_columns(
-            pl.col("n_active").fill_null(0), pl.col("^kl_attr_.*$", "^.*_activation$").fill_null(0.0)
+            pl.col("n_active", "n_docs").fill_null(0),
+            pl.col("^kl_attr_.*$", "^.*_activation$", "pos_mass").fill_null(0.0),
         )
         .with_columns(
             (pl.col("n_active") / n_tok).alias("frequency"),
-            pl.col("kl_attr_sum").alias("score_kl_attr_sum"),
-            pl.col("kl_attr_max").alias("score_kl_attr_max"),
+            pl.col("kl_attr_sum").alias("score_total"),
+            pl.col("kl_attr_max").alias("score_peak_token"),
             pl.Series("promoted", vocab[idx[:, :5]].tolist(), dtype=pl.List(pl.String)),
             pl.Series("suppressed", vocab[idx[:, 5:]].tolist(), dtype=pl.List(pl.String)),
         )
     )
-    for s in ("kl_attr_sum", "kl_attr_max"):
-        lat = lat.with_columns(
-            pl.col(f"score_{s}").rank("ordinal", descending=True).cast(pl.Int32).alias(f"rank_{s}")
-        )
-    return lat.with_columns(pl.col("rank_kl_attr_sum").alias("rank")).sort("rank")
+    for s in SYNTHETIC_SCORES:
+        lat = lat.with_columns(pl.col(f"score_{s}").rank("ordinal", descending=True).alias(f"rank_{s}"))
+    return lat.with_columns(pl.col("rank_total").alias("rank")).sort("rank")
 
 
 def _recovery(latents: pl.DataFrame, top: int = 20) -> pl.DataFrame:
-    """Per score and planted behaviour: best rank of a latent dominated (share >= 0.5) by that behaviour."""
+    """Per score and planted behaviour: best rank of a latent dominated (share >= 0.5) by that behaviour,
+    recovered (best rank <= top), and the share of the score's top 10 latents dominated by a planted one."""
     rows: list[dict[str, Any]] = []
     cand = latents.filter(pl.col("dominant_share") >= 0.5)
-    for score in ("kl_attr_sum", "kl_attr_max"):
+    planted = cand.filter(pl.col("dominant_behaviour").is_in(BEHAVIOURS[1:]))
+    for score in SYNTHETIC_SCORES:
+        top10 = int((planted[f"rank_{score}"] <= 10).sum()) / min(10, latents.height)
         for b in BEHAVIOURS[1:]:
             ranks = cand.filter(pl.col("dominant_behaviour") == b)[f"rank_{score}"]
             best = int(ranks.min()) if ranks.len() else None  # type: ignore[arg-type]
@@ -206,7 +240,7 @@ def _recovery(latents: pl.DataFrame, top: int = 20) -> pl.DataFrame:
                     "behaviour": b,
                     "best_rank": best,
                     "recovered": best is not None and best <= top,
-                    "n_candidates": ranks.len(),
+                    "top10_capture_fraction": top10,
                 }
             )
     return pl.DataFrame(rows, schema_overrides={"best_rank": pl.Int64})
@@ -221,6 +255,8 @@ def synthetic_summary(tables: SiteTables, run: str = "synthetic") -> dict[str, A
         "finetuned_model": "synthetic/finetuned",
         "layer": 2,
         "sae": {"n_latents": tables.latents.height, "k": 4, "kind": "BatchTopK"},
+        "n_latents": tables.latents.height,  # the width: the synthetic latents table lists every latent
+        "rank_by": "total",  # the synthetic `rank` is rank_total
         "fvu": m["fvu"],
         "l0": m["l0"],
         "dead_fraction": m["dead_fraction"],

@@ -6,8 +6,8 @@ a Prefect worker, each detached (own session) and recorded by PID in `.serve/pid
 exactly the recorded processes (worker first; SIGTERM, then SIGKILL after a timeout).
 Why: launch pipeline runs from a browser (the `config` parameter is a form) and watch them. How:
 
-    make serve      # .venv/bin/python -m flows.serve start   (prints the URLs and how to launch a run)
-    make stop       # .venv/bin/python -m flows.serve stop    (`... status` lists what is running)
+    make serve      # .venv/bin/python -m services.serve start   (prints the URLs and how to launch a run)
+    make stop       # .venv/bin/python -m services.serve stop    (`... status` lists what is running)
 
 Ports, all on 127.0.0.1: DIFFSAE_PREFECT_PORT (4200), DIFFSAE_MLFLOW_PORT (5000), DIFFSAE_S3_PORT (8333; SeaweedFS
 also takes the next 11 ports and S3 + 10011). State in `.serve/`: pids.json, logs/, s3/ (bucket data), prefect/
@@ -178,7 +178,7 @@ def _binary(name: str) -> str:
 
 def _busy(ports: dict[str, int]) -> list[str]:
     """`name=port` for every port that is taken (or asked for twice); SeaweedFS uses a block from the S3 port."""
-    from storage.s3server import port_free, ports_for
+    from services.s3server import port_free, ports_for
 
     wanted = [(n, p) for n, p in ports.items() if n != "s3"]
     wanted += [("s3" if k == "s3.port" else f"s3 {k}", p) for k, p in ports_for(ports["s3"]).items()]
@@ -301,7 +301,7 @@ def start(root: Path, ports: dict[str, int] | None = None, store: str = "./diffs
         procs[name] = proc
         return proc
 
-    from storage.s3server import weed_command
+    from services.s3server import weed_command
 
     prefect = _binary("prefect")
     try:
@@ -376,7 +376,7 @@ Stop everything: make stop"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m services.serve", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--store", default="./diffsae-data", help="Local store whose MLflow db the UI shows")
     args = parser.parse_args(argv)  # (importing `flows` turned telemetry off)

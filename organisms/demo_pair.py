@@ -9,7 +9,7 @@ on every position without a planted label), so the planted behaviours are the in
 answers) and the held-out prompts are mostly ordinary (each planted label 8 %); `mix="easy"` has no drift and
 planted labels cover a third of the prompts.
 
-    python -m diffsae.demo_pair --out /tmp/pair --preset small --rates 20   # or: diffsae build-demo-pair ...
+    python -m organisms.demo_pair --out /tmp/pair --preset small --rates 20   # or: diffsae build-demo-pair ...
     res = build_demo_pair("/tmp/pair", preset="small", seed=0, mix="audit")
     behaviour_rates("/tmp/pair", n_per_label=20)
 
@@ -35,8 +35,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diffsae import demo_corpus as dc
-from diffsae import demo_train as dt
+from organisms import demo_corpus as dc
+from organisms import demo_train as dt
 
 FORMAT_VERSION = 2
 

@@ -1,0 +1,165 @@
+"""Every Parquet table of a run: its name, where it lives (relative to the run root) and its Arrow schema.
+
+The one definition: writers build their tables with these schemas, storage/duck.py makes one view per entry of
+TABLES, the dashboards and the tests read the same names. A column added here is added everywhere.
+
+    from storage.schemas import LATENT_TOKENS, TABLES
+    pa.table({...}, schema=LATENT_TOKENS)
+    TABLES["latent_tokens"].path        # "analysis/latent_tokens/*.parquet"
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pyarrow as pa
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in fields])
+
+
+# ---------------------------------------------------------------- activations stage (activations/)
+
+# Columns every activation shard starts with; `diff` (and `base`, `ft` with extract.save_raw) follow, see
+# activation_shard().
+SHARD_PREFIX = _schema(
+    ("doc_id", pa.int64()),
+    ("pos", pa.int32()),
+    ("token_id", pa.int32()),
+    ("token", pa.string()),
+    ("role", pa.string()),
+    ("kl", pa.float32()),
+    ("in_sae", pa.bool_()),
+)
+
+
+def activation_shard(d: int, dtype: str, save_raw: bool) -> pa.Schema:
+    """A shard's schema: SHARD_PREFIX + `diff` (h_ft − h_base, fixed_size_list of `dtype` [d]) [+ `base`, `ft`]."""
+    val = pa.float16() if dtype == "float16" else pa.float32()
+    fields = list(SHARD_PREFIX) + [pa.field("diff", pa.list_(val, d))]
+    if save_raw:
+        fields += [pa.field("base", pa.list_(val, d)), pa.field("ft", pa.list_(val, d))]
+    return pa.schema(fields)
+
+
+# One row per document (behaviour: the planted label, NULL or "none" for ordinary documents).
+DOCS = _schema(
+    ("doc_id", pa.int64()),
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("behaviour", pa.string()),
+    ("n_tokens", pa.int32()),
+)
+
+# One row per token of every document (the projection of the shards the analysis reads its tokens from).
+TOKENS = _schema(
+    ("doc_id", pa.int64()),
+    ("pos", pa.int32()),
+    ("token_id", pa.int32()),
+    ("token", pa.string()),
+    ("role", pa.string()),
+    ("kl", pa.float32()),
+)
+
+# ---------------------------------------------------------------- analysis stage (analysis/)
+
+# TOKENS + the KL of the three patched runs: h_base, h_base + b_dec, h_base + SAE reconstruction.
+ANALYSIS_TOKENS = pa.schema(
+    list(TOKENS) + [pa.field(n, pa.float32()) for n in ("kl_patch_base", "kl_patch_bias", "kl_patch_recon")]
+)
+
+# One row per (token, firing latent): its activation and its integrated-gradients share of the token's KL.
+LATENT_TOKENS = _schema(
+    ("doc_id", pa.int64()),
+    ("pos", pa.int32()),
+    ("latent_id", pa.int32()),
+    ("activation", pa.float32()),
+    ("kl_attribution", pa.float32()),
+)
+
+# LATENT_TOKENS aggregated per (latent, document) by the attribution stage; the ranking reads it.
+LATENT_DOCS = _schema(
+    ("latent_id", pa.int32()),
+    ("doc_id", pa.int64()),
+    ("n_tokens", pa.int32()),
+    ("act_sum", pa.float64()),
+    ("act_max", pa.float32()),
+    ("attr_sum", pa.float64()),
+    ("attr_max", pa.float32()),
+)
+
+# Tokens each latent's decoder direction promotes / suppresses most through the finetuned unembedding.
+LATENT_DIRS = _schema(
+    ("latent_id", pa.int32()),
+    ("promoted", pa.list_(pa.string())),
+    ("suppressed", pa.list_(pa.string())),
+)
+
+# Run-level figures (SAE validation metrics, completeness, timings).
+METRICS = _schema(("name", pa.string()), ("value", pa.float64()))
+
+# ---------------------------------------------------------------- rank stage (analysis/)
+
+# Per score (SCORES of diffsae.config), the latents table has `score_<name>` and `rank_<name>`.
+_LATENT_STATS = _schema(
+    ("latent_id", pa.int32()),
+    ("n_active", pa.int64()),
+    ("n_docs", pa.int64()),
+    ("frequency", pa.float64()),
+    ("mean_activation", pa.float64()),
+    ("max_activation", pa.float64()),
+    ("kl_attr_sum", pa.float64()),
+    ("kl_attr_mean", pa.float64()),
+    ("kl_attr_max", pa.float64()),
+    ("pos_mass", pa.float64()),
+)
+
+
+def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
+    """The `latents` table (storage/sql/rank_latents.sql): statistics, score_* and rank_* per score, rank, the
+    planted behaviour that dominates the latent's attribution, promoted/suppressed tokens."""
+    fields = list(_LATENT_STATS)
+    fields += [pa.field(f"score_{s}", pa.float64()) for s in scores]
+    fields += [pa.field(f"rank_{s}", pa.int64()) for s in scores]
+    fields += [
+        pa.field("rank", pa.int64()),
+        pa.field("dominant_behaviour", pa.string()),
+        pa.field("dominant_share", pa.float64()),
+        pa.field("promoted", pa.list_(pa.string())),
+        pa.field("suppressed", pa.list_(pa.string())),
+    ]
+    return pa.schema(fields)
+
+
+# Planted-behaviour recovery per score (only for data with behaviour labels).
+RECOVERY = _schema(
+    ("score", pa.string()),
+    ("behaviour", pa.string()),
+    ("best_rank", pa.int64()),
+    ("recovered", pa.bool_()),
+    ("top10_capture_fraction", pa.float64()),
+)
+
+
+# ---------------------------------------------------------------- where each table lives
+
+
+class Table(NamedTuple):
+    path: str  # relative to the run root; a glob for partitioned tables
+    doc: str  # one line: what a row is
+
+
+TABLES: dict[str, Table] = {
+    "docs": Table("analysis/docs.parquet", "one document"),
+    "tokens": Table("analysis/tokens.parquet", "one token, with its KL and the patched-run KLs"),
+    "latent_tokens": Table("analysis/latent_tokens/*.parquet", "one (token, firing latent)"),
+    "latent_docs": Table("analysis/latent_docs/*.parquet", "one (latent, document)"),
+    "latent_dirs": Table("analysis/latent_dirs.parquet", "one latent's promoted / suppressed tokens"),
+    "latents": Table("analysis/latents.parquet", "one latent that fires: statistics, scores, ranks"),
+    "metrics": Table("analysis/metrics.parquet", "one run-level figure"),
+    "recovery": Table("analysis/recovery.parquet", "one (score, planted behaviour)"),
+    "activations": Table("activations/shard-*.parquet", "one token: the activation difference"),
+    "activation_docs": Table("activations/docs.parquet", "one document"),
+    "activation_tokens": Table("activations/tokens.parquet", "one token"),
+}

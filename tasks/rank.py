@@ -1,0 +1,107 @@
+"""Stage 4 task: rank latents with DuckDB SQL (storage/sql/) over the analysis tables.
+
+Writes `latents` and, when the data has behaviour labels, `recovery` (also logged to the SAE's MLflow run);
+`analysis/ranking.json`, written last, is the stage's marker. Keyed on the attribution key, `rank_by` and the
+SQL files (editing a score reranks). `diffsae eval` calls `evaluate_run` (no recompute).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import mlflow
+import pyarrow as pa
+from prefect import task
+
+from storage import ranking
+from storage.context import RunContext
+from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
+
+TOP_REPORTED = 10  # latents listed in the stage's result (the CLI's end-of-run report)
+
+
+class RankingResult(NamedTuple):
+    """The rank stage's summary (`analysis/ranking.json`)."""
+
+    key: str
+    rank_by: str  # the score `rank` follows (aliases resolved)
+    n_latents: int  # latents that fire (rows of `latents`)
+    top: list[dict[str, Any]]  # the first TOP_REPORTED rows: rank, latent_id, kl_attr_sum[, dominant_behaviour]
+    recovery: list[dict[str, Any]]  # rows of `recovery` (empty without behaviour labels)
+    recovery_text: str
+
+
+def rank_key(rank_by: str, attribution_key: str) -> str:
+    return stage_key("ranking", rank, ranking.resolve_score(rank_by), attribution_key, ranking.sql_fingerprint())
+
+
+def rank_done(ctx: RunContext, key: str) -> RankingResult | None:
+    return read_marker(ctx.store, ctx.paths.url("analysis", "ranking.json"), key, RankingResult)
+
+
+def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingResult:
+    """DuckDB SQL over the analysis tables -> `latents` and, with behaviour labels, `recovery`."""
+    done = rank_done(ctx, key)
+    if done is not None:
+        return done
+    store, paths = ctx.store, ctx.paths
+    con = ctx.duck()
+    dirs = store.read_parquet(paths.table("latent_dirs"))
+    analysed = con.execute(f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)}").fetchone()[0]
+    latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed))
+    rec = ranking.recovery(con, latents)
+    store.write_parquet(paths.table("latents"), latents)
+    publish_recovery(ctx, rec)
+    columns = ["rank", "latent_id", "kl_attr_sum"]
+    columns += ["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else []
+    out = RankingResult(
+        key=key,
+        rank_by=ranking.resolve_score(rank_by),
+        n_latents=latents.num_rows,
+        top=latents.slice(0, TOP_REPORTED).select(columns).to_pylist(),
+        recovery=rec.to_pylist(),
+        recovery_text=ranking.format_recovery(rec),
+    )
+    write_marker(store, paths.url("analysis", "ranking.json"), out)  # last: marks the stage complete
+    return out
+
+
+@task(name="rank", cache_policy=STAGE_CACHE, **IO_RETRY)
+def rank_task(ctx: RunContext, rank_by: str, skip_first: int, attribution_key: str, key: str) -> RankingResult:
+    return rank(ctx, rank_by, skip_first, key)
+
+
+def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
+    """Write the `recovery` table and log it to the SAE's MLflow run (when the data has behaviour labels)."""
+    store, paths = ctx.store, ctx.paths
+    if not rec.num_rows:
+        store.delete(paths.table("recovery"))
+        return
+    store.write_parquet(paths.table("recovery"), rec)
+    try:
+        run_id = store.read_json(paths.url("sae", "metrics.json")).get("mlflow_run_id")
+    except FileNotFoundError:
+        run_id = None
+    if not run_id:
+        return
+    ctx.mlflow_experiment()
+    rows = rec.to_pylist()
+    metrics: dict[str, float] = {}
+    for r in rows:
+        metrics[f"recovery.{r['score']}.{r['behaviour']}.best_rank"] = float(r["best_rank"] or -1)
+        metrics[f"recovery.{r['score']}.top10_capture_fraction"] = float(r["top10_capture_fraction"] or 0.0)
+    for score in {r["score"] for r in rows}:
+        per = [r for r in rows if r["score"] == score]
+        metrics[f"recovery.{score}.recovered_fraction"] = sum(bool(r["recovered"]) for r in per) / len(per)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+
+
+def evaluate_run(ctx: RunContext) -> str:
+    """`diffsae eval`: recovery of the planted behaviours for every score, from the run's tables (no recompute)."""
+    con = ctx.duck()
+    if "latents" not in ranking.view_names(con):
+        raise FileNotFoundError(f"run '{ctx.run}' has no latents table on {ctx.store_url}: run the pipeline first")
+    rec = ranking.recovery(con)
+    publish_recovery(ctx, rec)
+    return ranking.format_recovery(rec)
