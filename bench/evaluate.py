@@ -42,11 +42,11 @@ def run_one(store: str, preset: str, seed: int, width: int) -> dict[str, Any]:
     })  # fmt: skip
     t0 = time.perf_counter()
     out = pipeline(config=cfg)
-    sae = {k: float(out["sae"][k]) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")}
+    sae = {k: float(getattr(out.sae, k)) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")}
     return {
         "preset": preset, "seed": seed, "width": width, "k": cfg.sae.k, "seconds": time.perf_counter() - t0,
-        "sae": sae, "recovery": out["ranking"]["recovery"], "planted": sorted(
-            {r["behaviour"] for r in out["ranking"]["recovery"]}),
+        "sae": sae, "recovery": out.ranking.recovery, "planted": sorted(
+            {r["behaviour"] for r in out.ranking.recovery}),
     }  # fmt: skip
 
 

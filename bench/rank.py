@@ -41,12 +41,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tasks.analyse import LD_TYPES, parts_table
 
 from diffsae.attribution import latent_doc_stats
+from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import load_sql, rank_latents, recovery, render
+from storage.schemas import LATENT_DOCS
+from tasks.attribute import parts_table
 
 BARE_SCAN = (
     "SELECT count(*), sum(doc_id), sum(latent_id), sum(activation), sum(kl_attribution) FROM latent_tokens"
@@ -121,7 +123,7 @@ def write_latent_docs(paths: RunPaths, lt: pa.Table, files: int) -> float:
                               cols["kl_attribution"][lo:hi])  # fmt: skip
         build_s += time.perf_counter() - t0
         stats.append(st)
-    table = parts_table([st._asdict() for st in stats], LD_TYPES)
+    table = parts_table([st._asdict() for st in stats], LATENT_DOCS)
     bounds = np.linspace(0, table.num_rows, files + 1).astype(np.int64)
     for i in range(files):
         pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), paths.latent_docs_part(i))
@@ -168,7 +170,7 @@ def run_bench(
             f"wrote {rows:,} latent_tokens rows in {files} files under {paths.root} "
             f"({time.perf_counter() - t0:.1f} s)"
         )
-        con = connect(paths.store, paths.run, harden_connection=False)
+        con = connect(RunContext.create(paths.store, paths.run), harden_connection=False)
         if threads:
             con.execute(f"SET threads = {int(threads)}")
         used_threads = con.execute("SELECT current_setting('threads')").fetchone()[0]

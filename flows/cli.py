@@ -36,8 +36,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     preflight(cfg)
     from flows.pipeline import pipeline
+    from flows.server import owned_api_server
 
-    out = pipeline(config=cfg)
+    with owned_api_server():  # without PREFECT_API_URL: a temporary Prefect server that dies with us, even by SIGKILL
+        out = pipeline(config=cfg)
     print(report(cfg, out))
     return 0
 

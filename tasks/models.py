@@ -26,6 +26,7 @@ class ModelCache:
         self._tokenizers: dict[str, Any] = {}
         self._strings: dict[str, list[str]] = {}
         self._docs: dict[tuple[str, str, int, int | None], list[Doc]] = {}  # (sha256, tokenizer, ...)
+        self.pair_loads = 0  # model pairs loaded by this cache (tests: a cached rerun loads none)
 
     def clear(self) -> None:
         self._pairs.clear()
@@ -41,6 +42,7 @@ class ModelCache:
             while len(self._pairs) >= self.max_pairs:
                 self._pairs.pop(next(iter(self._pairs)))
             self._pairs[key] = load_pair(local, needs_chat_template=False)
+            self.pair_loads += 1
         return self._pairs[key]
 
     def tokenizer(self, ctx: RunContext, src: str) -> Any:

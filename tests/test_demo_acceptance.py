@@ -19,14 +19,16 @@ from typing import Any
 import pytest
 
 from diffsae.config import PipelineConfig
+from storage.context import RunContext
 from storage.paths import RunPaths
-from storage.store import Store
+from tasks.rank import RankingResult
+from tasks.train import SAEResult
 
 pytestmark = pytest.mark.slow
 
 
 def demo_config(pair_dir: Path, store: str, run: str, **sections: dict) -> PipelineConfig:  # type: ignore[type-arg]
-    """What the pipeline's demo stage resolves to (tasks/pair.py resolved_models), every other setting default."""
+    """What the pipeline's demo stage resolves to (tasks/pair.py resolved_inputs), every other setting default."""
     cfg: dict[str, Any] = {
         "run": run,
         "store": store,
@@ -38,16 +40,16 @@ def demo_config(pair_dir: Path, store: str, run: str, **sections: dict) -> Pipel
     return PipelineConfig.from_dict(cfg)
 
 
-def check_sae(sae: dict[str, float], k: int) -> None:
-    assert abs(sae["l0"] - k) <= 0.05 * k, sae
-    assert sae["dead_fraction"] < 0.10, sae
-    assert sae["kl_gap_recovered"] >= 0.8, sae
+def check_sae(sae: SAEResult, k: int) -> None:
+    assert abs(sae.l0 - k) <= 0.05 * k, sae
+    assert sae.dead_fraction < 0.10, sae
+    assert sae.kl_gap_recovered >= 0.8, sae
 
 
-def check_recovery(out: dict[str, Any], rank_by: str, planted: set[str]) -> None:
-    rows = [r for r in out["ranking"]["recovery"] if r["score"] == rank_by]
+def check_recovery(ranking: RankingResult, rank_by: str, planted: set[str]) -> None:
+    rows = [r for r in ranking.recovery if r["score"] == rank_by]
     assert {r["behaviour"] for r in rows} == planted
-    assert all(r["recovered"] for r in rows), out["ranking"]["recovery_text"]
+    assert all(r["recovered"] for r in rows), ranking.recovery_text
 
 
 def test_demo_pair_on_s3(demo_pair, s3_store: str) -> None:
@@ -56,23 +58,22 @@ def test_demo_pair_on_s3(demo_pair, s3_store: str) -> None:
 
     cfg = demo_config(demo_pair.out_dir, s3_store, "demo")
     out = pipeline(config=cfg)
-    print(out["sae"], out["ranking"]["recovery_text"], sep="\n")
-    check_sae(out["sae"], cfg.sae.k)
-    check_recovery(out, cfg.attribution.rank_by, {p["label"] for p in demo_pair.planted})
-    assert out["attribution"]["completeness_max_rel_error"] < 0.01
+    print(out.sae, out.ranking.recovery_text, sep="\n")
+    check_sae(out.sae, cfg.sae.k)
+    check_recovery(out.ranking, cfg.attribution.rank_by, {p["label"] for p in demo_pair.planted})
+    assert out.attribution.completeness_max_rel_error < 0.01
 
     # the MLflow run: params, per-step curves, final metrics, the checkpoint
     import mlflow
 
-    from storage.mlflow_setup import experiment
-
-    paths = RunPaths(s3_store, "demo")
-    experiment(paths)
-    run_id = Store(s3_store).read_json(paths.url("sae", "metrics.json"))["mlflow_run_id"]
+    ctx = RunContext.create(s3_store, "demo")
+    ctx.mlflow_experiment()
+    run_id = ctx.store.read_json(ctx.paths.url("sae", "metrics.json"))["mlflow_run_id"]
+    assert run_id == out.sae.mlflow_run_id
     run = mlflow.get_run(run_id)
     assert run.data.params["sae.k"] == "32" and run.data.params["activations.fingerprint"]
     assert {"val_fvu", "val_l0", "val_dead_fraction", "val_kl_gap_recovered"} <= set(run.data.metrics)
-    assert run.data.metrics["val_l0"] == pytest.approx(out["sae"]["l0"])
+    assert run.data.metrics["val_l0"] == pytest.approx(out.sae.l0)
     client = mlflow.MlflowClient()
     for curve in ("loss", "fvu", "l0", "dead_fraction", "auxk_loss"):
         assert len(client.get_metric_history(run_id, curve)) > 10, curve
@@ -92,7 +93,7 @@ def test_demo_pair_training_on_local_disk(demo_pair, tmp_path: Path) -> None:
     from flows.stages import train_flow
 
     cfg = demo_config(demo_pair.out_dir, str(tmp_path / "store"), "demo")
-    sae = train_flow(config=cfg)
+    sae, _ = train_flow(config=cfg)
     print(sae)
     check_sae(sae, cfg.sae.k)
     assert Path(RunPaths(cfg.store, "demo").url("sae", "sae.safetensors")).exists()
@@ -110,7 +111,7 @@ def test_second_planted_pair_default_score(demo_pair, tmp_path_factory: pytest.T
     pair = build_demo_pair(tmp_path_factory.mktemp("pair1") / "demo-1-audit", preset="demo", seed=1, mix="audit")
     assert not {p["trigger"] for p in demo_pair.planted} & {p["trigger"] for p in pair.planted}  # other triggers
     cfg = demo_config(pair.out_dir, str(tmp_path_factory.mktemp("store1")), "second")
-    out = analyse_flow(config=cfg)
-    print(out["ranking"]["recovery_text"])
-    check_recovery(out, cfg.attribution.rank_by, {p["label"] for p in pair.planted})
+    analysis, _ = analyse_flow(config=cfg)
+    print(analysis.ranking.recovery_text)
+    check_recovery(analysis.ranking, cfg.attribution.rank_by, {p["label"] for p in pair.planted})
 

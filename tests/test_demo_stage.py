@@ -3,11 +3,12 @@ preset on the real S3 server, mirrored locally for transformers) and reuses it o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from diffsae.config import PipelineConfig
-from storage.paths import RunPaths
-from storage.store import Store
+from diffsae.config import PipelineConfig, local_cache_dir
+from storage.context import RunContext
 
 
 @pytest.mark.slow
@@ -21,17 +22,22 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
     }
     cfg = PipelineConfig.from_dict(settings)
     out = pipeline(config=cfg)
-    assert out["stages"]["demo_pair"] == {"Completed": 1}
-    assert all(v == {"Completed": 1} for k, v in out["stages"].items() if k not in ("extract", "demo_pair"))
-    store = Store(s3_store)
-    pairs = store.fs.ls(store._p(RunPaths(s3_store, "x").cache_dir("demo_pair")))
+    assert out.stages["demo_pair"] == {"Completed": 1}
+    assert all(v == {"Completed": 1} for k, v in out.stages.items() if k not in ("extract", "demo_pair"))
+    ctx = RunContext.from_config(cfg)
+    store = ctx.store
+    pairs = store.glob(ctx.paths.cache_dir("demo_pair", "*"))
     assert len(pairs) == 1
     for name in ("DONE.json", "prompts.jsonl", "base/config.json", "finetuned/model.safetensors"):
-        assert store.exists(f"s3://{pairs[0]}/{name}"), name
+        assert store.exists(f"{pairs[0]}/{name}"), name
+    # the models and prompts are named by their URL on the store: no local mirror path reaches a task or the store
+    manifest = store.read_json(ctx.paths.activations_manifest)
+    assert manifest["base"] == f"{pairs[0]}/base" and manifest["data"]["path"] == f"{pairs[0]}/prompts.jsonl"
+    assert str(local_cache_dir()) not in json.dumps(manifest)
     # the run's docs carry the planted labels, so recovery was evaluated
-    assert {r["behaviour"] for r in out["ranking"]["recovery"]} >= {"refusal", "persona"}
+    assert {r["behaviour"] for r in out.ranking.recovery} >= {"refusal", "persona"}
     again = pipeline(config=cfg)
-    assert all(set(v) == {"Cached"} for v in again["stages"].values()), again["stages"]
+    assert all(set(v) == {"Cached"} for v in again.stages.values()), again.stages
 
     # another run on the same store reuses the pair: its cache record is store-wide (under cache/.prefect)
     def rebuild(*args, **kwargs):
@@ -39,9 +45,9 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr("organisms.demo_pair.build_demo_pair", rebuild)
     other = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-2"}))
-    assert other["stages"]["demo_pair"] == {"Cached": 1}
-    assert other["stages"]["train"] == {"Completed": 1}
+    assert other.stages["demo_pair"] == {"Cached": 1}
+    assert other.stages["train"] == {"Completed": 1}
     # with that record gone, the task still reuses the complete pair on the store instead of rebuilding it
-    store.delete_tree(RunPaths(s3_store, "x").cache_dir(".prefect"))
+    store.delete_tree(ctx.paths.cache_dir(".prefect"))
     third = pipeline(config=PipelineConfig.from_dict({**settings, "run": "demo-small-3"}))
-    assert third["stages"]["demo_pair"] == {"Completed": 1}
+    assert third.stages["demo_pair"] == {"Completed": 1}

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cfg_dict: dict) -> dict:
+    """The extract flow's states and its result's fields, as one dict."""
     from flows.stages import extract_flow
 
-    return extract_flow(config=PipelineConfig.from_dict(cfg_dict))
+    activations, states = extract_flow(config=PipelineConfig.from_dict(cfg_dict))
+    return {**activations._asdict(), "stages": states}
 
 
 def _dataset_tokens(root: Path, max_tokens: int = 64) -> int:

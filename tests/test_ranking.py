@@ -10,6 +10,7 @@ import pytest
 
 from diffsae.attribution import latent_doc_stats
 from storage import schemas
+from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import (
@@ -118,7 +119,7 @@ EXPECTED_ORDER = {
 
 
 def test_statistics_and_scores_by_hand(base_run: RunPaths) -> None:
-    table = rank_latents(connect(base_run.store, base_run.run), "total")
+    table = rank_latents(connect(RunContext.create(base_run.store, base_run.run)), "total")
     got = by_id(table)
     assert sorted(got) == sorted(EXPECTED)
     for lid, exp in EXPECTED.items():
@@ -136,7 +137,7 @@ def test_statistics_and_scores_by_hand(base_run: RunPaths) -> None:
 
 
 def test_every_score_ranks_by_hand(base_run: RunPaths) -> None:
-    table = rank_latents(connect(base_run.store, base_run.run), "total")
+    table = rank_latents(connect(RunContext.create(base_run.store, base_run.run)), "total")
     got = by_id(table)
     assert set(EXPECTED_ORDER) == set(SCORES)
     for score, order in EXPECTED_ORDER.items():
@@ -147,7 +148,7 @@ def test_every_score_ranks_by_hand(base_run: RunPaths) -> None:
 @pytest.mark.parametrize("rank_by", ["mean", "peak_token", "focus", "score_top_docs", "kl_attr_sum"])
 def test_rank_by_switches_rank(base_run: RunPaths, rank_by: str) -> None:
     score = resolve_score(rank_by)
-    table = rank_latents(connect(base_run.store, base_run.run), rank_by)
+    table = rank_latents(connect(RunContext.create(base_run.store, base_run.run)), rank_by)
     assert table.column("latent_id").to_pylist() == EXPECTED_ORDER[score]
     assert table.column("rank").to_pylist() == [1, 2, 3, 4, 5]
     assert table.column("rank").equals(table.column(f"rank_{score}"))
@@ -157,7 +158,7 @@ def test_unknown_rank_by_is_one_line(base_run: RunPaths) -> None:
     with pytest.raises(
         ValueError, match=r"unknown rank_by 'loudness': choose one of total, mean, peak_token"
     ) as e:
-        rank_latents(connect(base_run.store, base_run.run), "loudness")
+        rank_latents(connect(RunContext.create(base_run.store, base_run.run)), "loudness")
     assert "\n" not in str(e.value)
 
 
@@ -165,7 +166,7 @@ def test_dominant_behaviour_and_latent_dirs(base_run: RunPaths) -> None:
     dirs = arrow_table(
         schemas.LATENT_DIRS, latent_id=[20, 30], promoted=[["alpha", "a2"], ["beta"]], suppressed=[["x"], []]
     )
-    got = by_id(rank_latents(connect(base_run.store, base_run.run), "focus", latent_dirs=dirs))
+    got = by_id(rank_latents(connect(RunContext.create(base_run.store, base_run.run)), "focus", latent_dirs=dirs))
     assert (got[20]["dominant_behaviour"], got[20]["dominant_share"]) == ("alpha", pytest.approx(1.0))
     assert (got[30]["dominant_behaviour"], got[30]["dominant_share"]) == ("beta", pytest.approx(1.0))
     assert got[10]["dominant_behaviour"] == "none"  # 5 ordinary docs (one unlabelled) of 7
@@ -176,7 +177,7 @@ def test_dominant_behaviour_and_latent_dirs(base_run: RunPaths) -> None:
 
 def test_no_planted_labels_no_dominant_columns(tmp_path) -> None:
     paths = write_run(str(tmp_path / "s"), BASE_ROWS, ["none"] * 8, N_TOKENS)
-    con = connect(paths.store, paths.run)
+    con = connect(RunContext.create(paths.store, paths.run))
     table = rank_latents(con)
     assert "dominant_behaviour" not in table.column_names and "dominant_share" not in table.column_names
     want = schemas.latents_schema(SCORES)
@@ -190,14 +191,15 @@ def test_latents_output_has_the_storage_schema(base_run: RunPaths, with_dirs: bo
     """The latents table rank_latents.sql produces is exactly storage/schemas.py's latents_schema(SCORES): names,
     order and types (with the latent_docs table and rebuilt from latent_tokens, on local and S3 stores)."""
     dirs = arrow_table(schemas.LATENT_DIRS, latent_id=[20], promoted=[["a"]], suppressed=[[]]) if with_dirs else None
-    con = connect(base_run.store, base_run.run)
+    con = connect(RunContext.create(base_run.store, base_run.run))
     table = rank_latents(con, "focus", latent_dirs=dirs)
     assert table.schema == schemas.latents_schema(SCORES)
     assert recovery(con, table).schema == schemas.RECOVERY
 
 
 def test_min_support_param(base_run: RunPaths) -> None:
-    got = by_id(rank_latents(connect(base_run.store, base_run.run), params=RankParams(min_support=2)))
+    con = connect(RunContext.create(base_run.store, base_run.run))
+    got = by_id(rank_latents(con, params=RankParams(min_support=2)))
     assert got[5]["score_mean"] == pytest.approx(2.0) and got[30]["score_mean"] is None
 
 
@@ -212,7 +214,7 @@ def recovery_rows() -> tuple[list[tuple], list[str | None]]:
 def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
     rows, labels = recovery_rows()
     paths = write_run(str(tmp_path / "s"), rows, labels, N_TOKENS, latent_docs=latent_docs)
-    con = connect(paths.store, paths.run)
+    con = connect(RunContext.create(paths.store, paths.run))
     latents = rank_latents(con, "total")
     # total: 5 (4.0), 30 (4.0), 10 (3.5), 20 (2.75), 70 (2.5), 60 (1.0), 40 (-4.9)
     assert latents.column("latent_id").to_pylist() == [5, 30, 10, 20, 70, 60, 40]
@@ -243,9 +245,9 @@ def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
 def test_recovery_uses_latents_view_when_written(tmp_path) -> None:
     rows, labels = recovery_rows()
     paths = write_run(str(tmp_path / "s"), rows, labels, N_TOKENS)
-    latents = rank_latents(connect(paths.store, paths.run), "focus")
+    latents = rank_latents(connect(RunContext.create(paths.store, paths.run)), "focus")
     Store(paths.store_root).write_parquet(paths.table("latents"), latents)
-    con = connect(paths.store, paths.run)  # now with a `latents` view
+    con = connect(RunContext.create(paths.store, paths.run))  # now with a `latents` view
     assert recovery(con).equals(recovery(con, latents))
 
 
@@ -261,7 +263,7 @@ def test_rare_planted_latents_beat_broad_drift_except_under_total(tmp_path) -> N
         rows += [(1000 + b, d, 2.0, 0.5) for d in docs for _ in range(2)]
     rows += [(lid, d, 1.0, 0.05) for lid in range(20) for d in range(100) for _ in range(3)]
     paths = write_run(str(tmp_path / "s"), rows, labels, 1000, latent_docs=True)
-    con = connect(paths.store, paths.run)
+    con = connect(RunContext.create(paths.store, paths.run))
     rec = {(r["score"], r["behaviour"]): r for r in recovery(con, rank_latents(con)).to_pylist()}
     for b in range(3):
         assert (
@@ -296,7 +298,7 @@ def test_ranking_equal_with_and_without_latent_docs(tmp_path) -> None:
     out = []
     for flag in (True, False):
         paths = write_run(str(tmp_path / str(flag)), rows, labels, 2000, latent_docs=flag)
-        con = connect(paths.store, paths.run)
+        con = connect(RunContext.create(paths.store, paths.run))
         latents = rank_latents(con, "focus")
         out.append((latents, recovery(con, latents)))
     (a, ra), (b, rb) = out

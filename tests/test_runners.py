@@ -25,7 +25,8 @@ def _extract(tiny_pair: Path, store: str, **extract: Any) -> dict[str, Any]:
     """The extract stage flow on the tiny pair; its output has the per-task state counts under `stages`."""
     from flows.stages import extract_flow
 
-    return extract_flow(config=PipelineConfig.from_dict(tiny_config(tiny_pair, store, extract=extract)))
+    activations, states = extract_flow(config=PipelineConfig.from_dict(tiny_config(tiny_pair, store, extract=extract)))
+    return {**activations._asdict(), "stages": states}
 
 
 def _tables(store: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from storage import schemas
+from storage.context import RunContext
 from storage.duck import S3Settings, catalog_sql, connect, view_names
 from storage.paths import RunPaths
 from storage.sql_cli import main as sql_main
@@ -47,7 +48,7 @@ def run_paths(tmp_path) -> RunPaths:
 
 @pytest.fixture
 def con(run_paths: RunPaths) -> duckdb.DuckDBPyConnection:
-    return connect(run_paths.store, run_paths.run)
+    return connect(RunContext.create(run_paths.store, run_paths.run))
 
 
 def test_views_only_for_existing_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -231,9 +232,10 @@ def test_same_select_over_real_s3(s3_store: str, run_paths: RunPaths, tmp_path) 
     for name in ("latent_tokens", "docs"):  # upload the local run's files
         for local in sorted(Store(run_paths.store_root).fs.glob(run_paths.table(name))):
             fs.put(local, s3_paths.root[len("s3://") :] + local[len(run_paths.root) :])
-    con = connect(s3_store, "r")
+    con = connect(RunContext.create(s3_store, "r"))
     assert view_names(con) == ["docs", "latent_tokens"]
-    assert run_query(con, LATENT_SUM).rows == run_query(connect(run_paths.store, "r"), LATENT_SUM).rows
+    local = connect(RunContext.create(run_paths.store, "r"))
+    assert run_query(con, LATENT_SUM).rows == run_query(local, LATENT_SUM).rows
     assert run_query(con, f"SELECT count(*) FROM '{s3_paths.table('docs')}'").rows == [(3,)]
     bucket = s3_store[len("s3://") :].split("/")[0]
     fs.put(run_paths.table("docs"), f"{bucket}/secret/docs.parquet")
@@ -242,7 +244,7 @@ def test_same_select_over_real_s3(s3_store: str, run_paths: RunPaths, tmp_path) 
     with pytest.raises(duckdb.PermissionException):  # the engine refuses too
         con.execute(f"SELECT * FROM read_parquet('s3://{bucket}/secret/docs.parquet')")
     # the catalog, credentials through DuckDB variables (getenv exists only in the DuckDB CLI)
-    script = catalog_sql(s3_store, "r", S3Settings.from_env(), cli_env=False)
+    script = catalog_sql(RunContext.create(s3_store, "r"), S3Settings.from_env(), cli_env=False)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in script and "getenv('AWS_ACCESS_KEY_ID')" in script
     fresh = duckdb.connect()
     fresh.execute("SET VARIABLE diffsae_key_id = ?", [os.environ["AWS_ACCESS_KEY_ID"]])

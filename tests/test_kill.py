@@ -1,0 +1,141 @@
+"""However `diffsae run` ends, no process it started outlives it: killed mid-run with SIGKILL (a user's `kill -9`,
+the OOM killer) or SIGTERM, neither of which runs any clean-up code, interrupted with SIGINT, or run to the end.
+
+Without PREFECT_API_URL the run starts a temporary Prefect API server (a uvicorn subprocess); it used to be stopped
+by an atexit hook only, and so lived on forever, re-parented to PID 1, after a SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil  # a dependency of distributed (prefect-dask)
+import pytest
+import yaml
+
+from tests.tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAE = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 1}
+MID_RUN = "Beginning flow run"  # on stderr: the Prefect server is up and the flow has started
+
+
+def _start(cfg: dict, tmp: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m flows.cli run --config CFG` in a session of its own, with its own Prefect home and no API URL (the
+    run starts its temporary server); stdout and stderr go to files. Returns the process and its stderr file."""
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    env["PREFECT_HOME"] = str(tmp / "prefect")
+    err = tmp / "stderr.txt"
+    with open(tmp / "stdout.txt", "w") as out_f, open(err, "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out_f,
+            stderr=err_f,
+            start_new_session=True,
+        )
+    return proc, err
+
+
+def _wait_mid_run(proc: subprocess.Popen, err: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if MID_RUN in err.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before it got going:\n{err.read_text()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"the run did not start within {timeout} s:\n{err.read_text()[-3000:]}")
+
+
+def _descendants(pid: int) -> dict[psutil.Process, str]:
+    """Every descendant of process `pid` (children, their children, ...) with its command line."""
+    found = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            found[p] = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:  # already gone
+            pass
+    return found
+
+
+def _has_server(procs: dict[psutil.Process, str]) -> bool:
+    return any("uvicorn" in cmd or "flows.server" in cmd for cmd in procs.values())
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    """The processes of `procs` still running (zombies waiting to be reaped count as gone), one line each."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"pid {p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (alive := _alive(procs)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def _cleanup(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    """Kill whatever this test started and is still running, so a failure leaks nothing into later tests."""
+    if proc.poll() is None:
+        proc.kill()
+    for p in procs:
+        try:
+            if p.is_running():
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_killed_run_leaves_no_process(sig: signal.Signals, tiny_pair: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
+    proc, err = _start(cfg, tmp_path)
+    descendants: dict[psutil.Process, str] = {}
+    try:
+        _wait_mid_run(proc, err)
+        descendants = _descendants(proc.pid)
+        assert _has_server(descendants), f"no temporary Prefect server among {list(descendants.values())}"
+        os.kill(proc.pid, sig)  # the `diffsae run` process only, not its group: `kill -9 PID`
+        proc.wait(timeout=60)
+        assert proc.returncode != 0
+        left = _wait_gone(list(descendants), timeout=10)
+        assert not left, f"{sig.name}: processes left behind by `diffsae run`:\n" + "\n".join(left)
+    finally:
+        _cleanup(proc, list(descendants))
+
+
+@pytest.mark.slow
+def test_completed_run_leaves_no_process(tiny_pair: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
+    proc, err = _start(cfg, tmp_path)
+    seen: dict[psutil.Process, str] = {}
+    try:
+        while proc.poll() is None:  # every process the run starts, while it runs
+            try:
+                seen.update(_descendants(proc.pid))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+        assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
+        assert _has_server(seen), f"no temporary Prefect server among {list(seen.values())}"
+        left = _wait_gone(list(seen), timeout=10)
+        assert not left, "processes left behind by a completed `diffsae run`:\n" + "\n".join(left)
+    finally:
+        _cleanup(proc, list(seen))
