@@ -16,6 +16,11 @@ worker processes use it too), and it is registered as Prefect's default temporar
 starts a second, unowned one. Start it from the main thread: Linux's parent-death signal follows the thread that
 started the child, not the process.
 
+The server runs in a session of its own, out of reach of the terminal's Ctrl-C: with Prefect's server, Ctrl-C (sent
+to the whole foreground process group) killed the server at once, and the interrupted flow then spent about 70 s
+retrying to report its crash to it before failing with "connection refused". Now the flow is interrupted, reports
+to a live server, and the server is stopped after it (or dies with us, whatever happens).
+
     with owned_api_server():
         pipeline(config=cfg)
 
@@ -119,6 +124,7 @@ def _server_class() -> type:
                     **server_env,
                     **get_current_settings().to_environment_variables(exclude_unset=True),
                 },
+                start_new_session=True,  # a terminal's Ctrl-C is ours to handle: we stop the server after the flow
             )
 
     return OwnedASGIServer

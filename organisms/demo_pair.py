@@ -282,14 +282,6 @@ def format_profile(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `build-demo-pair` on an argparse subparsers object; its handler is `args.func(args)`."""
-    sp = subparsers.add_parser("build-demo-pair", help="build the built-in planted model pair")
-    _add_args(sp)
-    sp.set_defaults(func=run_cli)
-    return sp
-
-
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")

@@ -48,16 +48,17 @@ def _fixed_list(arr_ND: np.ndarray, typ: pa.DataType) -> pa.Array:
 
 def batch_to_arrow(batch: Any, schema: pa.Schema, token_strings: Sequence[str]) -> pa.RecordBatch:
     """An diffsae.extract.ExtractBatch as an Arrow record batch of `schema`."""
-    cols = [
-        pa.array(batch.doc_id_N, pa.int64()),
-        pa.array(batch.pos_N, pa.int32()),
-        pa.array(batch.token_id_N, pa.int32()),
-        pa.array([token_strings[t] for t in batch.token_id_N.tolist()], pa.string()),
-        pa.array(batch.role_N, pa.string()),
-        pa.array(batch.kl_N, pa.float32()),
-        pa.array(batch.in_sae_N, pa.bool_()),
-        _fixed_list(batch.diff_ND, schema.field("diff").type),
-    ]
+    values = {
+        "doc_id": batch.doc_id_N,
+        "pos": batch.pos_N,
+        "token_id": batch.token_id_N,
+        "token": [token_strings[t] for t in batch.token_id_N.tolist()],
+        "role": batch.role_N,
+        "kl": batch.kl_N,
+        "in_sae": batch.in_sae_N,
+    }
+    cols = [pa.array(values[f.name], f.type) for f in schemas.SHARD_PREFIX]
+    cols.append(_fixed_list(batch.diff_ND, schema.field("diff").type))
     if batch.base_ND is not None:
         cols += [
             _fixed_list(batch.base_ND, schema.field("base").type),

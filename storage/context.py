@@ -41,9 +41,6 @@ class RunContext:
         """From a diffsae.config.PipelineConfig (its store, run and s3_endpoint_url)."""
         return cls.create(cfg.store, cfg.run, cfg.s3_endpoint_url)
 
-    def for_run(self, run: str) -> "RunContext":
-        return RunContext(self.store_url, run, self.endpoint_url, self.credentials)
-
     @property
     def is_s3(self) -> bool:
         return is_s3(self.store_url)

@@ -21,17 +21,15 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
 
 # ---------------------------------------------------------------- activations stage (activations/)
 
-# Columns every activation shard starts with; `diff` (and `base`, `ft` with extract.save_raw) follow, see
-# activation_shard().
-SHARD_PREFIX = _schema(
-    ("doc_id", pa.int64()),
-    ("pos", pa.int32()),
-    ("token_id", pa.int32()),
-    ("token", pa.string()),
-    ("role", pa.string()),
-    ("kl", pa.float32()),
-    ("in_sae", pa.bool_()),
-)
+# One row per token of every document (the projection of the shards the analysis reads its tokens from).
+TOKENS = _schema(
+    ("doc_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32()), ("token", pa.string()),
+    ("role", pa.string()), ("kl", pa.float32()),
+)  # fmt: skip
+
+# Columns every activation shard starts with: TOKENS + in_sae (the token is SAE data); `diff` (and `base`, `ft`
+# with extract.save_raw) follow, see activation_shard().
+SHARD_PREFIX = pa.schema(list(TOKENS) + [pa.field("in_sae", pa.bool_())])
 
 
 def activation_shard(d: int, dtype: str, save_raw: bool) -> pa.Schema:
@@ -45,22 +43,9 @@ def activation_shard(d: int, dtype: str, save_raw: bool) -> pa.Schema:
 
 # One row per document (behaviour: the planted label, NULL or "none" for ordinary documents).
 DOCS = _schema(
-    ("doc_id", pa.int64()),
-    ("id", pa.string()),
-    ("text", pa.string()),
-    ("behaviour", pa.string()),
+    ("doc_id", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("behaviour", pa.string()),
     ("n_tokens", pa.int32()),
-)
-
-# One row per token of every document (the projection of the shards the analysis reads its tokens from).
-TOKENS = _schema(
-    ("doc_id", pa.int64()),
-    ("pos", pa.int32()),
-    ("token_id", pa.int32()),
-    ("token", pa.string()),
-    ("role", pa.string()),
-    ("kl", pa.float32()),
-)
+)  # fmt: skip
 
 # ---------------------------------------------------------------- analysis stage (analysis/)
 
@@ -71,29 +56,19 @@ ANALYSIS_TOKENS = pa.schema(
 
 # One row per (token, firing latent): its activation and its integrated-gradients share of the token's KL.
 LATENT_TOKENS = _schema(
-    ("doc_id", pa.int64()),
-    ("pos", pa.int32()),
-    ("latent_id", pa.int32()),
-    ("activation", pa.float32()),
+    ("doc_id", pa.int64()), ("pos", pa.int32()), ("latent_id", pa.int32()), ("activation", pa.float32()),
     ("kl_attribution", pa.float32()),
-)
+)  # fmt: skip
 
 # LATENT_TOKENS aggregated per (latent, document) by the attribution stage; the ranking reads it.
 LATENT_DOCS = _schema(
-    ("latent_id", pa.int32()),
-    ("doc_id", pa.int64()),
-    ("n_tokens", pa.int32()),
-    ("act_sum", pa.float64()),
-    ("act_max", pa.float32()),
-    ("attr_sum", pa.float64()),
-    ("attr_max", pa.float32()),
-)
+    ("latent_id", pa.int32()), ("doc_id", pa.int64()), ("n_tokens", pa.int32()), ("act_sum", pa.float64()),
+    ("act_max", pa.float32()), ("attr_sum", pa.float64()), ("attr_max", pa.float32()),
+)  # fmt: skip
 
 # Tokens each latent's decoder direction promotes / suppresses most through the finetuned unembedding.
 LATENT_DIRS = _schema(
-    ("latent_id", pa.int32()),
-    ("promoted", pa.list_(pa.string())),
-    ("suppressed", pa.list_(pa.string())),
+    ("latent_id", pa.int32()), ("promoted", pa.list_(pa.string())), ("suppressed", pa.list_(pa.string()))
 )
 
 # Run-level figures (SAE validation metrics, completeness, timings).
@@ -102,18 +77,11 @@ METRICS = _schema(("name", pa.string()), ("value", pa.float64()))
 # ---------------------------------------------------------------- rank stage (analysis/)
 
 # Per score (SCORES of diffsae.config), the latents table has `score_<name>` and `rank_<name>`.
-_LATENT_STATS = _schema(
-    ("latent_id", pa.int32()),
-    ("n_active", pa.int64()),
-    ("n_docs", pa.int64()),
-    ("frequency", pa.float64()),
-    ("mean_activation", pa.float64()),
-    ("max_activation", pa.float64()),
-    ("kl_attr_sum", pa.float64()),
-    ("kl_attr_mean", pa.float64()),
-    ("kl_attr_max", pa.float64()),
-    ("pos_mass", pa.float64()),
-)
+_LATENT_STATS = pa.schema(
+    [pa.field("latent_id", pa.int32()), pa.field("n_active", pa.int64()), pa.field("n_docs", pa.int64())]
+    + [pa.field(n, pa.float64()) for n in ("frequency", "mean_activation", "max_activation", "kl_attr_sum",
+                                           "kl_attr_mean", "kl_attr_max", "pos_mass")]
+)  # fmt: skip
 
 
 def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
@@ -134,12 +102,9 @@ def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
 
 # Planted-behaviour recovery per score (only for data with behaviour labels).
 RECOVERY = _schema(
-    ("score", pa.string()),
-    ("behaviour", pa.string()),
-    ("best_rank", pa.int64()),
-    ("recovered", pa.bool_()),
+    ("score", pa.string()), ("behaviour", pa.string()), ("best_rank", pa.int64()), ("recovered", pa.bool_()),
     ("top10_capture_fraction", pa.float64()),
-)
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------- where each table lives

@@ -26,7 +26,7 @@ from storage import activations as act
 from storage import schemas
 from storage.context import RunContext
 from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
-from tasks.extract import Activations
+from tasks.extract import Activations, read_manifest
 from tasks.models import MODEL_CACHE
 from tasks.train import SAEResult
 
@@ -113,10 +113,8 @@ def attribute(
     done = attribution_done(ctx, key)
     if done is not None:
         return done
+    read_manifest(ctx, activations)
     store, paths = ctx.store, ctx.paths
-    manifest = act.read_manifest(store, paths)
-    if manifest is None or manifest["fingerprint"] != activations.fingerprint:
-        raise RuntimeError("activation manifest missing or changed: rerun extraction")
     pair = MODEL_CACHE.pair(ctx, models)
     sae = load_sae(ctx, pair.device)
     docs = act.read_docs(store, paths)
@@ -177,7 +175,7 @@ def write_tokens(ctx: RunContext, patch: dict[str, np.ndarray]) -> None:
     order = np.argsort(patch["doc_id"] * (1 << 32) + patch["pos"], kind="stable")
     at = order[np.searchsorted((patch["doc_id"] * (1 << 32) + patch["pos"])[order], key_N)]
     cols = {f.name: tokens[f.name] for f in schemas.TOKENS if f.name != "kl"}
-    cols.update({name: pa.array(patch[name][at], pa.float32()) for name in PATCH_COLUMNS})
+    cols.update({name: pa.array(patch[name][at], schemas.ANALYSIS_TOKENS.field(name).type) for name in PATCH_COLUMNS})
     table = pa.table({f.name: cols[f.name] for f in schemas.ANALYSIS_TOKENS}, schema=schemas.ANALYSIS_TOKENS)
     ctx.store.write_parquet(ctx.paths.table("tokens"), table, compression="zstd")
 

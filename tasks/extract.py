@@ -176,6 +176,14 @@ def activations_done(ctx: RunContext, key: str) -> Activations | None:
     return Activations(m["key"], m["fingerprint"], m["rows"], m["n_docs"], len(m["shards"]))
 
 
+def read_manifest(ctx: RunContext, activations: Activations) -> dict[str, Any]:
+    """The manifest the downstream stage was keyed on (else the activations changed under it: one-line error)."""
+    manifest = act.read_manifest(ctx.store, ctx.paths)
+    if manifest is None or manifest["fingerprint"] != activations.fingerprint:
+        raise RuntimeError("activation manifest missing or changed: rerun extraction")
+    return manifest
+
+
 def commit(
     ctx: RunContext, inputs: ShardInputs, shard_keys: list[str], digests: list[str], meta: dict[str, Any], key: str
 ) -> Activations:

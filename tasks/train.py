@@ -21,11 +21,8 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
-from diffsae.attribution import patched_kl
 from diffsae.config import ModelsConfig, SAEConfig
-from diffsae.data import Doc
-from diffsae.extract import pad_batch, plan_batches
-from diffsae.models import ModelPair
+from diffsae.patching import kl_gap_recovered
 from diffsae.shuffle import shuffled_batches
 from diffsae.train import evaluate, train_sae
 from storage import activations as act
@@ -34,7 +31,7 @@ from storage.mlflow_setup import flat_params
 from storage.paths import RunPaths
 from storage.store import Store
 from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
-from tasks.extract import Activations
+from tasks.extract import Activations, read_manifest
 from tasks.models import MODEL_CACHE
 
 SAE_FILES = ("sae.safetensors", "cfg.json", "metrics.json")
@@ -96,26 +93,13 @@ def sae_done(ctx: RunContext, key: str) -> SAEResult | None:
     return out
 
 
-def kl_gap_recovered(pair: ModelPair, layer: int, sae: Any, docs: list[Doc], batch_tokens: int) -> float:
-    """1 − Σ KL(p_ft‖p_patch(h_base + d̂)) / Σ KL(p_ft‖p_patch(h_base)) over the docs' analysed tokens."""
-    num = den = 0.0
-    for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
-        ids_BT, mask_BT = pad_batch([docs[i] for i in idx], pair.tokenizer.pad_token_id or 0, pair.device)
-        out = patched_kl(pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae)
-        num += float(np.nansum(out.kl_patch_recon_BT))
-        den += float(np.nansum(out.kl_patch_base_BT))
-    return 1.0 - num / den if den > 0 else float("nan")
-
-
 def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: ModelsConfig, key: str) -> SAEResult:
     """Train, evaluate, log to MLflow, and publish `sae/` on the store (metrics.json last)."""
     done = sae_done(ctx, key)
     if done is not None:
         return done
     store, paths = ctx.store, ctx.paths
-    manifest = act.read_manifest(store, paths)
-    if manifest is None or manifest["fingerprint"] != activations.fingerprint:
-        raise RuntimeError("activation manifest missing or changed: rerun extraction")
+    manifest = read_manifest(ctx, activations)
     train_docs, val_docs = split_docs(int(manifest["n_docs"]), cfg.val_fraction, cfg.seed)
     n_train = count_sae_rows(store, paths, manifest, train_docs)
     budget = cfg.train_tokens(n_train)
@@ -160,7 +144,8 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
         pair = MODEL_CACHE.pair(ctx, models)
         sae = sae.to(pair.device)
         docs = act.read_docs(store, paths, val_docs)
-        gap = kl_gap_recovered(pair, models.layer, sae, docs, KL_GAP_BATCH_TOKENS)
+        pad_id = pair.tokenizer.pad_token_id or 0
+        gap = kl_gap_recovered(pair.base, pair.finetuned, models.layer, sae, docs, pad_id, KL_GAP_BATCH_TOKENS)
         final = {
             "fvu": val.fvu,
             "l0": val.l0,

@@ -346,3 +346,26 @@ def test_promoted_suppressed_hand_made() -> None:
         ft.model.norm.weight[3] = -2.0
     flipped, _ = promoted_suppressed(sae, ft, IdTokenizer(), top_n=3, chunk_elems=V)  # one latent per chunk
     assert flipped[0] == suppressed[0] and flipped[1] == promoted[0]
+
+
+# ---------------------------------------------------------------- forward-only patching
+
+
+def test_patched_kl_is_forward_only_and_equals_attribution(pair, sae) -> None:
+    """The KL-gap metric's patched runs need no gradient (they run under inference mode, where autograd is off)
+    and give exactly attribute_batch's per-token KL columns; kl_gap_recovered is 1 − Σ recon / Σ base of them."""
+    from diffsae.data import Doc
+    from diffsae.patching import kl_gap_recovered, patched_kl
+
+    base, ft = pair
+    ids_BT, mask_BT = right_padded()
+    with torch.inference_mode():
+        fwd = patched_kl(base, ft, LAYER, ids_BT, mask_BT, sae)
+    full = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=2)
+    for name in fwd._fields:
+        np.testing.assert_array_equal(getattr(fwd, name), getattr(full, name))
+    docs = [Doc(b, str(b), "", "none", ids_BT[b, :n].tolist(), ["text"] * n) for b, n in enumerate(LENGTHS)]
+    with torch.inference_mode():
+        gap = kl_gap_recovered(base, ft, LAYER, sae, docs, pad_id=0, batch_tokens=1 << 10)
+    want = 1 - np.nansum(full.kl_patch_recon_BT) / np.nansum(full.kl_patch_base_BT)
+    assert gap == pytest.approx(float(want), rel=1e-5) and 0 < gap < 1
