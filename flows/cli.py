@@ -114,8 +114,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffsae")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _one_line_error(e: BaseException) -> int:
+    print(f"diffsae: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`diffsae export --format saelens|neuronpedia --out DIR`: the run must exist and have the needed stages."""
+    cfg = load_config(args)
+    from exports import ExportError, export_neuronpedia, export_saelens
+    from flows.runs import RunError, require_run
+    from storage.context import RunContext
+
+    ctx = RunContext.from_config(cfg)
+    try:
+        require_run(ctx)
+        if args.format == "saelens":
+            sl = export_saelens(ctx, args.out)
+            print(f"SAELens JumpReLU SAE (d_in={sl.d_in}, d_sae={sl.d_sae}, threshold={sl.threshold:.4g}, "
+                  f"scale {sl.scale:.4g} folded): {sl.out_dir}")  # fmt: skip
+        else:
+            npx = export_neuronpedia(ctx, args.out, top=args.top, features_per_batch=args.features_per_batch,
+                                     n_contexts=args.contexts)  # fmt: skip
+            print(f"{npx.n_features} features in {len(npx.files)} Neuronpedia batch files: {npx.out_dir}")
+    except (ExportError, RunError) as e:
+        return _one_line_error(e)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """`diffsae runs`: every run on the store with each stage's state (done / missing / stale)."""
+    cfg = load_config(args)
+    from flows.runs import format_runs, list_runs, store_exists
+    from storage.context import RunContext
+
+    ctx = RunContext.from_config(cfg)
+    if not store_exists(ctx):
+        return _one_line_error(RuntimeError(f"store {ctx.store_url} does not exist"))
+    sys.stdout.write(format_runs(ctx, list_runs(ctx)))
+    return 0
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    """`diffsae open`: print the local path of the run's dashboards index.html (and open it with --browser)."""
+    cfg = load_config(args)
+    from flows.runs import RunError, dashboards_index
+    from storage.context import RunContext
+
+    try:
+        index = dashboards_index(RunContext.from_config(cfg))
+    except RunError as e:
+        return _one_line_error(e)
+    print(index)
+    if args.browser:
+        import webbrowser
+
+        webbrowser.open("file://" + index)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsae", description="Model diffing with a diff-SAE.")
+    parser.add_argument("--version", action="version", version=f"diffsae {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="Run the whole pipeline (cached stages are skipped)")
@@ -142,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="Planted-behaviour recovery per latent score (needs `behaviour` labels)")
     _add_location(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="Export a finished run: its SAE for SAELens, or Neuronpedia batch JSON")
+    _add_location(p)
+    p.add_argument("--format", required=True, choices=["saelens", "neuronpedia"], help="Export format")
+    p.add_argument("--out", required=True, help="Output folder (created; files of an earlier export replaced)")
+    p.add_argument("--top", type=int, default=None, help="neuronpedia: only the first N latents by rank")
+    p.add_argument("--features-per-batch", type=int, default=128, help="neuronpedia: features per batch file")
+    p.add_argument("--contexts", type=int, default=20, help="neuronpedia: top contexts (documents) per feature")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runs", help="List the runs on a store with each stage's state (done / missing / stale)")
+    p.add_argument("--config", help="YAML config (its store)")
+    p.add_argument("--store", help="Artifact store: local folder or s3://bucket/prefix (overrides the config)")
+    p.set_defaults(func=cmd_runs, run=None)
+
+    p = sub.add_parser("open", help="Print the path of a run's dashboards index.html (--browser: open it)")
+    _add_location(p)
+    p.add_argument("--browser", action="store_true", help="Open index.html in a web browser")
+    p.set_defaults(func=cmd_open)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

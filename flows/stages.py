@@ -103,11 +103,11 @@ def run_extract(ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, states: St
             )
             for spec in plan.shards
         ]
-    meta = {
-        "data": data.model_dump(),  # the prompts by their URL on the store
+    meta = {  # store locations as `<store>/...`: the same content keys the same on any store
+        "data": {**data.model_dump(), "path": ctx.portable(data.path)},
         "layer": models.layer,
-        "base": models.base,
-        "finetuned": models.finetuned,
+        "base": ctx.portable(models.base),
+        "finetuned": ctx.portable(models.finetuned),
         "model_fingerprints": list(fps),
         "extract": cfg.extract.model_dump(exclude=EXECUTION_ONLY),
         "tokens": plan.n_tokens,

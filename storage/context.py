@@ -56,6 +56,13 @@ class RunContext:
             _STORES[key] = Store(self.store_url, self.endpoint_url)
         return _STORES[key]
 
+    def portable(self, location: str | None) -> str | None:
+        """`location` as recorded on the store and in keys: `<store>/<path>` for anything on this store, so the
+        same content on another store (or the same store seen from another machine) reads and hashes the same."""
+        if location is not None and location.startswith(self.store_url + "/"):
+            return "<store>/" + location[len(self.store_url) + 1 :]
+        return location
+
     def duck(self, harden: bool = True) -> Any:
         """An in-memory DuckDB connection with one view per existing table of the run (storage/duck.py)."""
         return duck.connect(self, harden_connection=harden)

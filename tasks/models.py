@@ -27,6 +27,7 @@ class ModelCache:
         self._strings: dict[str, list[str]] = {}
         self._docs: dict[tuple[str, str, int, int | None], list[Doc]] = {}  # (sha256, tokenizer, ...)
         self.pair_loads = 0  # model pairs loaded by this cache (tests: a cached rerun loads none)
+        self.pair_hits = 0  # requests served from the cache
 
     def clear(self) -> None:
         self._pairs.clear()
@@ -43,6 +44,8 @@ class ModelCache:
                 self._pairs.pop(next(iter(self._pairs)))
             self._pairs[key] = load_pair(local, needs_chat_template=False)
             self.pair_loads += 1
+        else:
+            self.pair_hits += 1
         return self._pairs[key]
 
     def tokenizer(self, ctx: RunContext, src: str) -> Any:

@@ -32,7 +32,8 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
         assert store.exists(f"{pairs[0]}/{name}"), name
     # the models and prompts are named by their URL on the store: no local mirror path reaches a task or the store
     manifest = store.read_json(ctx.paths.activations_manifest)
-    assert manifest["base"] == f"{pairs[0]}/base" and manifest["data"]["path"] == f"{pairs[0]}/prompts.jsonl"
+    pair = ctx.portable(pairs[0])
+    assert manifest["base"] == f"{pair}/base" and manifest["data"]["path"] == f"{pair}/prompts.jsonl"
     assert str(local_cache_dir()) not in json.dumps(manifest)
     # the run's docs carry the planted labels, so recovery was evaluated
     assert {r["behaviour"] for r in out.ranking.recovery} >= {"refusal", "persona"}

@@ -87,10 +87,9 @@ def test_dask_existing_cluster_loads_models_once(tiny_pair: Path, local_run: dic
     def worker_state() -> tuple[int, int, int]:
         import torch
 
-        from tasks.extract import _pair
+        from tasks.models import MODEL_CACHE
 
-        info = _pair.cache_info()
-        return info.misses, info.hits, torch.get_num_threads()
+        return MODEL_CACHE.pair_loads, MODEL_CACHE.pair_hits, torch.get_num_threads()
 
     store = str(tmp_path / "store")
     with (

@@ -66,7 +66,8 @@ def test_second_machine_reruns_attribution_only(
     manifest = json.dumps(ctx.store.read_json(ctx.paths.activations_manifest))
     for local in (str(pair / "prompts.jsonl"), str(tmp_path / "home-1"), "/.cache/", "mirror"):
         assert local not in manifest, manifest
-    assert ctx.store.exists(json.loads(manifest)["data"]["path"])
+    data = json.loads(manifest)["data"]["path"]
+    assert data.startswith("<store>/cache/inputs/") and ctx.store.exists(data.replace("<store>", ctx.store_url))
 
     # "Another machine": a new HOME and cache, nothing loaded in this process, the prompts file moved away.
     moved = tmp_path / "elsewhere" / "prompts.jsonl"
