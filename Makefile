@@ -33,11 +33,11 @@ $(STAMP): pyproject.toml requirements.lock
 	fi
 	@touch $(STAMP)
 
-# Regenerate requirements.lock from pyproject.toml (dev extra included; torch resolved to the CPU wheel, left out).
+# Regenerate requirements.lock from pyproject.toml (dev and test extras included; torch resolved to the CPU wheel, left out).
 lock:
 	@test -x $(UV) || $(MAKE) install
 	@echo 'torch==2.13.0+cpu' > $(VENV)/torch-cpu.txt
-	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(UV) pip compile pyproject.toml --extra dev --extra test --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(dir $(or $(TORCH_WHEEL),/opt/wheels/x)) --override $(VENV)/torch-cpu.txt --no-emit-package torch \
 	  --no-header -o requirements.lock
 

@@ -19,7 +19,7 @@ class ExportError(RuntimeError):
 class RunInfo(NamedTuple):
     run: str
     store: str
-    base: str  # base model as the run named it (hub id, folder or store URL)
+    base: str  # base model as the run named it (hub id, folder, or a URL on the store)
     finetuned: str
     layer: int  # residual stream at the output of decoder block `layer`
     hook_name: str  # the TransformerLens name of that point, `blocks.{layer}.hook_resid_post`
@@ -45,6 +45,13 @@ def _read(ctx: RunContext, *parts: str) -> Any:
         return None
 
 
+def resolve_location(ctx: RunContext, location: str) -> str:
+    """A location as the manifest records it (`<store>/...` for anything on the run's store, see
+    RunContext.portable) as a URL or path of this store."""
+    prefix = "<store>/"
+    return ctx.store_url + "/" + location[len(prefix) :] if location.startswith(prefix) else location
+
+
 def read_run_info(ctx: RunContext) -> RunInfo:
     """The run's activations manifest and SAE (both must be done), and its ranking score if ranked."""
     manifest = _read(ctx, "activations", "manifest.json")
@@ -58,12 +65,12 @@ def read_run_info(ctx: RunContext) -> RunInfo:
     return RunInfo(
         run=ctx.run,
         store=ctx.store_url,
-        base=str(manifest["base"]),
-        finetuned=str(manifest["finetuned"]),
+        base=resolve_location(ctx, str(manifest["base"])),
+        finetuned=resolve_location(ctx, str(manifest["finetuned"])),
         layer=layer,
         hook_name=hook_name(layer),
         context_size=int(manifest["data"]["max_tokens_per_doc"]),
-        prompts=str(manifest["data"]["path"]),
+        prompts=resolve_location(ctx, str(manifest["data"]["path"])),
         n_docs=int(manifest["n_docs"]),
         n_tokens=int(manifest.get("tokens", manifest["rows"])),
         activations_fingerprint=str(manifest["fingerprint"]),

@@ -109,7 +109,7 @@ def test_open(
 
     monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
     assert main(["open", "--store", finished.store, "--run", finished.run, "--browser"]) == 0
-    assert opened == ["file://" + index]
+    assert opened == ["file://" + index] and capsys.readouterr().out.strip() == index
 
     undashed = _copy(finished, tmp_path, "undashed")
     shutil.rmtree(undashed / "dashboards")
@@ -139,3 +139,38 @@ def test_export_errors(finished: FinishedRun, tmp_path: Path, capsys: pytest.Cap
     shutil.rmtree(untrained / "sae")
     assert main(["export", "--format", "saelens", "--out", str(out), "--store", store, "--run", "untrained"]) == 2
     assert "has no trained SAE" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_runs_open_export_on_s3(
+    finished: FinishedRun, s3_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same commands on a real S3 store (the finished run uploaded, its markers last and in stage order)."""
+    from flows.runs import STAGES
+    from storage.store import Store
+
+    store, local = Store(s3_store), Path(finished.store) / "runs" / finished.run
+    remote = f"{s3_store}/runs/{finished.run}"
+    markers = {marker for _, marker, _ in STAGES}
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        if rel not in markers and rel != "LOCK":
+            store.put_file(str(path), f"{remote}/{rel}")
+    for _, marker, _ in STAGES:  # S3 times have 1 s resolution: one second apart, as the stages wrote them
+        store.put_file(str(local / marker), f"{remote}/{marker}")
+        time.sleep(1.1)
+
+    assert main(["runs", "--store", s3_store]) == 0
+    assert _table(capsys.readouterr().out) == {finished.run: {s: "done" for s in _STAGES}}
+    assert main(["open", "--store", s3_store, "--run", finished.run]) == 0
+    index = Path(capsys.readouterr().out.strip())
+    assert index.read_bytes() == (local / "dashboards" / "index.html").read_bytes()
+    assert main(["open", "--store", s3_store, "--run", "nope"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    out = tmp_path / "exports"
+    for fmt in ("saelens", "neuronpedia"):
+        assert main(["export", "--format", fmt, "--out", str(out / fmt), "--store", s3_store,
+                     "--run", finished.run, "--top", "2"]) == 0  # fmt: skip
+    assert json.loads((out / "saelens" / "cfg.json").read_text())["metadata"]["diffsae_store"] == s3_store
+    assert len(json.loads((out / "neuronpedia" / "batch-0.json").read_text())["features"]) == 2

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffsae.sae import BatchTopKSAE
-from exports.common import RunInfo, hook_name
+from exports.common import RunInfo, hook_name, resolve_location
 from exports.saelens import TENSOR_SHAPES, saelens_tensors, write_saelens_dir
 from flows.cli import main
 from storage.context import RunContext
@@ -127,7 +127,10 @@ def test_saelens_export_of_a_run_matches_diffsae(finished: FinishedRun, tmp_path
     manifest = json.loads((Path(finished.store) / "runs" / finished.run / "activations" / "manifest.json").read_text())
     assert md.hook_name == "blocks.1.hook_resid_post" and md.input == "diff" and md.context_size == 64
     assert md.activations_fingerprint == manifest["fingerprint"] and md.diffsae_run == finished.run
-    assert md.base_model_name == manifest["base"] and md.model_name == md.finetuned_model_name == manifest["finetuned"]
+    base, ft = (
+        resolve_location(RunContext.create(finished.store, finished.run), manifest[k]) for k in ("base", "finetuned")
+    )
+    assert md.base_model_name == base and md.model_name == md.finetuned_model_name == ft
     assert "finetuned − base" in (out / "README.md").read_text()
 
 
@@ -217,3 +220,10 @@ def _minimal_feature() -> dict[str, Any]:
             "n_prompts_total": 1, "n_tokens_in_prompt": 1, "dataset": "d", "activations": [],
             "diffsae": {"rank": 1, "rank_by": "mean", "scores": {}, "ranks": {}, "dominant_behaviour": None,
                         "dominant_share": None, **stats}}  # fmt: skip
+
+
+def test_store_locations_are_resolved() -> None:
+    """The manifest records what lies on the store as `<store>/...`; exports name it by this store's URL."""
+    ctx = RunContext.create("s3://bucket/team", "r")
+    assert resolve_location(ctx, "<store>/cache/demo_pair/k/base") == "s3://bucket/team/cache/demo_pair/k/base"
+    assert resolve_location(ctx, "google/gemma-2-2b") == "google/gemma-2-2b"
