@@ -19,15 +19,11 @@ import os
 from typing import Any, NamedTuple
 
 from storage.context import RunContext
-from storage.paths import join
+from storage.paths import MARKERS, join
 
-# (stage, marker relative to the run root, upstream stage)
-STAGES: tuple[tuple[str, str, str | None], ...] = (
-    ("activations", "activations/manifest.json", None),
-    ("sae", "sae/metrics.json", "activations"),
-    ("attribution", "analysis/attribution.json", "sae"),
-    ("ranking", "analysis/ranking.json", "attribution"),
-    ("dashboards", "dashboards/site.json", "ranking"),
+# (stage, marker relative to the run root, upstream stage), in pipeline order
+STAGES: tuple[tuple[str, str, str | None], ...] = tuple(
+    (stage, marker, prev) for (stage, marker), prev in zip(MARKERS.items(), (None, *MARKERS))
 )
 
 
@@ -137,7 +133,7 @@ def format_runs(ctx: RunContext, runs: list[str]) -> str:
 def dashboards_index(ctx: RunContext) -> str:
     """A local path of the run's dashboards index.html (on S3: of a local copy of `dashboards/`)."""
     require_run(ctx)
-    site = _read_json(ctx, ctx.paths.url("dashboards", "site.json"))
+    site = _read_json(ctx, ctx.paths.marker("dashboards"))
     index = ctx.paths.url("dashboards", "index.html")
     if site is None or not ctx.store.exists(index):
         where = f"run '{ctx.run}' on {ctx.store_url}"

@@ -15,6 +15,16 @@ from dataclasses import dataclass
 
 from storage.schemas import TABLES
 
+# Each stage's completion marker (relative to the run root), in pipeline order: written last, it holds the stage's
+# key and result (tasks/common.py). The store-wide demo pair's marker is `cache/demo_pair/<key>/DONE.json`.
+MARKERS: dict[str, str] = {
+    "activations": "activations/manifest.json",
+    "sae": "sae/metrics.json",
+    "attribution": "analysis/attribution.json",
+    "ranking": "analysis/ranking.json",
+    "dashboards": "dashboards/site.json",
+}
+
 
 def normalize_root(store: str) -> str:
     """`s3://b/p/` -> `s3://b/p`; a local folder -> its absolute path (file:// stripped)."""
@@ -59,7 +69,11 @@ class RunPaths:
 
     @property
     def activations_manifest(self) -> str:
-        return self.url("activations", "manifest.json")
+        return self.marker("activations")
+
+    def marker(self, stage: str) -> str:
+        """URL of the stage's completion marker (MARKERS)."""
+        return self.url(MARKERS[stage])
 
     # -- analysis (stages 3-4) and dashboards (stage 5)
     def table(self, name: str) -> str:

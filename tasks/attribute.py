@@ -51,7 +51,7 @@ def attribution_key(cfg: AttributionConfig, sae: SAEResult, activations: Activat
 
 
 def attribution_done(ctx: RunContext, key: str) -> AttributionResult | None:
-    return read_marker(ctx.store, ctx.paths.url("analysis", "attribution.json"), key, AttributionResult)
+    return read_marker(ctx.store, ctx.paths.marker("attribution"), key, AttributionResult)
 
 
 def load_sae(ctx: RunContext, device: object) -> BatchTopKSAE:
@@ -164,7 +164,7 @@ def attribute(
     table = pa.table({"name": list(metrics), "value": list(metrics.values())}, schema=schemas.METRICS)
     store.write_parquet(paths.table("metrics"), table)
     result = AttributionResult(key, parts.parts, sum(len(d.token_ids) for d in docs), worst, seconds)
-    write_marker(store, paths.url("analysis", "attribution.json"), result)  # last: marks the stage complete
+    write_marker(store, paths.marker("attribution"), result)  # last: marks the stage complete
     return result
 
 

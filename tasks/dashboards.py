@@ -36,7 +36,7 @@ def site_key(cfg: DashboardsConfig, rank_key: str) -> str:
 
 
 def site_done(ctx: RunContext, key: str) -> SiteResult | None:
-    out = read_marker(ctx.store, f"{ctx.paths.dashboards_dir}/site.json", key, SiteResult)
+    out = read_marker(ctx.store, ctx.paths.marker("dashboards"), key, SiteResult)
     return out if out is not None and ctx.store.exists(out.index) else None
 
 
@@ -68,11 +68,11 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
     """The site's header: models, layer, SAE (its width in `n_latents`), rank_by and the validation metrics."""
     store, paths = ctx.store, ctx.paths
     cfg = store.read_json(paths.url("sae", "cfg.json"))
-    metrics = store.read_json(paths.url("sae", "metrics.json"))
+    metrics = store.read_json(paths.marker("sae"))
     sae = cfg.get("sae_config", {})
     lr = SAEConfig.model_validate(sae).learning_rate if sae else None
     try:
-        rank_by = store.read_json(paths.url("analysis", "ranking.json")).get("rank_by")
+        rank_by = store.read_json(paths.marker("ranking")).get("rank_by")
     except FileNotFoundError:
         rank_by = None
     return {
@@ -97,7 +97,7 @@ def render_dashboards(ctx: RunContext, cfg: DashboardsConfig, key: str = "") -> 
 
     res = render_site(tables, summary_for(ctx), out, cfg)
     info = SiteResult(key, f"{root}/index.html", res.n_pages, len(res.files), res.n_bytes, res.seconds)
-    write_marker(store, f"{root}/site.json", info)  # last: marks the stage complete
+    write_marker(store, ctx.paths.marker("dashboards"), info)  # last: marks the stage complete
     return info
 
 

@@ -36,7 +36,7 @@ def rank_key(rank_by: str, attribution_key: str) -> str:
 
 
 def rank_done(ctx: RunContext, key: str) -> RankingResult | None:
-    return read_marker(ctx.store, ctx.paths.url("analysis", "ranking.json"), key, RankingResult)
+    return read_marker(ctx.store, ctx.paths.marker("ranking"), key, RankingResult)
 
 
 def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingResult:
@@ -62,7 +62,7 @@ def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingRes
         recovery=rec.to_pylist(),
         recovery_text=ranking.format_recovery(rec),
     )
-    write_marker(store, paths.url("analysis", "ranking.json"), out)  # last: marks the stage complete
+    write_marker(store, paths.marker("ranking"), out)  # last: marks the stage complete
     return out
 
 
@@ -79,7 +79,7 @@ def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
         return
     store.write_parquet(paths.table("recovery"), rec)
     try:
-        run_id = store.read_json(paths.url("sae", "metrics.json")).get("mlflow_run_id")
+        run_id = store.read_json(paths.marker("sae")).get("mlflow_run_id")
     except FileNotFoundError:
         run_id = None
     if not run_id:

@@ -87,7 +87,7 @@ def sae_key(cfg: SAEConfig, activations: Activations) -> str:
 
 
 def sae_done(ctx: RunContext, key: str) -> SAEResult | None:
-    out = read_marker(ctx.store, ctx.paths.url("sae", "metrics.json"), key, SAEResult)
+    out = read_marker(ctx.store, ctx.paths.marker("sae"), key, SAEResult)
     if out is None or not all(ctx.store.exists(ctx.paths.url("sae", f)) for f in SAE_FILES):
         return None
     return out
@@ -172,7 +172,7 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
             sha = act.file_sha256(f"{tmp}/sae.safetensors")
     out = SAEResult(key=key, weights_sha256=sha, mlflow_run_id=mrun.info.run_id, **final)
-    write_marker(store, paths.url("sae", "metrics.json"), out)  # last: marks the stage's output complete
+    write_marker(store, paths.marker("sae"), out)  # last: marks the stage's output complete
     return out
 
 

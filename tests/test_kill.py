@@ -102,6 +102,44 @@ def _cleanup(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
     proc.wait(timeout=30)
 
 
+GRANDCHILD = """
+import os, sys, time
+import flows.server as s
+if sys.argv[1] == "watchdog":
+    s._set_parent_death_signal = lambda: False  # the fallback of platforms without PR_SET_PDEATHSIG
+s.die_with_parent(os.getppid())
+print("ready", flush=True)
+time.sleep(120)
+"""
+MIDDLE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("mode", ["pdeathsig", "watchdog"])
+def test_die_with_parent(mode: str) -> None:
+    """The mechanism alone: a process that called `die_with_parent` dies within a second or two of its parent's
+    SIGKILL, by the kernel's parent-death signal (Linux) or by the parent-pid watchdog (elsewhere)."""
+    if mode == "pdeathsig" and not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    middle = subprocess.Popen(
+        [sys.executable, "-c", MIDDLE, GRANDCHILD, mode], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    grandchild: list[psutil.Process] = []
+    try:
+        assert middle.stdout is not None
+        grandchild.append(psutil.Process(int(middle.stdout.readline())))
+        assert middle.stdout.readline().strip() == "ready"
+        middle.kill()
+        middle.wait(timeout=10)
+        assert not _wait_gone(grandchild, timeout=5), f"{mode}: the child outlived its parent"
+    finally:
+        _cleanup(middle, grandchild)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, runner",
