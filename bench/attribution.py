@@ -1,9 +1,12 @@
-"""Throughput of the integrated-gradients KL attribution against a bare paired forward.
+"""Throughput of the integrated-gradients KL attribution against a bare paired forward, old and new path.
 
 What: tokens/s of `diffsae.attribution.attribute_batch` (2 forwards + 3 patched forwards + `steps` patched
 forward+backward passes of the finetuned model) and of a bare paired forward (base + finetuned, no grad,
-what extraction costs), on a random Llama pair built in-process, and the ratio of the two. Also reports the
-worst per-document completeness error |Σ attr − (KL(0) − KL(1))| / |KL(0) − KL(1)|.
+what extraction costs), on a random Llama pair built in-process, and the ratio of the two, for two paths in the
+same run: `full` (every patched pass runs the whole model, the output of block L replaced by a hook: the path
+before diffsae.hooks.run_from) and `upper` (patched passes run only the blocks above L), each with `--rule`/
+`--steps` and the old 16-point midpoint rule. Median of `--repeats` timings, with min-max. Also reports the worst
+per-document completeness error |Σ attr − (KL(0) − KL(1))| / |KL(0) − KL(1)|.
 
 Why: the attribution stage is the most expensive stage after SAE training; the ratio tells how many
 extraction-equivalents it costs (ideally ≈ 5 + 3·steps / steps_per_forward-batched forwards).
@@ -21,9 +24,25 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import diffsae.attribution as attribution_module
+import diffsae.patching as patching_module
 from diffsae.attribution import attribute_batch
-from diffsae.hooks import read_residual
+from diffsae.hooks import read_residual, replace_residual
 from diffsae.sae import BatchTopKSAE
+
+UPPER = patching_module.patched_logits
+
+
+def full_patched_logits(model, layer, h_BTD, ids_BT, mask_BT, pos_BT):  # type: ignore[no-untyped-def]
+    """The pre-run_from path: the whole model runs, the output of block `layer` replaced by a hook."""
+    with replace_residual(model, layer, h_BTD):
+        return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits
+
+
+def use_path(name: str) -> None:
+    fn = UPPER if name == "upper" else full_patched_logits
+    patching_module.patched_logits = fn  # type: ignore[assignment]
+    attribution_module.patched_logits = fn  # type: ignore[assignment]
 
 
 def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, LlamaForCausalLM, BatchTopKSAE]:
@@ -53,16 +72,19 @@ def calibrate_threshold(sae: BatchTopKSAE, diff_ND: torch.Tensor, k: int) -> Non
         sae.threshold.fill_(float(kth_N.median()))
 
 
-def timed(fn, repeats: int, device: str) -> float:  # type: ignore[no-untyped-def]
+def timed(fn, repeats: int, device: str) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of each of `repeats` calls, after a warm-up call."""
     fn()  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    out = []
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def main() -> None:
@@ -75,7 +97,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16, help="quadrature points of the new configuration")
+    ap.add_argument("--rule", default="midpoint", choices=["midpoint", "gauss_legendre"])
     ap.add_argument("--steps-per-forward", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,25 +126,28 @@ def main() -> None:
             base(ids_BT, attention_mask=mask_BT)
             ft(ids_BT, attention_mask=mask_BT)
 
-    results = {}
-
-    def attribute() -> None:
-        spf = args.steps_per_forward
-        results["last"] = attribute_batch(
-            base, ft, args.layer, ids_BT, mask_BT, sae, steps=args.steps, steps_per_forward=spf
-        )
-
     t_pair = timed(paired, args.repeats, args.device)
-    t_attr = timed(attribute, args.repeats, args.device)
-    res = results["last"]
-    err = np.abs(res.attr_sum_B - res.kl_drop_B) / np.maximum(np.abs(res.kl_drop_B), 1e-6)
-    print(f"device={args.device} d={args.d} vocab={args.vocab} layers={args.layers} batch={args.batch} "
-          f"seq={args.seq} steps={args.steps} tokens={n_tokens}")  # fmt: skip
-    print(f"paired forward : {n_tokens / t_pair:10.0f} tokens/s ({t_pair * 1e3:.1f} ms/batch)")
-    print(f"attribution    : {n_tokens / t_attr:10.0f} tokens/s ({t_attr * 1e3:.1f} ms/batch)")
-    print(f"ratio          : {t_attr / t_pair:10.1f}x paired forward")
-    print(f"active latents : {len(res.latent_id) / max(1, n_tokens - args.batch):10.1f} per analysed token")
-    print(f"completeness   : max rel. error {err.max():.2e} (median {np.median(err):.2e})")
+    print(f"device={args.device} d={args.d} vocab={args.vocab} layers={args.layers} layer={args.layer} "
+          f"batch={args.batch} seq={args.seq} tokens={n_tokens} threads={args.threads} repeats={args.repeats}")
+    print(f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
+          f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})")
+    configs = [("full", "midpoint", 16), ("upper", "midpoint", 16), ("upper", args.rule, args.steps)]
+    for path, rule, steps in dict.fromkeys(configs):
+        use_path(path)
+        results = {}
+
+        def attribute() -> None:
+            results["last"] = attribute_batch(base, ft, args.layer, ids_BT, mask_BT, sae, steps=steps,
+                                              steps_per_forward=args.steps_per_forward, rule=rule)  # fmt: skip
+
+        t_attr = timed(attribute, args.repeats, args.device)
+        res = results["last"]
+        err = np.abs(res.attr_sum_B - res.kl_drop_B) / np.maximum(np.abs(res.kl_drop_B), 1e-6)
+        ratios = sorted(t / np.median(t_pair) for t in t_attr)
+        print(f"attribution {path:5s} {rule:14s} {steps:2d}: {n_tokens / np.median(t_attr):8.1f} tokens/s  "
+              f"ratio {np.median(ratios):5.1f}x paired (min-max {ratios[0]:.1f}-{ratios[-1]:.1f})  "
+              f"completeness max {err.max():.1e}")
+    use_path("upper")
 
 
 if __name__ == "__main__":

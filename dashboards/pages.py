@@ -1,8 +1,9 @@
 """The data model of the site: everything the templates show, computed from the tables in one pass.
 
 `build(tables, cfg, window)` returns a `Site`: the index rows, the per-token KL histogram, the recovery table,
-one `LatentPage` per listed latent (histograms, contexts by attribution and by activation, prev/next) and the
-high-KL token rows. All selection runs in polars (dashboards/select.py); Python only reshapes selected rows.
+one `LatentPage` per listed latent (histograms, contexts by attribution and by activation, prev/next, and its
+causal validation when the run has one) and the high-KL token rows. All selection runs in polars
+(dashboards/select.py); Python only reshapes selected rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffsae.config import DashboardsConfig
 
 PATCH_COLS = ("kl_patch_base", "kl_patch_bias", "kl_patch_recon")
 N_CREDITS = 5
+VARIANTS = ("base", "base+steer", "finetuned", "finetuned-ablated")  # validation_generations, shown in this order
 
 
 class LatentRow(NamedTuple):
@@ -46,6 +48,29 @@ class Firing(NamedTuple):
     attribution: float
 
 
+class Generation(NamedTuple):
+    """One prompt of a validated latent and its greedy answer under each of VARIANTS (None: missing)."""
+
+    doc_id: int
+    prompt: str
+    texts: tuple[str | None, ...]
+
+
+class Validation(NamedTuple):
+    """A latent's row of the `validation` table (tasks/validate.py) and its generations."""
+
+    kl_removed_on_firing: float | None
+    kl_removed_elsewhere: float | None
+    generations_changed: float | None
+    best_steering_scale: float | None
+    steering_changed: float | None
+    n_firing_tokens: int | None
+    typical_activation: float | None
+    sweep: tuple[tuple[float, float | None], ...]  # (steering scale, coherence NLL of its answers)
+    coherence_limit: float | None
+    generations: tuple[Generation, ...]
+
+
 class LatentPage(NamedTuple):
     row: LatentRow
     prev: int | None
@@ -54,6 +79,7 @@ class LatentPage(NamedTuple):
     act_plot: SvgPlot | None
     by_attr: tuple[Firing, ...]
     by_act: tuple[Firing, ...]
+    validation: Validation | None = None
 
 
 class Credit(NamedTuple):
@@ -194,6 +220,7 @@ def _latent_pages(
         c = win.get((lid, doc_id, pos))
         if c is not None:
             firings.setdefault((lid, kind), []).append(Firing(c, act, attr))
+    checked = _validations(tables)
     pages = []
     for i, row in enumerate(rows):
         lid = row.latent_id
@@ -207,9 +234,41 @@ def _latent_pages(
                 act_plot=svg_histogram(vh, "activation") if vh else None,
                 by_attr=tuple(firings.get((lid, "attr"), ())),
                 by_act=tuple(firings.get((lid, "act"), ())),
+                validation=checked.get(lid),
             )
         )
     return tuple(pages)
+
+
+def _validations(tables: SiteTables) -> dict[int, Validation]:
+    """Per validated latent: its validation row and its generations, prompt by prompt (VARIANTS order)."""
+    if tables.validation is None or tables.validation.height == 0:
+        return {}
+    gens: dict[int, dict[tuple[int, str], dict[str, str]]] = {}
+    if tables.validation_generations is not None:
+        for g in tables.validation_generations.iter_rows(named=True):
+            per = gens.setdefault(int(g["latent_id"]), {}).setdefault((int(g["doc_id"]), g["prompt"]), {})
+            per[g["variant"]] = g["text"]
+    out = {}
+    for r in tables.validation.iter_rows(named=True):
+        lid = int(r["latent_id"])
+        sweep = tuple(zip(r.get("steering_scales") or (), r.get("steering_nll") or ()))
+        out[lid] = Validation(
+            kl_removed_on_firing=r["kl_removed_on_firing"],
+            kl_removed_elsewhere=r["kl_removed_elsewhere"],
+            generations_changed=r["generations_changed"],
+            best_steering_scale=r["best_steering_scale"],
+            steering_changed=r["steering_changed"],
+            n_firing_tokens=r.get("n_firing_tokens"),
+            typical_activation=r.get("typical_activation"),
+            sweep=sweep,
+            coherence_limit=r.get("coherence_limit"),
+            generations=tuple(
+                Generation(doc_id, prompt, tuple(texts.get(v) for v in VARIANTS))
+                for (doc_id, prompt), texts in gens.get(lid, {}).items()
+            ),
+        )
+    return out
 
 
 def _token_rows(

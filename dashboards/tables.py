@@ -42,7 +42,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "docs": ("doc_id", "id", "text", "behaviour", "n_tokens"),
     "metrics": ("name", "value"),
     "recovery": ("score", "behaviour", "best_rank", "recovered"),
+    "validation": ("latent_id", "kl_removed_on_firing", "kl_removed_elsewhere", "generations_changed",
+                   "best_steering_scale", "steering_changed"),
+    "validation_generations": ("latent_id", "doc_id", "prompt", "variant", "scale", "text"),
 }
+OPTIONAL = ("recovery", "validation", "validation_generations")  # tables a run may lack (None in SiteTables)
 
 
 class TableError(ValueError):
@@ -50,7 +54,8 @@ class TableError(ValueError):
 
 
 class SiteTables(NamedTuple):
-    """The run's tables (columns: docs/DESIGN.md). `recovery` exists only for runs with planted behaviours."""
+    """The run's tables (columns: docs/DESIGN.md). `recovery` exists only for runs with planted behaviours, the
+    validation tables only for runs whose validation stage validated latents."""
 
     latents: pl.DataFrame
     latent_tokens: pl.DataFrame
@@ -58,6 +63,8 @@ class SiteTables(NamedTuple):
     docs: pl.DataFrame
     metrics: pl.DataFrame
     recovery: pl.DataFrame | None = None
+    validation: pl.DataFrame | None = None
+    validation_generations: pl.DataFrame | None = None
 
 
 class RenderResult(NamedTuple):
@@ -79,11 +86,11 @@ def content_type(path: str) -> str:
 
 
 def check_tables(tables: SiteTables) -> None:
-    """Raise `TableError` if a table lacks required columns (`recovery` is checked only when present)."""
+    """Raise `TableError` if a table lacks required columns (OPTIONAL tables are checked only when present)."""
     for name, cols in REQUIRED.items():
         df = getattr(tables, name)
         if df is None:
-            if name == "recovery":
+            if name in OPTIONAL:
                 continue
             raise TableError(f"table {name} is missing")
         missing = [c for c in cols if c not in df.columns]

@@ -194,7 +194,14 @@ def resolve_score(rank_by: str) -> str:
 
 
 class AttributionConfig(_Section):
-    steps: int = Field(16, ge=1, description="Riemann steps of the integrated-gradients path")
+    steps: int = Field(16, ge=1, description="Quadrature points of the integrated-gradients path")
+    rule: Literal["midpoint", "gauss_legendre"] = Field(
+        "midpoint", description="Quadrature rule of the path: midpoint (equal weights) or gauss_legendre"
+    )
+    max_rel_error: float = Field(
+        0.01, gt=0, description="A document whose completeness error exceeds this is refined (twice the points)"
+    )
+    max_steps: int = Field(64, ge=1, description="Refinement stops at this many points (the error is reported)")
     rank_by: RankBy = Field(
         "mean",
         description="Latent score that defines `rank`: total, mean, peak_token, peak_doc, concentration, top_docs, "
@@ -217,6 +224,34 @@ class DashboardsConfig(_Section):
     n_high_kl_tokens: int = Field(100, ge=1, description="Tokens listed on the high-KL explorer page")
 
 
+class ValidationConfig(_Section):
+    top: int = Field(20, ge=0, description="Latents validated by ablation and steering, top by rank (0: skip)")
+    n_docs: int = Field(8, ge=1, description="Top documents per latent (by KL attribution) for the ablation's KL")
+    n_prompts: int = Field(
+        4, ge=1, description="Prompts per latent (its top documents up to the assistant turn) for generations"
+    )
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Greedy tokens generated per prompt and variant")
+    scales: list[float] = Field(
+        [0.0, 1.0, 2.0, 4.0, 8.0], min_length=1,
+        description="Steering scales swept, in units of the latent's typical activation (0, unsteered, is added)",
+    )
+    activation_quantile: float = Field(
+        0.9, gt=0, le=1, description="Quantile of the latent's activations (latent_tokens) used as its typical one"
+    )
+    coherence_margin: float = Field(
+        1.0, ge=0,
+        description="A steering scale is coherent while its answers' mean NLL per token (under the unsteered base "
+        "or the finetuned model, whichever finds them likelier) is at most this many nats above the base's answers",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if any(s < 0 for s in v):
+            raise ValueError(f"steering scales must be >= 0, got {v}")
+        return sorted(set(float(s) for s in v) | {0.0})
+
+
 class PipelineConfig(_Section):
     run: str = Field("demo", description="Run name; all outputs of a run live under <store>/runs/<run>/")
     store: str = Field("./diffsae-data", description="Artifact store: local folder or s3://bucket/prefix")
@@ -234,6 +269,9 @@ class PipelineConfig(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
     sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
     attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Causal validation of the top latents (ablation, steering)"
+    )
     dashboards: DashboardsConfig = Field(default_factory=DashboardsConfig, description="Static dashboards")
 
     @field_validator("run")

@@ -11,6 +11,9 @@ architectures, the hook does not).
     with replace_residual(model, 2, h_BTD):        # or a function acts_BTD -> new acts_BTD
         logits = model(input_ids).logits
 
+    with run_from(model, 2, h_BTD):                # the same logits, without computing blocks 0..2
+        logits = model(input_ids, use_cache=False).logits
+
 Hooks are removed in `finally`, also when the forward pass raises.
 """
 
@@ -76,6 +79,38 @@ def read_residual(model: nn.Module, layer: int, detach: bool = True) -> Iterator
         yield cap
     finally:
         handle.remove()
+
+
+@contextmanager
+def run_from(model: nn.Module, layer: int, h_BTD: torch.Tensor) -> Iterator[None]:
+    """Skip decoder blocks 0..`layer`: block `layer` outputs `h_BTD` at once, the blocks below it pass their input
+    through, so only the blocks above `layer` (and the model's embedding, masks, rotary tables and head) compute.
+    Equal to `replace_residual(model, layer, h_BTD)` when nothing else reads the skipped blocks (run it with
+    use_cache=False, so no KV cache expects them). Works for every model whose decoder loop feeds each block's
+    output to the next (Llama, Gemma-2/3, Qwen2, Mistral, GPT-NeoX, GPT-2, ...), whichever masks and position
+    embeddings they pass."""
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} decoder blocks")
+
+    def skipped(i: int) -> Callable[..., torch.Tensor]:
+        def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            if i < layer:
+                return hidden_states
+            if h_BTD.shape != hidden_states.shape:
+                raise ValueError(f"replacement shape {tuple(h_BTD.shape)} != activation shape "
+                                 f"{tuple(hidden_states.shape)}")  # fmt: skip
+            return h_BTD.to(hidden_states.dtype)
+
+        return forward
+
+    for i in range(layer + 1):
+        blocks[i].forward = skipped(i)  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        for i in range(layer + 1):
+            del blocks[i].forward
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 
 from diffsae.data import Doc
 from diffsae.extract import pad_batch, plan_batches
-from diffsae.hooks import read_residual, replace_residual
+from diffsae.hooks import read_residual, run_from
 from diffsae.kl import kl_per_token
 
 PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
@@ -55,7 +55,7 @@ def model_device(model: nn.Module) -> torch.device:
 def _forward(
     model: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor
 ) -> torch.Tensor:
-    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT).logits  # [B, T, V]
+    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits  # [B, T, V]
 
 
 def patched_logits(
@@ -66,7 +66,9 @@ def patched_logits(
     mask_BT: torch.Tensor,
     pos_BT: torch.Tensor,
 ) -> torch.Tensor:
-    with replace_residual(model, layer, h_BTD):
+    """The finetuned model's logits with the output of block `layer` replaced by `h_BTD`; only the blocks above
+    `layer` run (diffsae.hooks.run_from: the lower blocks' output is replaced anyway)."""
+    with run_from(model, layer, h_BTD):
         return _forward(model, ids_BT, mask_BT, pos_BT)  # [B, T, V]
 
 

@@ -67,8 +67,32 @@ def report(cfg: Any, out: Any) -> str:
     if ranking.recovery:
         lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")
         lines.append(ranking.recovery_text)
+    validation = getattr(out, "validation", None)
+    if validation is not None and validation.top:
+        lines.append("\ncausal validation (KL removed by ablating the latent: on its firing tokens / elsewhere; "
+                     "greedy answers changed; strongest coherent steering scale):")
+        for v in validation.top:
+            lines.append(f"{v['rank']:>4}  {v['latent_id']:>6}  KL removed {_pct(v['kl_removed_on_firing'])} / "
+                         f"{_pct(v['kl_removed_elsewhere'])}, answers changed {_pct(v['generations_changed'])}, "
+                         f"steer x{v['best_steering_scale']:g} (changed {_pct(v['steering_changed'])})")
+            if v.get("prompt") is not None:
+                lines.append(f"        prompt:    {_clip(v['prompt'], tail=True)}")
+                lines.append(f"        finetuned: {_clip(v['finetuned'])}")
+                lines.append(f"        ablated:   {_clip(v['ablated'])}")
     lines.append(f"\ndashboards: {out.dashboards.index}")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def _clip(text: str | None, width: int = 100, tail: bool = False) -> str:
+    """One line of at most `width` characters (its end when `tail`: a prompt's last turn), quoted."""
+    one = " ".join(str(text).split())
+    if len(one) > width:
+        one = "..." + one[-(width - 3) :] if tail else one[: width - 3] + "..."
+    return repr(one)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:

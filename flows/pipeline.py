@@ -1,4 +1,5 @@
-"""The end-to-end diffsae flow: model pair -> activations -> diff-SAE -> attribution + ranking -> dashboards.
+"""The end-to-end diffsae flow: model pair -> activations -> diff-SAE -> attribution + ranking -> validation ->
+dashboards.
 
 Takes the whole config as one typed parameter (the Prefect UI renders it as a form). Every stage is keyed on its
 config section, its upstream results and its source, with its output and marker on the run's store: a rerun with
@@ -22,6 +23,7 @@ from tasks.dashboards import SiteResult
 from tasks.extract import Activations
 from tasks.rank import RankingResult
 from tasks.train import SAEResult
+from tasks.validate import ValidationResult
 
 
 class PipelineResult(NamedTuple):
@@ -30,6 +32,7 @@ class PipelineResult(NamedTuple):
     sae: SAEResult
     attribution: AttributionResult
     ranking: RankingResult
+    validation: ValidationResult
     dashboards: SiteResult
     seconds: float
 
@@ -44,9 +47,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         activations = stages.run_extract(ctx, config, inputs, states)
         sae = stages.run_train(ctx, config, inputs, activations, states)
         analysis = stages.run_analyse(ctx, config, inputs, activations, sae, states)
-        site = stages.run_dashboards(ctx, config, analysis, states)
+        validation = stages.run_validate(ctx, config, inputs, analysis, states)
+        site = stages.run_dashboards(ctx, config, analysis, validation, states)
     return PipelineResult(
-        states, activations, sae, analysis.attribution, analysis.ranking, site, time.perf_counter() - t0
+        states, activations, sae, analysis.attribution, analysis.ranking, validation, site, time.perf_counter() - t0
     )
 
 

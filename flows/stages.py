@@ -24,6 +24,7 @@ from tasks import extract as ex
 from tasks import pair as pr
 from tasks import rank as rk
 from tasks import train as tr
+from tasks import validate as vl
 from tasks.common import call_stage, collect_stage, submit_stage
 from tasks.models import local_models
 
@@ -220,20 +221,44 @@ def run_analyse(
     return Analysis(attribution, ranking)
 
 
+def run_validate(
+    ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, analysis: Analysis, states: States
+) -> vl.ValidationResult:
+    """Stage 5: ablate the top latents from the finetuned model and steer the base with them (`validation.top`
+    latents; 0 skips the work, the marker still records it)."""
+    key = vl.validation_key(cfg.validation, analysis.ranking.key)
+    return call_stage(
+        vl.validate_task,
+        ctx,
+        vl.validation_done(ctx, key) is not None,
+        states,
+        "validate",
+        cfg=cfg.validation,
+        models=inputs.models,
+        skip_first=cfg.extract.skip_first,
+        batch_tokens=cfg.extract.batch_tokens,
+        rank_key=analysis.ranking.key,
+        key=key,
+    )
+
+
 @flow(name="dashboards", log_prints=True)
 def dashboards_flow(config: PipelineConfig) -> tuple[db.SiteResult, States]:
-    """Stage 5: the static KL dashboards (upstream stages run first if needed)."""
+    """Stage 6: the static KL dashboards (upstream stages, validation included, run first if needed)."""
     states: States = {}
     with locked(config) as ctx:
         inputs = resolve_inputs(ctx, config, states)
         activations = run_extract(ctx, config, inputs, states)
         sae = run_train(ctx, config, inputs, activations, states)
         analysis = run_analyse(ctx, config, inputs, activations, sae, states)
-        return run_dashboards(ctx, config, analysis, states), states
+        validation = run_validate(ctx, config, inputs, analysis, states)
+        return run_dashboards(ctx, config, analysis, validation, states), states
 
 
-def run_dashboards(ctx: RunContext, cfg: PipelineConfig, analysis: Analysis, states: States) -> db.SiteResult:
-    key = db.site_key(cfg.dashboards, analysis.ranking.key)
+def run_dashboards(
+    ctx: RunContext, cfg: PipelineConfig, analysis: Analysis, validation: vl.ValidationResult, states: States
+) -> db.SiteResult:
+    key = db.site_key(cfg.dashboards, analysis.ranking.key, validation.key)
     return call_stage(
         db.dashboards_task,
         ctx,
@@ -242,6 +267,7 @@ def run_dashboards(ctx: RunContext, cfg: PipelineConfig, analysis: Analysis, sta
         "dashboards",
         cfg=cfg.dashboards,
         rank_key=analysis.ranking.key,
+        validation_key=validation.key,
         key=key,
     )
 

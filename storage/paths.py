@@ -22,6 +22,7 @@ MARKERS: dict[str, str] = {
     "sae": "sae/metrics.json",
     "attribution": "analysis/attribution.json",
     "ranking": "analysis/ranking.json",
+    "validation": "analysis/validation.json",
     "dashboards": "dashboards/site.json",
 }
 

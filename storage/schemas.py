@@ -107,6 +107,28 @@ RECOVERY = _schema(
 )  # fmt: skip
 
 
+# ---------------------------------------------------------------- validation stage (analysis/)
+
+# One row per validated latent (the top `validation.top` by rank): ablation from the finetuned model (KL removed on
+# its firing tokens / elsewhere in its top documents, share of greedy answers changed) and steering of the base
+# (the kept scale, the share of answers it changed; per scale of the sweep, the mean coherence NLL of its answers
+# and the limit it was held to). diffsae/validation.py defines each figure.
+VALIDATION = _schema(
+    ("latent_id", pa.int32()), ("rank", pa.int64()), ("kl_removed_on_firing", pa.float64()),
+    ("kl_removed_elsewhere", pa.float64()), ("generations_changed", pa.float64()),
+    ("best_steering_scale", pa.float64()), ("steering_changed", pa.float64()), ("n_docs", pa.int32()),
+    ("n_firing_tokens", pa.int64()), ("n_prompts", pa.int32()), ("typical_activation", pa.float64()),
+    ("steering_scales", pa.list_(pa.float64())), ("steering_nll", pa.list_(pa.float64())),
+    ("coherence_limit", pa.float64()),
+)  # fmt: skip
+
+# One row per (validated latent, prompt, variant): the greedy answer. variant: base, base+steer (at the kept scale),
+# finetuned, finetuned-ablated; `scale` is the steering scale (0 for the other variants).
+VALIDATION_GENERATIONS = _schema(
+    ("latent_id", pa.int32()), ("doc_id", pa.int64()), ("prompt", pa.string()), ("variant", pa.string()),
+    ("scale", pa.float64()), ("text", pa.string()),
+)  # fmt: skip
+
 # ---------------------------------------------------------------- where each table lives
 
 
@@ -124,6 +146,10 @@ TABLES: dict[str, Table] = {
     "latents": Table("analysis/latents.parquet", "one latent that fires: statistics, scores, ranks"),
     "metrics": Table("analysis/metrics.parquet", "one run-level figure"),
     "recovery": Table("analysis/recovery.parquet", "one (score, planted behaviour)"),
+    "validation": Table("analysis/validation.parquet", "one validated latent: ablation and steering figures"),
+    "validation_generations": Table(
+        "analysis/validation_generations.parquet", "one (validated latent, prompt, variant): its greedy answer"
+    ),
     "activations": Table("activations/shard-*.parquet", "one token: the activation difference"),
     "activation_docs": Table("activations/docs.parquet", "one document"),
     "activation_tokens": Table("activations/tokens.parquet", "one token"),

@@ -31,8 +31,9 @@ class SiteResult(NamedTuple):
     seconds: float
 
 
-def site_key(cfg: DashboardsConfig, rank_key: str) -> str:
-    return stage_key("dashboards", render_dashboards, cfg.model_dump(), rank_key)
+def site_key(cfg: DashboardsConfig, rank_key: str, validation_key: str = "") -> str:
+    """The dashboards config and the keys of the tables the pages show (ranking, validation)."""
+    return stage_key("dashboards", render_dashboards, cfg.model_dump(), rank_key, validation_key)
 
 
 def site_done(ctx: RunContext, key: str) -> SiteResult | None:
@@ -61,6 +62,9 @@ def load_site_tables(ctx: RunContext, cfg: DashboardsConfig) -> SiteTables:
         docs=q("SELECT * FROM docs"),
         metrics=q("SELECT * FROM metrics"),
         recovery=q("SELECT * FROM recovery") if "recovery" in views else None,
+        validation=q("SELECT * FROM validation ORDER BY rank") if "validation" in views else None,
+        validation_generations=q("SELECT * FROM validation_generations") if "validation_generations" in views
+        else None,
     )
 
 
@@ -107,5 +111,7 @@ def render_stage(ctx: RunContext, cfg: DashboardsConfig, key: str) -> SiteResult
 
 
 @task(name="dashboards", cache_policy=STAGE_CACHE, **IO_RETRY)
-def dashboards_task(ctx: RunContext, cfg: DashboardsConfig, rank_key: str, key: str) -> SiteResult:
+def dashboards_task(
+    ctx: RunContext, cfg: DashboardsConfig, rank_key: str, key: str, validation_key: str = ""
+) -> SiteResult:
     return render_stage(ctx, cfg, key)

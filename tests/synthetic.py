@@ -112,7 +112,33 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
         }
     )
     recovery = as_schema(_recovery(latents), schemas.RECOVERY)
-    return SiteTables(latents, latent_tokens, tokens, docs, as_schema(metrics, schemas.METRICS), recovery)
+    validation, generations = _validation(rng, latents, docs)
+    return SiteTables(latents, latent_tokens, tokens, docs, as_schema(metrics, schemas.METRICS), recovery,
+                      validation, generations)  # fmt: skip
+
+
+def _validation(rng: np.random.Generator, latents: pl.DataFrame, docs: pl.DataFrame,
+                top: int = 5) -> tuple[pl.DataFrame, pl.DataFrame]:  # fmt: skip
+    """The validation stage's tables for the first `top` latents by rank: random figures, 2 prompts each."""
+    ids = latents.sort("rank")["latent_id"].head(top).to_list()
+    scales = [0.0, 1.0, 2.0, 4.0]
+    rows, gens = [], []
+    for rank, lid in enumerate(ids, start=1):
+        nll = np.sort(rng.uniform(1.0, 4.0, len(scales))).tolist()
+        best = max(i for i, n in enumerate(nll) if n <= nll[0] + 1.0)
+        rows.append({"latent_id": lid, "rank": rank, "kl_removed_on_firing": float(rng.uniform(0, 1)),
+                     "kl_removed_elsewhere": float(rng.uniform(-0.1, 0.5)), "generations_changed": 0.5,
+                     "best_steering_scale": scales[best], "steering_changed": 0.5, "n_docs": 2,
+                     "n_firing_tokens": int(rng.integers(1, 50)), "n_prompts": 2,
+                     "typical_activation": float(rng.uniform(0.1, 1)), "steering_scales": scales, "steering_nll": nll,
+                     "coherence_limit": nll[0] + 1.0})  # fmt: skip
+        for doc_id in rng.choice(docs["doc_id"].to_numpy(), 2, replace=False).tolist():
+            for variant in ("base", "base+steer", "finetuned", "finetuned-ablated"):
+                gens.append({"latent_id": lid, "doc_id": doc_id, "prompt": f"<|user|>prompt of doc {doc_id}",
+                             "variant": variant, "scale": scales[best] if variant == "base+steer" else 0.0,
+                             "text": f"{variant} answer {rank}"})  # fmt: skip
+    return (pl.DataFrame(pa.Table.from_pylist(rows, schema=schemas.VALIDATION)),
+            pl.DataFrame(pa.Table.from_pylist(gens, schema=schemas.VALIDATION_GENERATIONS)))  # fmt: skip
 
 
 def _latent_tokens(
@@ -271,7 +297,8 @@ def inject(tables: SiteTables, text: str) -> tuple[SiteTables, int, int]:
 
     The document holding the rank-1 latent's top-attribution firing gets `text` as its prompt, its id and its
     behaviour; the firing's token becomes `text` and its KL the run's largest (so it heads the high-KL page);
-    the rank-1 latent gets `text` as dominant behaviour and as a promoted and a suppressed token.
+    the rank-1 latent gets `text` as dominant behaviour and as a promoted and a suppressed token, and as the prompt
+    and every answer of its validation generations.
     Returns (tables, doc_id, pos) of the poisoned firing.
     """
     top = int(tables.latents.sort("rank")["latent_id"][0])
@@ -306,4 +333,10 @@ def inject(tables: SiteTables, text: str) -> tuple[SiteTables, int, int]:
         .otherwise(pl.col("suppressed"))
         .alias("suppressed"),
     )
-    return tables._replace(latents=latents, tokens=tokens, docs=docs), doc_id, pos
+    gens = tables.validation_generations
+    if gens is not None:
+        mine = pl.col("latent_id") == top
+        gens = gens.with_columns(
+            pl.when(mine).then(pl.lit(text)).otherwise(pl.col(c)).alias(c) for c in ("prompt", "text")
+        )
+    return tables._replace(latents=latents, tokens=tokens, docs=docs, validation_generations=gens), doc_id, pos

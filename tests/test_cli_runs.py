@@ -75,15 +75,15 @@ def test_runs_states(finished: FinishedRun, tmp_path: Path, capsys: pytest.Captu
     done = {s: "done" for s in _STAGES}
     assert got == {
         "fresh": done,
-        "retrained": {**done, "attribution": "stale", "ranking": "stale", "dashboards": "stale"},
+        "retrained": {**done, **{s: "stale" for s in ("attribution", "ranking", "validation", "dashboards")}},
         "undashed": {**done, "dashboards": "missing"},
-        "other-acts": {**done, "sae": "stale", "attribution": "stale", "ranking": "stale", "dashboards": "stale"},
+        "other-acts": {**done, **{s: "stale" for s in _STAGES[1:]}},
         "bare": {"activations": "missing", **{s: "stale" for s in _STAGES[1:]}},
     }
     assert fresh.exists()
 
 
-_STAGES = ["activations", "sae", "attribution", "ranking", "dashboards"]
+_STAGES = ["activations", "sae", "attribution", "ranking", "validation", "dashboards"]
 
 
 def test_runs_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

