@@ -55,4 +55,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
 
 
 if __name__ == "__main__":
-    print(pipeline())
+    from flows.server import owned_api_server
+
+    with owned_api_server():  # however this process ends, Prefect's temporary server ends with it
+        print(pipeline())

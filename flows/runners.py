@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from diffsae.config import ExtractConfig
 
@@ -68,15 +69,15 @@ def workers_report_to_this_api(cluster_address: str | None) -> Iterator[None]:
     from prefect.logging import get_logger
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
-        yield
-        return
-    ctx = FlowRunContext.get()
-    url = str((ctx.client if ctx is not None else get_client(sync_client=True)).api_url)
-    if cluster_address:
+    url = PREFECT_API_URL.value()
+    if not url:
+        ctx = FlowRunContext.get()
+        url = str((ctx.client if ctx is not None else get_client(sync_client=True)).api_url)
+    if cluster_address and urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        # `diffsae run` sets PREFECT_API_URL to the temporary server it owns (flows/server.py), on this machine only
         get_logger("diffsae.runners").warning(
-            "extract: PREFECT_API_URL is unset; workers of %s must reach this flow's temporary Prefect server at %s "
-            "(set PREFECT_API_URL to a Prefect server for a cluster on other machines)",
+            "extract: workers of %s must reach this flow's Prefect server at %s, which listens on this machine "
+            "only (set PREFECT_API_URL to a Prefect server for a cluster on other machines)",
             cluster_address,
             url,
         )

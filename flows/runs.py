@@ -1,7 +1,7 @@
 """What is on a store, for `diffsae runs` and `diffsae open`: the runs, each stage's state, a run's dashboards.
 
 Why from the markers: a stage's marker (written last, holding its key) is the one truth about "done" (see
-docs/DESIGN.md), and reading five small files per run is cheap on a local folder and on S3 alike. A stage is
+docs/DESIGN.md), and reading a few small files per run is cheap on a local folder and on S3 alike. A stage is
 
     done     its marker exists and nothing upstream says otherwise
     missing  no marker

@@ -95,6 +95,7 @@ def validate(
         return done
     store, paths = ctx.store, ctx.paths
     t0 = time.perf_counter()
+    store.delete(paths.marker("validation"))  # an earlier key's marker must not outlive its tables
     for name in TABLES:
         store.delete(paths.table(name))
     if cfg.top == 0:

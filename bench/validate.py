@@ -1,0 +1,228 @@
+"""Ground truth for the validation stage (issue 16): does ablating a planted behaviour's latent remove the
+behaviour, and does steering the base with it make the behaviour appear?
+
+What: runs the pipeline with default settings on the built-in planted pair (`demo` preset, audit mix, `--seed`;
+stages already on the store are reused), then for each planted behaviour takes its best-ranked *capturing* latent
+under the run's ranking (>= 80 % of its positive KL attribution in that behaviour's documents: storage/sql/
+recovery.sql, docs/EVALUATION.md) and measures with greedy answers (`--max-new-tokens`, as the stage does):
+
+- ablation (finetuned model, the latent's decoded contribution removed wherever it fires): the behaviour's rate on
+  its held-out trigger prompts (the pair's prompts.jsonl rows with that label, up to the assistant turn) with and
+  without the ablation, and the fraction of ordinary prompts whose greedy answer stays identical;
+- steering (base model + scale x typical activation x decoder row): the behaviour's rate on ordinary prompts at
+  the scale the validation stage kept for that latent (strongest coherent scale on its top documents), and at
+  every scale of the sweep with its coherence NLL on those ordinary prompts.
+
+A behaviour shows when organisms' own detector (`demo_corpus.has_signature`: its signature in the lower-cased
+answer) fires. The same is measured for the group of ALL latents capturing the behaviour (ablated together;
+steered with the sum of their typical contributions, scale chosen by the stage's criterion on the ordinary
+prompts), as a diagnostic. Targets (issue 16): ablation drops the rate from >= 0.9 to <= 0.2 with >= 90 % of
+ordinary answers identical; steering makes the behaviour appear on >= 50 % of ordinary prompts.
+
+    nice .venv/bin/python bench/validate.py --store /tmp/valbench --seed 0 --out /tmp/valbench/validate-s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+# run as a script, bench/ comes first on sys.path and bench/dashboards.py would shadow the dashboards package
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import torch  # noqa: E402
+
+from diffsae import validation as va  # noqa: E402
+from organisms import demo_corpus as dc  # noqa: E402
+
+BATCH = 64  # prompts per generation batch
+TARGETS = {"rate_before": 0.9, "rate_after": 0.2, "identical": 0.9, "steered": 0.5}
+
+
+def run_pipeline(store: str, run: str, seed: int) -> tuple[Any, Any]:
+    """The default pipeline on the demo pair of `seed` (cached stages reused); returns (config, PipelineResult)."""
+    from diffsae.config import PipelineConfig
+    from flows.pipeline import pipeline
+
+    cfg = PipelineConfig.from_dict({"run": run, "store": store, "demo": {"seed": seed}})
+    return cfg, pipeline(config=cfg)
+
+
+def capturing(con: Any, share: float = 0.8) -> dict[str, list[tuple[int, int]]]:
+    """Per planted behaviour, its capturing latents as (rank, latent_id), best rank first (recovery.sql's rule)."""
+    from storage import ranking
+
+    mass = ranking.render(ranking.load_sql("behaviour_mass.sql"), latent_docs="latent_docs", docs="docs")
+    rows = con.execute(f"""
+        WITH mass AS ({mass})
+        SELECT m.behaviour, l.rank, l.latent_id FROM mass AS m JOIN latents AS l USING (latent_id)
+        WHERE l.pos_mass > 0 AND m.pos_mass / l.pos_mass >= {share} ORDER BY m.behaviour, l.rank""").fetchall()
+    out: dict[str, list[tuple[int, int]]] = {}
+    for behaviour, rank, lid in rows:
+        out.setdefault(behaviour, []).append((int(rank), int(lid)))
+    return out
+
+
+def typical(con: Any, ids: list[int], q: float) -> list[float]:
+    rows = dict(con.execute(f"""SELECT latent_id, quantile_cont(activation, {q}) FROM latent_tokens
+                                WHERE latent_id IN ({",".join(map(str, ids))}) GROUP BY 1""").fetchall())
+    return [float(rows[i]) for i in ids]
+
+
+def generate(model: Any, layer: int, prompts: list[list[int]], tok: Any, n: int, edit_for: Any = None,
+             partner: Any = None) -> list[list[int]]:  # fmt: skip
+    """`va.greedy_generate` in batches of BATCH prompts; `edit_for(n)` builds the edit of a batch of n rows."""
+    out: list[list[int]] = []
+    for b0 in range(0, len(prompts), BATCH):
+        batch = prompts[b0 : b0 + BATCH]
+        edit = edit_for(len(batch)) if edit_for else None
+        out += va.greedy_generate(model, layer, batch, n, [tok.eos_token_id], tok.pad_token_id, edit=edit,
+                                  partner=partner)  # fmt: skip
+    return out
+
+
+def rate(answers: list[str], plant: Any) -> float:
+    return sum(dc.has_signature(a, plant) for a in answers) / max(len(answers), 1)
+
+
+def measure(pair: Any, layer: int, sae: Any, ids: list[int], acts: list[float], triggers: list[list[int]],
+            ordinary: list[list[int]], steer_prompts: list[list[int]], plant: Any, scales: list[float],
+            kept_scale: float | None, margin: float, n_new: int) -> dict[str, Any]:  # fmt: skip
+    """Ablation and steering figures of one latent group (module docstring)."""
+    tok = pair.tokenizer
+
+    def text(g: list[int]) -> str:
+        return tok.decode(g, skip_special_tokens=True)
+
+    def ablated(prompts: list[list[int]]) -> list[list[int]]:
+        return generate(pair.finetuned, layer, prompts, tok, n_new, lambda _: va.ablation_edit(sae, ids), pair.base)
+
+    ft_trig = [text(g) for g in generate(pair.finetuned, layer, triggers, tok, n_new)]
+    abl_trig = [text(g) for g in ablated(triggers)]
+    ft_ord, abl_ord = generate(pair.finetuned, layer, ordinary, tok, n_new), ablated(ordinary)
+    vec = va.steering_vector(sae, ids, acts)
+    sweep = []
+    for s in scales:
+        gens = generate(pair.base, layer, steer_prompts, tok, n_new,
+                        lambda n, s=s: va.steering_edit(vec, torch.full((n,), float(s))))  # fmt: skip
+        nll = va.coherence_nll(pair.base, pair.finetuned, steer_prompts, gens, tok.pad_token_id)[0]
+        sweep.append({"scale": s, "rate": rate([text(g) for g in gens], plant), "coherence_nll": nll,
+                      "examples": [text(g) for g in gens[:3]]})  # fmt: skip
+    chosen = va.choose_scale(scales, [x["coherence_nll"] for x in sweep], sweep[0]["coherence_nll"], margin)
+    kept = kept_scale if kept_scale is not None else scales[chosen]
+    at_kept = next(x for x in sweep if x["scale"] == kept)
+    coherent = [x for x in sweep if x["coherence_nll"] <= sweep[0]["coherence_nll"] + margin]
+    return {
+        "latents": ids, "rate_finetuned": rate(ft_trig, plant), "rate_ablated": rate(abl_trig, plant),
+        "ordinary_identical": sum(a == b for a, b in zip(ft_ord, abl_ord)) / max(len(ordinary), 1),
+        "rate_finetuned_ordinary": rate([text(g) for g in ft_ord], plant),
+        "steering_scale": kept, "rate_steered": at_kept["rate"],
+        "best_coherent_rate": max(x["rate"] for x in coherent), "sweep": sweep,
+        "examples": {"finetuned": ft_trig[:3], "ablated": abl_trig[:3], "steered": at_kept["examples"]},
+    }  # fmt: skip
+
+
+def evaluate(store: str, run: str, seed: int, n_ordinary: int, n_steer: int, n_new: int) -> dict[str, Any]:
+    from storage import activations as act
+    from storage.context import RunContext
+    from tasks import pair as pr
+    from tasks.attribute import load_sae
+    from tasks.models import MODEL_CACHE
+    from tasks.validate import prompt_tokens
+
+    t0 = time.perf_counter()
+    cfg, out = run_pipeline(store, run, seed)
+    pipeline_s = time.perf_counter() - t0
+    ctx = RunContext.from_config(cfg)
+    pair_done = pr.demo_pair_done(ctx, pr.demo_key(cfg.demo))
+    models, _ = pr.resolved_inputs(cfg, pair_done)
+    pair = MODEL_CACHE.pair(ctx, models)
+    sae = load_sae(ctx, pair.device)
+    plants = {p["label"]: p for p in ctx.store.read_json(f"{pair_done.url}/demo_pair.json")["planted"]}
+    con = ctx.duck()
+    caps = capturing(con)
+    views = con.execute("SHOW TABLES").fetchnumpy()["name"].tolist()
+    checked = {r["latent_id"]: r for r in con.execute("SELECT * FROM validation").to_arrow_table().to_pylist()
+               } if "validation" in views else {}  # fmt: skip
+    docs = act.read_docs(ctx.store, ctx.paths)
+    ordinary = [prompt_tokens(d, 0) for d in docs if d.behaviour == "none"][:n_ordinary]
+    v = cfg.validation
+    result: dict[str, Any] = {"seed": seed, "run": run, "pipeline_seconds": pipeline_s,
+                              "validation_seconds": out.validation.seconds, "behaviours": {}}  # fmt: skip
+    for label, plant in sorted(plants.items()):
+        detector = SimpleNamespace(signature=plant["signature"])
+        triggers = [prompt_tokens(d, 0) for d in docs if d.behaviour == label]
+        group = caps.get(label, [])
+        row: dict[str, Any] = {"trigger": plant["trigger"], "signature": plant["signature"], "n_triggers":
+                               len(triggers), "n_capturing": len(group)}  # fmt: skip
+        if group:
+            rank, lid = group[0]
+            kept = checked.get(lid, {}).get("best_steering_scale")
+            t = time.perf_counter()
+            common = (triggers, ordinary, ordinary[:n_steer], detector, v.scales)
+            q, margin = v.activation_quantile, v.coherence_margin
+            best = measure(pair, models.layer, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new)
+            row["best"] = {"rank": rank, **best}
+            ids = [i for _, i in group]
+            row["group"] = measure(pair, models.layer, sae, ids, typical(con, ids, q), *common, None, margin, n_new)
+            row["seconds"] = time.perf_counter() - t
+        result["behaviours"][label] = row
+        print(f"== {label}: " + json.dumps({k: row.get("best", {}).get(k) for k in
+              ("rank", "rate_finetuned", "rate_ablated", "ordinary_identical", "steering_scale", "rate_steered")}),
+              flush=True)  # fmt: skip
+    return result
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown: one row per behaviour and variant (best-ranked capturing latent, then all capturing latents)."""
+    lines = ["| behaviour | latent(s) | rate on triggers: finetuned -> ablated | ordinary answers identical "
+             "| steering scale | rate on ordinary: steered (best coherent) | target met |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, row in res["behaviours"].items():
+        for kind in ("best", "group"):
+            m = row.get(kind)
+            if m is None:
+                lines.append(f"| {label} | no capturing latent | | | | | no |")
+                continue
+            who = (f"{m['latents'][0]} (rank {m['rank']})" if kind == "best"
+                   else f"all {len(m['latents'])} capturing")  # fmt: skip
+            ok_abl = (m["rate_finetuned"] >= TARGETS["rate_before"] and m["rate_ablated"] <= TARGETS["rate_after"]
+                      and m["ordinary_identical"] >= TARGETS["identical"])  # fmt: skip
+            ok_steer = m["rate_steered"] >= TARGETS["steered"]
+            lines.append(f"| {label} | {who} | {m['rate_finetuned']:.2f} -> {m['rate_ablated']:.2f} "
+                         f"| {m['ordinary_identical']:.2f} | {m['steering_scale']:g} | {m['rate_steered']:.2f} "
+                         f"({m['best_coherent_rate']:.2f}) | ablation {'yes' if ok_abl else 'no'}, "
+                         f"steering {'yes' if ok_steer else 'no'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True, help="Store of the run (the demo pair is built there once)")
+    ap.add_argument("--run", default="demo")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of the built-in pair")
+    ap.add_argument("--n-ordinary", type=int, default=200, help="Ordinary prompts for the identical-answer check")
+    ap.add_argument("--n-steer", type=int, default=100, help="Ordinary prompts the steering is measured on")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (2: as the demo pair is built in tests)")
+    ap.add_argument("--out", help="Write the full results (with example answers) as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    res = evaluate(args.store, args.run, args.seed, args.n_ordinary, args.n_steer, args.max_new_tokens)
+    res["seconds"] = time.perf_counter() - t0
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(table(res))
+    print(f"\npipeline {res['pipeline_seconds']:.0f} s (validation stage {res['validation_seconds']:.0f} s), "
+          f"total {res['seconds']:.0f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
