@@ -98,6 +98,29 @@ def test_demo_pair_training_on_local_disk(demo_pair, tmp_path: Path) -> None:
     check_sae(sae, cfg.sae.k)
     assert Path(RunPaths(cfg.store, "demo").url("sae", "sae.safetensors")).exists()
 
+    # Issue 18: the demo run's SAE, exported for SAELens and loaded by SAELens itself, encodes and decodes 1,000
+    # stored diff rows as diffsae does (atol 1e-4).
+    import numpy as np
+    import torch
+
+    from diffsae.sae import BatchTopKSAE
+    from flows.cli import main
+    from storage import activations as act
+    from tests.test_export import ATOL, compare
+
+    sae_lens = pytest.importorskip("sae_lens", reason="SAELens is in the `test` extra: pip install -e '.[test]'")
+    out = tmp_path / "saelens"
+    assert main(["export", "--format", "saelens", "--out", str(out), "--store", cfg.store, "--run", "demo"]) == 0
+    ctx = RunContext.from_config(cfg)
+    manifest = act.read_manifest(ctx.store, ctx.paths)
+    rows = np.concatenate(list(act.iter_diff_chunks(ctx.store, ctx.paths, manifest, np.arange(manifest["n_docs"]))))
+    x_ND = torch.from_numpy(np.ascontiguousarray(rows[:1000]))
+    ours = BatchTopKSAE.load(ctx.paths.url("sae")).eval()
+    res = compare(sae_lens.SAE.load_from_disk(str(out)), ours, x_ND)
+    print("SAELens vs diffsae on the demo run:", res)
+    assert res["l0"] > 10 and res["act"] <= ATOL and res["decode"] <= ATOL, res
+    assert res["near_threshold"] <= 1e-4 * x_ND.shape[0] * ours.n_latents, res  # measured: 15 of 2,048,000
+
 
 def test_second_planted_pair_default_score(demo_pair, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Issue 9: the default score, chosen on the demo pair, also recovers the behaviours of a pair built with
