@@ -16,10 +16,18 @@ recovery.sql, docs/EVALUATION.md) and measures with greedy answers (`--max-new-t
 A behaviour shows when organisms' own detector (`demo_corpus.has_signature`: its signature in the lower-cased
 answer) fires. The same is measured for the group of ALL latents capturing the behaviour (ablated together;
 steered with the sum of their typical contributions, scale chosen by the stage's criterion on the ordinary
-prompts), as a diagnostic. Targets (issue 16): ablation drops the rate from >= 0.9 to <= 0.2 with >= 90 % of
-ordinary answers identical; steering makes the behaviour appear on >= 50 % of ordinary prompts.
+prompts), and, as diagnostics chosen with the labels rather than by the ranking: every latent of the SAE (the
+whole layer-L diff but the SAE's error: does the diff at layer L mediate the behaviour at all? ablation only)
+and the 5 "decision" latents, most more active at the last prompt token (the assistant marker, where the finetune
+picks its first answer token) of the behaviour's trigger prompts than of ordinary prompts. Targets (issue 16):
+ablation drops the rate from >= 0.9 to <= 0.2 with >= 90 % of ordinary answers identical; steering makes the
+behaviour appear on >= 50 % of ordinary prompts.
 
     nice .venv/bin/python bench/validate.py --store /tmp/valbench --seed 0 --out /tmp/valbench/validate-s0.json
+
+`--threads` (default 2) is also the thread count the pair is built with when it is not on the store yet (its
+weights depend on it; tests and docs/EVALUATION.md use 2). On a machine shared with other CPU-bound jobs, rerun
+with `--threads 1` once the stages are on the store: tiny generation steps on 2 oversubscribed threads crawl.
 """
 
 from __future__ import annotations
@@ -128,6 +136,23 @@ def measure(pair: Any, layer: int, sae: Any, ids: list[int], acts: list[float], 
     }  # fmt: skip
 
 
+@torch.no_grad()
+def last_token_acts(pair: Any, layer: int, sae: Any, prompts: list[list[int]]) -> torch.Tensor:
+    """Mean SAE activations [F] of diff = h_ft - h_base at the last token of each prompt."""
+    from diffsae.hooks import read_residual
+
+    total = torch.zeros(sae.n_latents)
+    for b0 in range(0, len(prompts), BATCH):
+        ids_BT, mask_BT, pos_BT = va.left_padded(prompts[b0 : b0 + BATCH], pair.tokenizer.pad_token_id, pair.device)
+        h = []
+        for model in (pair.base, pair.finetuned):
+            with read_residual(model, layer) as cap:
+                model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT)
+            h.append(cap.value[:, -1].float())
+        total += sae.encode(h[1] - h[0]).sum(0).cpu()
+    return total / max(len(prompts), 1)
+
+
 def evaluate(store: str, run: str, seed: int, n_ordinary: int, n_steer: int, n_new: int) -> dict[str, Any]:
     from storage import activations as act
     from storage.context import RunContext
@@ -171,6 +196,14 @@ def evaluate(store: str, run: str, seed: int, n_ordinary: int, n_steer: int, n_n
             row["best"] = {"rank": rank, **best}
             ids = [i for _, i in group]
             row["group"] = measure(pair, models.layer, sae, ids, typical(con, ids, q), *common, None, margin, n_new)
+            every = list(range(sae.n_latents))
+            row["all"] = measure(pair, models.layer, sae, every, [0.0] * len(every), *common[:4], [0.0], 0.0, margin,
+                                 n_new)  # fmt: skip
+            gap = last_token_acts(pair, models.layer, sae, triggers) - last_token_acts(pair, models.layer, sae,
+                                                                                          ordinary)  # fmt: skip
+            dec = [int(i) for i in gap.topk(5).indices]
+            row["decision"] = measure(pair, models.layer, sae, dec, typical(con, dec, q), *common, None, margin,
+                                      n_new)  # fmt: skip
             row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
         print(f"== {label}: " + json.dumps({k: row.get("best", {}).get(k) for k in
@@ -185,13 +218,13 @@ def table(res: dict[str, Any]) -> str:
              "| steering scale | rate on ordinary: steered (best coherent) | target met |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in res["behaviours"].items():
-        for kind in ("best", "group"):
+        for kind in ("best", "group", "decision", "all"):
             m = row.get(kind)
             if m is None:
                 lines.append(f"| {label} | no capturing latent | | | | | no |")
                 continue
-            who = (f"{m['latents'][0]} (rank {m['rank']})" if kind == "best"
-                   else f"all {len(m['latents'])} capturing")  # fmt: skip
+            who = {"best": f"{m['latents'][0]} (rank {m.get('rank')})", "group": f"all {len(m['latents'])} capturing",
+                   "decision": "decision: " + ", ".join(map(str, m["latents"])), "all": "every latent"}[kind]
             ok_abl = (m["rate_finetuned"] >= TARGETS["rate_before"] and m["rate_ablated"] <= TARGETS["rate_after"]
                       and m["ordinary_identical"] >= TARGETS["identical"])  # fmt: skip
             ok_steer = m["rate_steered"] >= TARGETS["steered"]
@@ -215,7 +248,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = evaluate(args.store, args.run, args.seed, args.n_ordinary, args.n_steer, args.max_new_tokens)
+    from flows.server import owned_api_server
+
+    with owned_api_server():  # Prefect's temporary server ends with this process, however it ends
+        res = evaluate(args.store, args.run, args.seed, args.n_ordinary, args.n_steer, args.max_new_tokens)
     res["seconds"] = time.perf_counter() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

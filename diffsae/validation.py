@@ -27,6 +27,11 @@ repetition are plausible to neither); a scale is coherent while the mean of that
 unsteered base answers' own (scale 0) + `margin` nats. Positions < skip_first (the BOS sink, never SAE data) and
 padding are never edited.
 
+References: feature ablation and clamping/steering with SAE decoder directions as in Templeton et al. 2024
+("Scaling Monosemanticity", Anthropic) and Marks et al. 2024 ("Sparse Feature Circuits", arXiv:2403.19647);
+adding a direction to the residual stream on every token as in Turner et al. 2023 ("Activation Addition",
+arXiv:2308.10248); the latents are those of a diff-SAE ranked by KL attribution (diffsae/attribution.py).
+
 Conventions follow diffsae/attribution.py (in-document positions from the mask, float32 KL, natural log).
 """
 
