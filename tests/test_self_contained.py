@@ -84,3 +84,20 @@ def test_second_machine_reruns_attribution_only(
     metrics = dict(ctx.duck().execute("SELECT name, value FROM metrics").fetchall())
     assert metrics["attribution_steps"] == 3.0
     assert metrics["completeness_max_rel_error"] < 0.5
+
+
+def test_same_run_name_on_two_s3_stores_has_two_experiments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 stores share this machine's MLflow tracking db: each (store, run) gets its own experiment, with its
+    artifacts on its own store (one experiment per run name sent the second store's artifacts to the first)."""
+    import mlflow
+
+    monkeypatch.setenv("DIFFSAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a, b = RunContext.create("s3://bucket-a/team", "demo"), RunContext.create("s3://bucket-b/team", "demo")
+    exp_a, exp_b = a.mlflow_experiment(), b.mlflow_experiment()
+    assert exp_a.experiment_id != exp_b.experiment_id
+    assert exp_a.artifact_location == a.paths.url("mlflow") and exp_b.artifact_location == b.paths.url("mlflow")
+    assert a.mlflow_experiment().experiment_id == exp_a.experiment_id  # found again, not duplicated
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'cache' / 'mlflow.db'}"
+    local = RunContext.create(str(tmp_path / "store"), "demo")
+    assert local.mlflow_experiment().name == "diffsae-demo"  # a local store's db is its own
