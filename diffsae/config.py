@@ -195,12 +195,8 @@ def resolve_score(rank_by: str) -> str:
 
 class AttributionConfig(_Section):
     steps: int = Field(16, ge=1, description="Quadrature points of the integrated-gradients path")
-    rule: Literal["midpoint", "gauss_legendre"] = Field(
-        "midpoint", description="Quadrature rule of the path: midpoint (equal weights) or gauss_legendre"
-    )
-    max_rel_error: float = Field(
-        0.01, gt=0, description="A document whose completeness error exceeds this is refined (twice the points)"
-    )
+    rule: Literal["midpoint", "gauss_legendre"] = Field("midpoint", description="Quadrature rule of the path")
+    max_rel_error: float = Field(0.01, gt=0, description="Documents missing this completeness get twice the points")
     max_steps: int = Field(64, ge=1, description="Refinement stops at this many points (the error is reported)")
     rank_by: RankBy = Field(
         "mean",

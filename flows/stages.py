@@ -159,17 +159,11 @@ def run_train(
     ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, activations: ex.Activations, states: States
 ) -> tr.SAEResult:
     key = tr.sae_key(cfg.sae, activations)
+    done = tr.sae_done(ctx, key) is not None
     return call_stage(
-        tr.train_sae_task,
-        ctx,
-        tr.sae_done(ctx, key) is not None,
-        states,
-        "train",
-        cfg=cfg.sae,
-        activations=activations,
-        models=inputs.models,
+        tr.train_sae_task, ctx, done, states, "train", cfg=cfg.sae, activations=activations, models=inputs.models,
         key=key,
-    )
+    )  # fmt: skip
 
 
 @flow(name="analyse", log_prints=True)
@@ -192,32 +186,17 @@ def run_analyse(
     states: States,
 ) -> Analysis:
     akey = at.attribution_key(cfg.attribution, sae, activations, cfg.extract.skip_first)
+    done = at.attribution_done(ctx, akey) is not None
     attribution = call_stage(
-        at.attribute_task,
-        ctx,
-        at.attribution_done(ctx, akey) is not None,
-        states,
-        "attribute",
-        cfg=cfg.attribution,
-        models=inputs.models,
-        sae=sae,
-        activations=activations,
-        skip_first=cfg.extract.skip_first,
-        batch_tokens=cfg.extract.batch_tokens,
-        key=akey,
-    )
+        at.attribute_task, ctx, done, states, "attribute", cfg=cfg.attribution, models=inputs.models, sae=sae,
+        activations=activations, skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, key=akey,
+    )  # fmt: skip
     rkey = rk.rank_key(cfg.attribution.rank_by, akey)
+    done = rk.rank_done(ctx, rkey) is not None
     ranking = call_stage(
-        rk.rank_task,
-        ctx,
-        rk.rank_done(ctx, rkey) is not None,
-        states,
-        "rank",
-        rank_by=cfg.attribution.rank_by,
-        skip_first=cfg.extract.skip_first,
-        attribution_key=akey,
-        key=rkey,
-    )
+        rk.rank_task, ctx, done, states, "rank", rank_by=cfg.attribution.rank_by, skip_first=cfg.extract.skip_first,
+        attribution_key=akey, key=rkey,
+    )  # fmt: skip
     return Analysis(attribution, ranking)
 
 
@@ -227,19 +206,12 @@ def run_validate(
     """Stage 5: ablate the top latents from the finetuned model and steer the base with them (`validation.top`
     latents; 0 skips the work, the marker still records it)."""
     key = vl.validation_key(cfg.validation, analysis.ranking.key)
+    done = vl.validation_done(ctx, key) is not None
     return call_stage(
-        vl.validate_task,
-        ctx,
-        vl.validation_done(ctx, key) is not None,
-        states,
-        "validate",
-        cfg=cfg.validation,
-        models=inputs.models,
-        skip_first=cfg.extract.skip_first,
-        batch_tokens=cfg.extract.batch_tokens,
-        rank_key=analysis.ranking.key,
+        vl.validate_task, ctx, done, states, "validate", cfg=cfg.validation, models=inputs.models,
+        skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, rank_key=analysis.ranking.key,
         key=key,
-    )
+    )  # fmt: skip
 
 
 @flow(name="dashboards", log_prints=True)
@@ -259,15 +231,9 @@ def run_dashboards(
     ctx: RunContext, cfg: PipelineConfig, analysis: Analysis, validation: vl.ValidationResult, states: States
 ) -> db.SiteResult:
     key = db.site_key(cfg.dashboards, analysis.ranking.key, validation.key)
+    done = db.site_done(ctx, key) is not None
     return call_stage(
-        db.dashboards_task,
-        ctx,
-        db.site_done(ctx, key) is not None,
-        states,
-        "dashboards",
-        cfg=cfg.dashboards,
-        rank_key=analysis.ranking.key,
-        validation_key=validation.key,
-        key=key,
-    )
+        db.dashboards_task, ctx, done, states, "dashboards", cfg=cfg.dashboards, rank_key=analysis.ranking.key,
+        validation_key=validation.key, key=key,
+    )  # fmt: skip
 

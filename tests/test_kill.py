@@ -55,6 +55,19 @@ def _wait_mid_run(proc: subprocess.Popen, err: Path, timeout: float = 300) -> No
     pytest.fail(f"the run did not start within {timeout} s:\n{err.read_text()[-3000:]}")
 
 
+def _start_mid_run(cfg: dict, tmp: Path) -> tuple[subprocess.Popen, Path, dict[psutil.Process, str]]:
+    """`diffsae run` started and waited for until it is mid-run, with its descendants (the server among them)."""
+    proc, err = _start(cfg, tmp)
+    try:
+        _wait_mid_run(proc, err)
+        descendants = _descendants(proc.pid)
+        assert _has_server(descendants), f"no temporary Prefect server among {list(descendants.values())}"
+    except BaseException:
+        _cleanup(proc, list(_descendants(proc.pid)) if proc.poll() is None else [])
+        raise
+    return proc, err, descendants
+
+
 def _descendants(pid: int) -> dict[psutil.Process, str]:
     """Every descendant of process `pid` (children, their children, ...) with its command line."""
     found = {}
@@ -152,12 +165,8 @@ def test_killed_run_leaves_no_process(sig: signal.Signals, runner: str, tiny_pai
     trying to reach the dead GCS for about a minute before they exit.)"""
     extract = {"runner": runner, "n_workers": 2, "shard_tokens": 150} if runner != "local" else {}
     cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2}, extract=extract)
-    proc, err = _start(cfg, tmp_path)
-    descendants: dict[psutil.Process, str] = {}
+    proc, err, descendants = _start_mid_run(cfg, tmp_path)
     try:
-        _wait_mid_run(proc, err)
-        descendants = _descendants(proc.pid)
-        assert _has_server(descendants), f"no temporary Prefect server among {list(descendants.values())}"
         if runner == "dask":
             workers = [cmd for cmd in descendants.values() if "multiprocessing.spawn" in cmd]
             assert len(workers) == 2, f"no Dask workers among {list(descendants.values())}"
@@ -176,12 +185,8 @@ def test_ctrl_c_interrupts_the_run_cleanly_and_leaves_no_process(tiny_pair: Path
     ("interrupted") within seconds. With Prefect's own server, which died of the same SIGINT, it spent about 70 s
     retrying to reach it and then exited 3, blaming the store."""
     cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
-    proc, err = _start(cfg, tmp_path)
-    descendants: dict[psutil.Process, str] = {}
+    proc, err, descendants = _start_mid_run(cfg, tmp_path)
     try:
-        _wait_mid_run(proc, err)
-        descendants = _descendants(proc.pid)
-        assert _has_server(descendants), f"no temporary Prefect server among {list(descendants.values())}"
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=120)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from diffsae import validation as va
 from diffsae.hooks import read_residual, replace_residual
 from diffsae.sae import BatchTopKSAE
+from tests.test_attribution import make_pair
 
 LAYER, D, V, F, EOS, PAD = 1, 16, 64, 48, 2, 0
 
@@ -29,21 +30,7 @@ def one_thread():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
-    cfg = LlamaConfig(
-        vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, tie_word_embeddings=False,
-        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).eval()
-    ft = LlamaForCausalLM(cfg).eval()
-    ft.load_state_dict(base.state_dict())
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if "layers." in name and "norm" not in name:
-                p.add_(0.15 * torch.randn(p.shape, generator=g))
-    return base, ft
+    return make_pair(0, max_position_embeddings=128, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)
 
 
 @pytest.fixture(scope="module")
