@@ -37,14 +37,10 @@ class StageState(NamedTuple):
     why: str = ""
 
 
-def _fs_path(ctx: RunContext, url: str) -> str:
-    return url[len("s3://") :] if url.startswith("s3://") else url
-
-
 def _modified(ctx: RunContext, url: str) -> Any:
     """The object's modification time (a datetime), or None when the store does not say."""
     try:
-        return ctx.store.fs.modified(_fs_path(ctx, url))
+        return ctx.store.modified(url)
     except Exception:  # noqa: BLE001 - some filesystems do not implement it: then no time-based staleness
         return None
 
@@ -57,25 +53,16 @@ def _read_json(ctx: RunContext, url: str) -> Any:
 
 
 def store_exists(ctx: RunContext) -> bool:
-    return os.path.isdir(ctx.store_url) if not ctx.is_s3 else bool(ctx.store.fs.exists(_fs_path(ctx, ctx.store_url)))
+    return ctx.store.isdir(ctx.store_url) if not ctx.is_s3 else ctx.store.exists(ctx.store_url)
 
 
 def list_runs(ctx: RunContext) -> list[str]:
     """Names of the runs on the store (folders under `<store>/runs/`), sorted."""
-    root = join(ctx.store_url, "runs")
-    try:
-        entries = ctx.store.fs.ls(_fs_path(ctx, root), detail=True)
-    except FileNotFoundError:
-        return []
-    names = [str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
-    return sorted(n for n in names if n and not n.startswith("."))
+    return [n for n in ctx.store.subdirs(join(ctx.store_url, "runs")) if n and not n.startswith(".")]
 
 
 def run_exists(ctx: RunContext) -> bool:
-    try:
-        return bool(ctx.store.fs.isdir(_fs_path(ctx, ctx.paths.root)))
-    except FileNotFoundError:
-        return False
+    return ctx.store.isdir(ctx.paths.root)
 
 
 def require_run(ctx: RunContext) -> None:

@@ -138,6 +138,24 @@ class Store:
         files = (e["name"] for e in entries if e.get("type") == "file")
         return sorted(self._url(n) for n in files if not n.endswith("/") and n != self._p(url).rstrip("/"))
 
+    def subdirs(self, url: str) -> list[str]:
+        """Names of the folders directly under `url` (empty when it does not exist)."""
+        try:
+            entries = self.fs.ls(self._p(url), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+    def isdir(self, url: str) -> bool:
+        try:
+            return bool(self.fs.isdir(self._p(url)))
+        except FileNotFoundError:
+            return False
+
+    def modified(self, url: str) -> Any:
+        """The object's modification time (a datetime); raises where the filesystem does not say."""
+        return self.fs.modified(self._p(url))
+
     def glob(self, pattern: str) -> list[str]:
         return sorted(self._url(p) for p in self.fs.glob(self._p(pattern)))
 
