@@ -21,6 +21,11 @@ from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAE = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 1}
+# Runs that get killed train for minutes (3000 epochs of the tiny split: ~2 min here), so the signal lands mid-run
+# however late this process sees the first shard: the rest of a 1-epoch tiny run takes ~8 s, and a SIGTERM that lands
+# after the pipeline's code has returned is not a mid-run kill (Prefect then ignores it while it reports the final
+# state, and the run exits 0 with every result written: the likely cause of one CI failure).
+LONG_SAE = {**SAE, "epochs": 3000}
 MID_RUN = "Task run 'extract-shard-"  # on stderr: the Prefect server is up and the first shard is done
 
 
@@ -164,7 +169,7 @@ def test_killed_run_leaves_no_process(sig: signal.Signals, runner: str, tiny_pai
     (Ray is left out: its local cluster fate-shares with the run too, but the raylet's two agent processes keep
     trying to reach the dead GCS for about a minute before they exit.)"""
     extract = {"runner": runner, "n_workers": 2, "shard_tokens": 150} if runner != "local" else {}
-    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2}, extract=extract)
+    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=LONG_SAE, attribution={"steps": 2}, extract=extract)
     proc, err, descendants = _start_mid_run(cfg, tmp_path)
     try:
         if runner == "dask":
@@ -172,7 +177,7 @@ def test_killed_run_leaves_no_process(sig: signal.Signals, runner: str, tiny_pai
             assert len(workers) == 2, f"no Dask workers among {list(descendants.values())}"
         os.kill(proc.pid, sig)  # the `diffsae run` process only, not its group: `kill -9 PID`
         proc.wait(timeout=60)
-        assert proc.returncode != 0
+        assert proc.returncode != 0, f"{sig.name} mid-run, yet the run exited 0:\n{err.read_text()[-4000:]}"
         left = _wait_gone(list(descendants), timeout=10)
         assert not left, f"{sig.name}: processes left behind by `diffsae run`:\n" + "\n".join(left)
     finally:
@@ -184,7 +189,7 @@ def test_ctrl_c_interrupts_the_run_cleanly_and_leaves_no_process(tiny_pair: Path
     """Ctrl-C in a terminal: SIGINT to the whole foreground process group. The run reports its crash and exits 130
     ("interrupted") within seconds. With Prefect's own server, which died of the same SIGINT, it spent about 70 s
     retrying to reach it and then exited 3, blaming the store."""
-    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=SAE, attribution={"steps": 2})
+    cfg = tiny_config(tiny_pair, str(tmp_path / "store"), sae=LONG_SAE, attribution={"steps": 2})
     proc, err, descendants = _start_mid_run(cfg, tmp_path)
     try:
         os.killpg(proc.pid, signal.SIGINT)
