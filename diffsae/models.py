@@ -9,23 +9,21 @@ and each failure is one clear line (`PairError`).
     with read_residual(pair.finetuned, 2) as cap:
         pair.finetuned(ids_BT.to(pair.device))
 
-`model_fingerprint(path_or_id)` is a sha256 over config, tokenizer and weight files; per-file digests of big files
-are memoised in `~/.cache/diffsae/file_hashes.json` (or `$DIFFSAE_CACHE_DIR`) keyed by (abspath, size, mtime_ns).
+Each side may be a hub id, an HF folder, a `.gguf` file or (finetuned) a LoRA adapter folder: `diffsae.sources`
+turns it into a folder first. `model_fingerprint` (diffsae.fingerprint) names the content that was loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from diffsae.config import ModelsConfig, local_cache_dir
+from diffsae.config import ModelsConfig
+from diffsae.fingerprint import PairError, model_fingerprint
 from diffsae.hooks import n_layers, read_residual, replace_residual
+from diffsae.sources import resolve_models
 
 __all__ = [
     "ModelPair",
@@ -39,24 +37,6 @@ __all__ = [
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SPECIAL_ATTRS = ("bos_token", "eos_token", "pad_token", "unk_token")
-_FINGERPRINT_NAMES = (
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "added_tokens.json",
-)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
-_MEMO_MIN_BYTES = 1 << 20
-
-
-class PairError(ValueError):
-    """The model pair cannot be diffed; the message is one line."""
 
 
 class ModelPair(NamedTuple):
@@ -80,29 +60,6 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PairError(f"device {spec!r} requested but MPS is not available")
     return dev
-
-
-def _is_local_spec(spec: str) -> bool:
-    """A spec that can only be a local path (a hub id is `name` or `org/name`)."""
-    return (
-        spec.startswith(("/", ".", "~"))
-        or spec.count("/") > 1
-        or os.sep != "/"
-        and os.sep in spec
-        or Path(spec).expanduser().exists()
-    )
-
-
-def _source(spec: str, which: str) -> str:
-    """The local folder of a model, or the hub id unchanged; PairError when a local path does not exist."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return str(p.resolve())
-    if p.exists():
-        raise PairError(f"{which} model path is not a folder: {spec}")
-    if _is_local_spec(spec):
-        raise PairError(f"{which} model path not found: {spec}")
-    return spec
 
 
 def _one_line(e: BaseException) -> str:
@@ -162,8 +119,9 @@ def _check_shapes(cfg_b: Any, cfg_f: Any, layer: int) -> None:
 def check_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> Any:
     """Every check that needs no weights (configs and tokenizers only); returns the finetuned tokenizer."""
     rev = models_cfg.revision
-    src_b = _source(models_cfg.base, "base")
-    src_f = _source(models_cfg.finetuned, "finetuned")
+    resolved = resolve_models(models_cfg)
+    src_b, src_f = resolved.base, resolved.finetuned
+    assert src_b is not None and src_f is not None
     cfg_b = _load_config(src_b, "base", rev)
     cfg_f = _load_config(src_f, "finetuned", rev)
     _check_shapes(cfg_b, cfg_f, models_cfg.layer)
@@ -179,8 +137,9 @@ def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
     """Validate, then load both models (eval mode, no grads) and the finetuned tokenizer."""
     device = resolve_device(models_cfg.device)
     rev = models_cfg.revision
-    src_b = _source(models_cfg.base, "base")
-    src_f = _source(models_cfg.finetuned, "finetuned")
+    resolved = resolve_models(models_cfg)
+    src_b, src_f = resolved.base, resolved.finetuned
+    assert src_b is not None and src_f is not None
     tok_f = check_pair(models_cfg, needs_chat_template)
 
     dtype = _DTYPES[models_cfg.dtype]
@@ -206,81 +165,3 @@ def load_pair(models_cfg: ModelsConfig, needs_chat_template: bool) -> ModelPair:
         base_fingerprint=model_fingerprint(src_b, rev),
         finetuned_fingerprint=model_fingerprint(src_f, rev),
     )
-
-
-# ----------------------------------------------------------------------------------------------- fingerprints
-
-
-def _memo_path() -> Path:
-    return local_cache_dir() / "file_hashes.json"
-
-
-def _read_memo() -> dict[str, str]:
-    try:
-        data = json.loads(_memo_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_memo(memo: dict[str, str]) -> None:
-    path = _memo_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs recomputation
-
-
-def file_sha256(path: Path, memo: dict[str, str] | None = None) -> str:
-    """sha256 of a file's bytes; big files are looked up in / added to `memo` by (abspath, size, mtime_ns)."""
-    real = Path(os.path.realpath(path))
-    st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
-    if memo is not None and key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None and st.st_size >= _MEMO_MIN_BYTES:
-        memo[key] = digest
-    return digest
-
-
-def _fingerprint_files(folder: Path) -> list[Path]:
-    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    return [p for p in files if p.name in _FINGERPRINT_NAMES or p.name.endswith(_WEIGHT_SUFFIXES)]
-
-
-def _hub_folder(repo_id: str, revision: str | None) -> Path | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or not a hub id)
-        return None
-
-
-def model_fingerprint(path_or_id: str, revision: str | None = None) -> str:
-    """sha256 over (name, sha256) of config, tokenizer and weight files of a local folder or cached hub model."""
-    folder = Path(path_or_id).expanduser()
-    if not folder.is_dir():
-        hub = _hub_folder(path_or_id, revision)
-        if hub is None:
-            raise PairError(f"cannot fingerprint {path_or_id}: not a local folder nor a cached hub model")
-        folder = hub
-    files = _fingerprint_files(folder)
-    if not any(p.name == "config.json" for p in files):
-        raise PairError(f"cannot fingerprint {path_or_id}: no config.json in {folder}")
-    memo = _read_memo()
-    before = dict(memo)
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}\0{file_sha256(p, memo)}\n".encode())
-    if memo != before:
-        _write_memo(memo)
-    return h.hexdigest()

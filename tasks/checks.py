@@ -26,6 +26,6 @@ def preflight(cfg: PipelineConfig) -> None:
         raise ConfigError("extract.skip_first must be smaller than data.max_tokens_per_doc")
     check_pair(cfg.models, needs_chat_template=docs_have_messages(cfg.data.path))
     # The same in-process tokenization the extraction plan reads: the dataset is tokenized once per process.
-    docs = MODEL_CACHE.docs(ctx, cfg.data.path, cfg.models.finetuned, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
+    docs = MODEL_CACHE.docs(ctx, cfg.data.path, cfg.models, cfg.data.max_tokens_per_doc, cfg.data.max_docs)
     if not docs:
         raise DataError(f"{cfg.data.path}: no documents")

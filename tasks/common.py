@@ -68,6 +68,7 @@ def write_marker(store: Store, url: str, result: NamedTuple) -> None:
     """Write the stage's marker -- LAST, after every output it vouches for."""
     store.write_json(url, result._asdict())
 
+
 # Seconds between retries of a task that hit a transient I/O error (growing: store outages, network blips).
 # DIFFSAE_IO_RETRY_DELAYS="1,2,4" overrides them (e.g. for outage drills).
 IO_RETRY_DELAYS = [float(x) for x in os.environ.get("DIFFSAE_IO_RETRY_DELAYS", "2,5,15,30").split(",") if x]

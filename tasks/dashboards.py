@@ -63,8 +63,7 @@ def load_site_tables(ctx: RunContext, cfg: DashboardsConfig) -> SiteTables:
         metrics=q("SELECT * FROM metrics"),
         recovery=q("SELECT * FROM recovery") if "recovery" in views else None,
         validation=q("SELECT * FROM validation ORDER BY rank") if "validation" in views else None,
-        validation_generations=q("SELECT * FROM validation_generations") if "validation_generations" in views
-        else None,
+        validation_generations=q("SELECT * FROM validation_generations") if "validation_generations" in views else None,
     )
 
 

@@ -82,7 +82,7 @@ def plan_extraction(
 ) -> ExtractPlan:
     """Tokenize the dataset (tokenizer only, no model) and cut it into shards of ~extract.shard_tokens tokens."""
     assert models.finetuned is not None
-    docs = MODEL_CACHE.docs(ctx, data.path, models.finetuned, data.max_tokens_per_doc, data.max_docs)
+    docs = MODEL_CACHE.docs(ctx, data.path, models, data.max_tokens_per_doc, data.max_docs)
     settings = {
         "layer": models.layer,
         "model_dtype": models.dtype,
@@ -119,10 +119,10 @@ def write_shard(ctx: RunContext, spec: ShardSpec, inputs: ShardInputs) -> act.Sh
     assert models.finetuned is not None
     pair = MODEL_CACHE.pair(ctx, models)
     data = inputs.data
-    docs = MODEL_CACHE.docs(ctx, data.path, models.finetuned, data.max_tokens_per_doc, data.max_docs)
+    docs = MODEL_CACHE.docs(ctx, data.path, models, data.max_tokens_per_doc, data.max_docs)
     d_model = int(pair.base.config.get_text_config().hidden_size)
     schema = schemas.activation_shard(d_model, extract.dtype, extract.save_raw)
-    strings = MODEL_CACHE.token_strings(ctx, models.finetuned)
+    strings = MODEL_CACHE.token_strings(ctx, models)
     writer = act.ShardWriter(ctx.store, ctx.paths, spec.index, schema, strings)
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def commit(
         records.append(rec)
     assert inputs.models.finetuned is not None
     data = inputs.data
-    docs = MODEL_CACHE.docs(ctx, data.path, inputs.models.finetuned, data.max_tokens_per_doc, data.max_docs)
+    docs = MODEL_CACHE.docs(ctx, data.path, inputs.models, data.max_tokens_per_doc, data.max_docs)
     act.write_docs_table(store, paths, docs)
     rows = act.write_tokens_table(store, paths, records)
     fp = act.commit_manifest(store, paths, records, {"key": key, "n_docs": len(docs), "n_shards": len(records), **meta})

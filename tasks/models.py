@@ -13,6 +13,7 @@ from typing import Any
 from diffsae.config import ModelsConfig
 from diffsae.data import Doc, data_fingerprint, load_docs
 from diffsae.models import ModelPair, load_pair
+from diffsae.sources import resolve_models
 from storage.context import RunContext
 from storage.paths import is_s3
 
@@ -48,29 +49,33 @@ class ModelCache:
             self.pair_hits += 1
         return self._pairs[key]
 
-    def tokenizer(self, ctx: RunContext, src: str) -> Any:
-        path = local_path(ctx, src)
+    def tokenizer(self, ctx: RunContext, models: ModelsConfig) -> Any:
+        """The finetuned model's tokenizer (the pair's, checked identical to the base's)."""
+        path = str(local_models(ctx, models).finetuned)
         if path not in self._tokenizers:
             from transformers import AutoTokenizer
 
             self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
         return self._tokenizers[path]
 
-    def token_strings(self, ctx: RunContext, src: str) -> list[str]:
+    def token_strings(self, ctx: RunContext, models: ModelsConfig) -> list[str]:
         """Each token id's text, as the tables show it."""
-        path = local_path(ctx, src)
+        path = str(local_models(ctx, models).finetuned)
         if path not in self._strings:
-            tok = self.tokenizer(ctx, src)
+            tok = self.tokenizer(ctx, models)
             self._strings[path] = [tok.decode([i]) for i in range(len(tok))]
         return self._strings[path]
 
-    def docs(self, ctx: RunContext, data: str, tokenizer: str, max_tokens: int, max_docs: int | None) -> list[Doc]:
-        """The prompts file `data` (a local file or a store URL), tokenized once per process and content (the
-        preflight's tokenization of the user's file serves the flow's reading of its copy on the store)."""
+    def docs(
+        self, ctx: RunContext, data: str, models: ModelsConfig, max_tokens: int, max_docs: int | None
+    ) -> list[Doc]:
+        """The prompts file `data` (a local file or a store URL), tokenized by the pair's tokenizer once per process
+        and content (the preflight's tokenization of the user's file serves the flow's reading of its copy on the
+        store)."""
         path = local_path(ctx, data)
-        key = (data_fingerprint(path), local_path(ctx, tokenizer), max_tokens, max_docs)
+        key = (data_fingerprint(path), str(local_models(ctx, models).finetuned), max_tokens, max_docs)
         if key not in self._docs:
-            self._docs[key] = load_docs(path, self.tokenizer(ctx, tokenizer), max_tokens, max_docs)
+            self._docs[key] = load_docs(path, self.tokenizer(ctx, models), max_tokens, max_docs)
         return self._docs[key]
 
 
@@ -83,7 +88,10 @@ def local_path(ctx: RunContext, src: str) -> str:
 
 
 def local_models(ctx: RunContext, models: ModelsConfig) -> ModelsConfig:
-    """`models` with store URLs replaced by their local copies (for loading only: never stored or hashed)."""
-    return models.model_copy(
+    """`models` as transformers loads them (for loading only: never stored or hashed): store URLs mirrored into the
+    local cache, then .gguf files dequantized and LoRA adapters merged (`diffsae.sources`, cached on disk)."""
+    assert models.base is not None and models.finetuned is not None
+    mirrored = models.model_copy(
         update={"base": local_path(ctx, models.base), "finetuned": local_path(ctx, models.finetuned)}
     )
+    return resolve_models(mirrored)

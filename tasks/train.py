@@ -104,9 +104,7 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
     n_train = count_sae_rows(store, paths, manifest, train_docs)
     budget = cfg.train_tokens(n_train)
     total_steps = max(1, math.ceil(budget / cfg.batch_size))
-    sample = np.concatenate(
-        list(_take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), 16384))
-    )
+    sample = np.concatenate(list(_take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), 16384)))
     d_in = int(sample.shape[1])
 
     exp = ctx.mlflow_experiment()

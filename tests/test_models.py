@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from diffsae import fingerprint
 from diffsae import models as M
 from diffsae.config import ModelsConfig
 from organisms.demo_train import build_tokenizer
@@ -143,7 +144,7 @@ def test_fingerprint_stable_and_sensitive(zoo, tmp_path):
 
 
 def test_fingerprint_memoises_big_files(zoo, tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "_MEMO_MIN_BYTES", 0)
+    monkeypatch.setattr(fingerprint, "_MEMO_MIN_BYTES", 0)
     first = M.model_fingerprint(str(zoo["base"]))
     memo_file = tmp_path / "cache" / "file_hashes.json"
     memo = json.loads(memo_file.read_text())
