@@ -54,10 +54,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsae.kl import kl_grad_logits_q
-from diffsae.patching import PAIR_CHUNK, SAELike, frozen, model_device, nan_outside, patched_logits, patched_runs
+from diffsae.head import kl_grad_hidden
+from diffsae.patching import PAIR_CHUNK, SAELike, frozen, model_device, nan_outside, patched_hidden, patched_runs
 
-LOGIT_BUDGET_ELEMS = 1 << 27  # α steps stacked per forward: at most this many logits entries per forward
+LOGIT_BUDGET_ELEMS = 1 << 27  # α steps stacked per forward: C · B · T · V at most this (logits are made in chunks)
 
 
 class AttributionBatch(NamedTuple):
@@ -121,7 +121,7 @@ def attribute_batch(
     with frozen(base, finetuned):
         r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first)
         mask_BT, analysed_BT, docpos_BT, kl_BT, per_token = r.mask_BT, r.analysed_BT, r.docpos_BT, r.kl_BT, r.per_token
-        logits_ft_BTV, h_ft_BTD, start_BTD, delta_BTD = r.logits_ft_BTV, r.h_ft_BTD, r.start_BTD, r.delta_BTD
+        x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD = r.x_ft_BTD, r.h_ft_BTD, r.start_BTD, r.delta_BTD
         tok_P, lat_P, act_P = r.tok_P, r.lat_P, r.act_P
         del r
         ids_BT = input_ids_BT.to(device)
@@ -129,7 +129,7 @@ def attribute_batch(
         B, T, D = h_ft_BTD.shape
 
         # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j), several α stacked per forward.
-        V = logits_ft_BTV.shape[-1]
+        V = int(finetuned.get_output_embeddings().weight.shape[0])
         chunk = steps_per_forward or max(1, LOGIT_BUDGET_ELEMS // max(1, B * T * V))
         chunk = min(chunk, steps)
         alphas_S = torch.tensor(nodes_S, device=device, dtype=torch.float32)  # [S]
@@ -141,7 +141,7 @@ def attribute_batch(
             h_CBTD = start_BTD[None] + a_C[:, None, None, None] * delta_BTD[None]  # [C, B, T, D]
             h_cTD = h_CBTD.reshape(C * B, T, D).detach().requires_grad_(True)  # [C*B, T, D]
             with torch.enable_grad():
-                logits_cTV = patched_logits(
+                x_cTD = patched_hidden(
                     finetuned,
                     layer,
                     h_cTD,
@@ -149,23 +149,20 @@ def attribute_batch(
                     mask_long_BT.repeat(C, 1),
                     docpos_BT.repeat(C, 1),
                 )
-            # ∂KL/∂logits = analysed · (p_patch − p_ft) in closed form, then one backward to h (no float32
-            # log-softmax copies kept for autograd).
-            dlogits_CBTV = kl_grad_logits_q(
-                logits_ft_BTV[None], logits_cTV.view(C, B, T, -1), analysed_BT[None]
-            )  # [C, B, T, V]
-            (grad_cTD,) = torch.autograd.grad(
-                logits_cTV, h_cTD, grad_outputs=dlogits_CBTV.view_as(logits_cTV)
-            )
+            # ∂KL/∂logits = analysed · (p_patch − p_ft) in closed form, back through the head a chunk of positions
+            # at a time (diffsae.head: no [C, B, T, V] logits, no float32 log-softmax copies kept for autograd),
+            # then one backward through the blocks above `layer` to h.
+            dx_CBTD = kl_grad_hidden(finetuned, x_ft_BTD[None], x_cTD.view(C, B, T, -1), analysed_BT[None])
+            (grad_cTD,) = torch.autograd.grad(x_cTD, h_cTD, grad_outputs=dx_CBTD.view_as(x_cTD))
             grad_CBTD = grad_cTD.view(C, B, T, D)
             if rule == "midpoint":  # equal weights: sum now, divide once (the historical float order)
                 gbar_BTD += grad_CBTD.sum(dim=0)  # [B, T, D]
             else:
                 gbar_BTD += (w_S[j0 : j0 + C, None, None, None] * grad_CBTD).sum(dim=0)  # [B, T, D]
-            del logits_cTV, dlogits_CBTV, grad_cTD, grad_CBTD, h_cTD
+            del x_cTD, dx_CBTD, grad_cTD, grad_CBTD, h_cTD
         if rule == "midpoint":
             gbar_BTD /= steps
-        del logits_ft_BTV
+        del x_ft_BTD
 
     # attr = −a · (ḡ_s · d_i) on the active pairs only (gather of W_dec rows, chunked over pairs).
     with torch.no_grad():

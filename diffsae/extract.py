@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from diffsae.data import Doc
+from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual
-from diffsae.kl import kl_per_token
 
 
 class ExtractBatch(NamedTuple):
@@ -90,13 +90,14 @@ def paired_forward(
     mask_BT: torch.Tensor,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both models on the same batch: (h_base [B,T,D], h_ft [B,T,D], kl [B,T]), all float32 on the device."""
+    """Both models on the same batch: (h_base [B,T,D], h_ft [B,T,D], kl [B,T]), all float32 on the device.
+    The KL is made from the final hidden states a chunk of positions at a time (diffsae.head: no [B, T, V])."""
     with _autocast(ids_BT.device, dtype):
         with read_residual(base, layer) as cap_b:
-            logits_base_BTV = base(input_ids=ids_BT, attention_mask=mask_BT).logits
+            x_base_BTD = final_hidden(base, input_ids=ids_BT, attention_mask=mask_BT)
         with read_residual(ft, layer) as cap_f:
-            logits_ft_BTV = ft(input_ids=ids_BT, attention_mask=mask_BT).logits
-    kl_BT = kl_per_token(logits_ft_BTV, logits_base_BTV)  # KL(p_ft ‖ p_base), float32
+            x_ft_BTD = final_hidden(ft, input_ids=ids_BT, attention_mask=mask_BT)
+        kl_BT = kl_from_hidden(ft, x_ft_BTD, base, x_base_BTD)  # KL(p_ft ‖ p_base), float32
     assert cap_b.value is not None and cap_f.value is not None
     return cap_b.value.float(), cap_f.value.float(), kl_BT
 

@@ -123,9 +123,7 @@ def replace_residual(
         h_BTD = _hidden(output)
         repl_BTD = new(h_BTD) if callable(new) else new
         if repl_BTD.shape != h_BTD.shape:
-            raise ValueError(
-                f"replacement shape {tuple(repl_BTD.shape)} != activation shape {tuple(h_BTD.shape)}"
-            )
+            raise ValueError(f"replacement shape {tuple(repl_BTD.shape)} != activation shape {tuple(h_BTD.shape)}")
         return _with_hidden(output, repl_BTD.to(h_BTD.dtype))
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)

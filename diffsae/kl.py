@@ -19,7 +19,7 @@ import torch
 DEFAULT_CHUNK_ELEMS = 1 << 26
 
 
-def _kl_chunk(logits_p_BTV: torch.Tensor, logits_q_BTV: torch.Tensor) -> torch.Tensor:
+def kl_chunk(logits_p_BTV: torch.Tensor, logits_q_BTV: torch.Tensor) -> torch.Tensor:
     logp_BTV = torch.log_softmax(logits_p_BTV.float(), dim=-1)
     logq_BTV = torch.log_softmax(logits_q_BTV.float(), dim=-1)
     p_BTV = logp_BTV.exp()
@@ -41,16 +41,14 @@ def kl_per_token(
     try:
         shape = torch.broadcast_shapes(logits_p_BTV.shape, logits_q_BTV.shape)
     except RuntimeError:
-        raise ValueError(
-            f"logits shapes differ: {tuple(logits_p_BTV.shape)} vs {tuple(logits_q_BTV.shape)}"
-        ) from None
+        raise ValueError(f"logits shapes differ: {tuple(logits_p_BTV.shape)} vs {tuple(logits_q_BTV.shape)}") from None
     T, V = shape[-2], shape[-1]
     rows = max(1, shape.numel() // max(1, T * V))  # product of the leading (batch) dims
     t_chunk = max(1, chunk_elems // max(1, rows * V))
     if t_chunk >= T:
-        return _kl_chunk(logits_p_BTV, logits_q_BTV)
+        return kl_chunk(logits_p_BTV, logits_q_BTV)
     parts = [
-        _kl_chunk(logits_p_BTV[..., t0 : t0 + t_chunk, :], logits_q_BTV[..., t0 : t0 + t_chunk, :])
+        kl_chunk(logits_p_BTV[..., t0 : t0 + t_chunk, :], logits_q_BTV[..., t0 : t0 + t_chunk, :])
         for t0 in range(0, T, t_chunk)  # each [..., t_chunk]
     ]
     return torch.cat(parts, dim=-1)  # [..., T]

@@ -18,8 +18,8 @@ from torch import nn
 
 from diffsae.data import Doc
 from diffsae.extract import pad_batch, plan_batches
+from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, run_from
-from diffsae.kl import kl_per_token
 
 PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
 
@@ -30,6 +30,7 @@ class SAELike(Protocol):
     scale: torch.Tensor
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor: ...
+
 
 @contextmanager
 def frozen(*models: nn.Module) -> Iterator[None]:
@@ -52,13 +53,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(
-    model: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor
-) -> torch.Tensor:
-    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits  # [B, T, V]
+def _forward(model: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+    """The final hidden state x [B, T, D] (the head's input: logits are made from it in chunks, diffsae.head)."""
+    return final_hidden(model, input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT)
 
 
-def patched_logits(
+def patched_hidden(
     model: nn.Module,
     layer: int,
     h_BTD: torch.Tensor,
@@ -66,10 +66,10 @@ def patched_logits(
     mask_BT: torch.Tensor,
     pos_BT: torch.Tensor,
 ) -> torch.Tensor:
-    """The finetuned model's logits with the output of block `layer` replaced by `h_BTD`; only the blocks above
-    `layer` run (diffsae.hooks.run_from: the lower blocks' output is replaced anyway)."""
+    """The finetuned model's final hidden state [B, T, D] with the output of block `layer` replaced by `h_BTD`;
+    only the blocks above `layer` run (diffsae.hooks.run_from: the lower blocks' output is replaced anyway)."""
     with run_from(model, layer, h_BTD):
-        return _forward(model, ids_BT, mask_BT, pos_BT)  # [B, T, V]
+        return _forward(model, ids_BT, mask_BT, pos_BT)  # [B, T, D]
 
 
 def _sum_rows(rows_PD: torch.Tensor, idx_P: torch.Tensor, n: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ class PatchedRuns(NamedTuple):
     docpos_BT: torch.Tensor  # in-document positions
     kl_BT: torch.Tensor  # KL(p_ft ‖ p_base)
     per_token: dict[str, torch.Tensor]  # base / bias / recon: KL(p_ft ‖ p_patch) per token
-    logits_ft_BTV: torch.Tensor
+    x_ft_BTD: torch.Tensor  # the finetuned model's final hidden state (its logits: diffsae.head.head_logits)
     h_ft_BTD: torch.Tensor
     start_BTD: torch.Tensor  # h(0): h_base + b at analysed tokens, h_ft elsewhere
     delta_BTD: torch.Tensor  # dh/dα: the reconstruction at analysed tokens, 0 elsewhere
@@ -118,13 +118,13 @@ def patched_runs(
 
     with torch.no_grad():
         with read_residual(base, layer) as cap_base:
-            logits_base_BTV = _forward(base, ids_BT, mask_long_BT, docpos_BT)
+            x_base_BTD = _forward(base, ids_BT, mask_long_BT, docpos_BT)
         with read_residual(finetuned, layer) as cap_ft:
-            logits_ft_BTV = _forward(finetuned, ids_BT, mask_long_BT, docpos_BT)
+            x_ft_BTD = _forward(finetuned, ids_BT, mask_long_BT, docpos_BT)
         h_base_BTD = cap_base.value.float().to(device)
         h_ft_BTD = cap_ft.value.float()
-        kl_BT = kl_per_token(logits_ft_BTV, logits_base_BTV)
-        del logits_base_BTV
+        kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD.to(device))
+        del x_base_BTD
 
         # SAE activations of the diff at the analysed tokens, as sparse (token, latent, activation) pairs.
         diff_ND = (h_ft_BTD - h_base_BTD)[analysed_BT]  # [N, D], N = analysed tokens
@@ -156,12 +156,12 @@ def patched_runs(
             ("bias", start_BTD),
             ("recon", start_BTD + delta_BTD),
         ):
-            logits_BTV = patched_logits(finetuned, layer, h_BTD, ids_BT, mask_long_BT, docpos_BT)
-            per_token[name] = kl_per_token(logits_ft_BTV, logits_BTV)  # [B, T]
-            del logits_BTV
+            x_BTD = patched_hidden(finetuned, layer, h_BTD, ids_BT, mask_long_BT, docpos_BT)
+            per_token[name] = kl_from_hidden(finetuned, x_ft_BTD, finetuned, x_BTD)  # [B, T]
+            del x_BTD
         del patch_base_BTD
     return PatchedRuns(
-        mask_BT, analysed_BT, docpos_BT, kl_BT, per_token, logits_ft_BTV, h_ft_BTD, start_BTD, delta_BTD,
+        mask_BT, analysed_BT, docpos_BT, kl_BT, per_token, x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD,
         tok_P, lat_P, act_P,
     )  # fmt: skip
 
@@ -201,4 +201,3 @@ def kl_gap_recovered(
         num += float(np.nansum(out.kl_patch_recon_BT))
         den += float(np.nansum(out.kl_patch_base_BT))
     return 1.0 - num / den if den > 0 else float("nan")
-

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from diffsae.extract import plan_batches
+from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, replace_residual
-from diffsae.kl import kl_per_token
 from diffsae.patching import SAELike, frozen, model_device
 
 # edit(h_BTD, h_partner_BTD or None, keep_BT) -> new h_BTD: an intervention on the residual at layer L.
@@ -129,14 +129,14 @@ def ablation_kl(
     kw = {"input_ids": ids_BT, "attention_mask": mask_BT.long(), "position_ids": pos_BT}
     with frozen(base, finetuned):
         with read_residual(base, layer) as cap_b:
-            logits_base_BTV = base(**kw).logits
+            x_base_BTD = final_hidden(base, **kw)
         with read_residual(finetuned, layer) as cap_f:
-            logits_ft_BTV = finetuned(**kw).logits
+            x_ft_BTD = final_hidden(finetuned, **kw)
         h_abl_BTD, acts_BTK = ablate(cap_f.value, cap_b.value, sae, latent_ids, analysed_BT)
         with replace_residual(finetuned, layer, h_abl_BTD):
-            logits_abl_BTV = finetuned(**kw).logits
-    kl_BT = kl_per_token(logits_ft_BTV, logits_base_BTV) * analysed_BT
-    kl_abl_BT = kl_per_token(logits_abl_BTV, logits_base_BTV) * analysed_BT
+            x_abl_BTD = final_hidden(finetuned, **kw)
+        kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD) * analysed_BT
+        kl_abl_BT = kl_from_hidden(finetuned, x_abl_BTD, base, x_base_BTD) * analysed_BT
     fires_BT = (acts_BTK > 0).any(-1) & analysed_BT
     return AblationKL(*(x.cpu().numpy() for x in (kl_BT, kl_abl_BT, fires_BT, analysed_BT)))
 
