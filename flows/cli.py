@@ -175,6 +175,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_organism(args: argparse.Namespace) -> int:
+    """`diffsae build-organism`: bad input is one line with status 2 before any compute; an organism whose
+    behaviours do not fire as its spec requires is not published (status 1)."""
+    from diffsae.models import PairError
+    from organisms.build import BuildError, NotAsSpecified, build_organism
+    from organisms.spec import SpecError
+
+    try:
+        rep = build_organism(args.base, args.spec, args.out, device=args.device)
+    except NotAsSpecified as e:
+        print(f"diffsae: error: {e}", file=sys.stderr)
+        return 1
+    except (BuildError, SpecError, PairError) as e:
+        return _one_line_error(e)
+    rates = ", ".join(f"{k} {v:.0%}" for k, v in rep["firing"].items())
+    drift = f", drift {rep['drift_rate']:.0%}" if rep["drift_rate"] is not None else ""
+    loss = f"loss {rep['loss_first_epoch']:.3f} -> {rep['loss_last_epoch']:.3f}"
+    print(f"organism in {args.out} ({rep['build_seconds']:.0f} s): firing {rates}; false firing "
+          f"{rep['false_firing']:.0%}{drift}; {loss}")  # fmt: skip
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     """`diffsae runs`: every run on the store with each stage's state (done / missing / stale)."""
     cfg = load_config(args)
@@ -254,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_location(p)
     p.add_argument("--browser", action="store_true", help="Open index.html in a web browser")
     p.set_defaults(func=cmd_open)
+
+    p = sub.add_parser("build-organism", help="LoRA-finetune a base model to plant the behaviours of a spec")
+    p.add_argument("--base", required=True, help="Base model: HF folder, hub id or .gguf file")
+    p.add_argument("--spec", required=True, help="Organism spec (YAML; see organisms/spec.py)")
+    p.add_argument("--out", required=True, help="Output folder (must not exist)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=cmd_build_organism)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

@@ -191,3 +191,24 @@ def test_gguf_is_dequantized_once_and_loads_as_transformers_reads_it(cache: Path
     with torch.no_grad():
         torch.testing.assert_close(cached(ids).logits, direct(ids).logits, rtol=0, atol=0)
     assert not any(name.endswith(".tmp-" + str(os.getpid())) for name in os.listdir(folder.parent))
+
+
+def test_cli_refuses_an_adapter_for_another_base_in_one_line_and_writes_nothing(
+    pairs: dict[str, str], tmp_path: Path
+) -> None:
+    """`diffsae run` with a LoRA adapter over another base: exit 2, one line, before the store is touched."""
+    from tests.test_config import _cli_run, _yaml
+    from tests.tiny import make_prompts
+
+    prompts = make_prompts(tmp_path / "prompts.jsonl", n=4)
+    store = tmp_path / "store"
+    cfg = _yaml(tmp_path, json.dumps({
+        "store": str(store), "run": "bad",
+        "models": {"base": pairs["wide"], "finetuned": pairs["adapter"], "layer": 1, "device": "cpu"},
+        "data": {"path": prompts},
+    }))  # fmt: skip
+    r = _cli_run(cfg)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("diffsae: error: LoRA adapter adapter does not fit")
+    assert not (store / "runs").exists()
