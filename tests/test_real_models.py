@@ -38,7 +38,7 @@ def _adapter(base_folder: str, recorded: str, out: Path) -> Path:
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
-                p.mul_(0.05)
+                p.mul_(0.2)
     lora.save_pretrained(out)
     cfg = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": recorded}))
