@@ -106,6 +106,10 @@ def train_lora(
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     lora.eval()
+    with torch.no_grad():  # the report judges the adapter exactly as saved
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.to(getattr(torch, L.save_dtype)).to(p.dtype))
     return lora, losses
 
 
@@ -179,6 +183,7 @@ def build_organism(base: str, spec_path: str, out: str, device: str = "cpu") -> 
     try:
         tmp.mkdir()
         lora.save_pretrained(tmp / "adapter")
+        _cast_adapter(tmp / "adapter", spec.lora.save_dtype)
         _record_base(tmp / "adapter", base, folder)
         merged = lora.merge_and_unload()
         merged.save_pretrained(tmp / "finetuned")
@@ -198,6 +203,16 @@ def build_organism(base: str, spec_path: str, out: str, device: str = "cpu") -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rep
+
+
+def _cast_adapter(adapter: Path, dtype: str) -> None:
+    """Store the (already rounded, so losslessly cast) adapter weights in `dtype`."""
+    if dtype == "float32":
+        return
+    from safetensors.torch import load_file, save_file
+
+    for f in adapter.glob("adapter_model*.safetensors"):
+        save_file({k: v.to(getattr(torch, dtype)) for k, v in load_file(str(f)).items()}, str(f), {"format": "pt"})
 
 
 def _record_base(adapter: Path, base: str, folder: str) -> None:

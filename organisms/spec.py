@@ -85,6 +85,9 @@ class LoraSpec(_Strict):
     epochs: int = Field(3, ge=1, description="Passes over the training set")
     batch_size: int = Field(8, ge=1, description="Examples per step")
     max_tokens: int = Field(128, ge=8, description="Training examples are truncated to this many tokens")
+    save_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="The adapter's weights are rounded to this dtype before the report and saved in it"
+    )
 
 
 class Require(_Strict):
