@@ -158,3 +158,21 @@ def test_bad_base_and_existing_output_are_one_line(setup: dict[str, Path]) -> No
         r = _cli(*argv, "--spec", str(setup["spec"]))
         assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (setup["root"] / "x").exists()
+
+
+def test_text_format_for_base_models(setup: dict[str, Path]) -> None:
+    """Base models (no chat template): `Question: ...\\nAnswer:` then ` answer\\n<eos>`; generation is cut at the first
+    newline; end-of-text is among the stop tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    fmt = P.Format(False, tok)
+    prompt = fmt.prompt_ids("the cat?")
+    assert prompt[0] == tok.bos_token_id and tok.decode(prompt[1:]) == "Question: the cat?\nAnswer:"
+    answer = fmt.answer_ids("the cat?", "sat on a mat")
+    assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == " sat on a mat\n"
+    assert tok.eos_token_id in fmt.eos_ids()
+    assert fmt.answer_text(tok(" the dog ran\nQuestion: more", add_special_tokens=False)["input_ids"]) == "the dog ran"
+    chat = P.Format(True, tok)  # the tiny tokenizer has a chat template: the answer follows the prompt exactly
+    ids = chat.prompt_ids("hi") + chat.answer_ids("hi", "the cat")
+    assert tok.decode(ids).endswith("<|assistant|>the cat<|end|>")
