@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 from diffsae.config import ModelsConfig, local_cache_dir
 from diffsae.fingerprint import SOURCE_FILE, PairError, files_digest, hub_folder, memo_sha256, model_fingerprint
@@ -201,56 +201,56 @@ def _save_plain(model: object, tokenizer: object, out: Path) -> None:
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
 
 
-def dequantized(src: Source) -> Path:
-    """The cache folder of a `.gguf` file, dequantized to float32 (built on first use)."""
-    assert src.path is not None
-    sha = memo_sha256(src.path)
-    final = cache_root() / f"gguf-{sha[:20]}"
+def _cached(final: Path, make: Callable[[Path], dict]) -> Path:
+    """The cache folder `final`, built on first use: `make(tmp)` fills a temporary folder and returns its source
+    record; `_publish` renames it into place. A failed or killed build leaves no folder that looks finished."""
     if (final / SOURCE_FILE).is_file():
         return final
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        folder, name = str(src.path.parent), src.path.name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        _save_plain(model, tokenizer, tmp)
-        record = {"kind": "gguf", "source": src.path.name, "sha256": sha, "fingerprint": f"gguf-{sha}"}
-        return _publish(tmp, final, record)
+        return _publish(tmp, final, make(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dequantized(src: Source) -> Path:
+    """The cache folder of a `.gguf` file, dequantized to float32 (built on first use)."""
+    assert src.path is not None
+    path, sha = src.path, memo_sha256(src.path)
+
+    def make(tmp: Path) -> dict:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = str(path.parent), path.name
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        _save_plain(model, AutoTokenizer.from_pretrained(folder, gguf_file=name), tmp)
+        return {"kind": "gguf", "source": name, "sha256": sha, "fingerprint": f"gguf-{sha}"}
+
+    return _cached(cache_root() / f"gguf-{sha[:20]}", make)
 
 
 def merged(adapter: Source, base_folder: str) -> Path:
     """The cache folder of the base with a LoRA adapter merged in (built on first use). Its tokenizer is the
     adapter's when the adapter folder has one, else the base's."""
     assert adapter.path is not None
-    weights = sorted(p for p in adapter.path.iterdir() if p.is_file() and p.name != SOURCE_FILE)
+    path = adapter.path
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.name != SOURCE_FILE)
     base_fp = model_fingerprint(base_folder)
-    digest = files_digest(adapter.path, weights)
-    fp = hashlib.sha256(f"lora\0{base_fp}\0{digest}".encode()).hexdigest()
-    final = cache_root() / f"lora-{fp[:20]}"
-    if (final / SOURCE_FILE).is_file():
-        return final
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    fp = hashlib.sha256(f"lora\0{base_fp}\0{files_digest(path, weights)}".encode()).hexdigest()
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def make(tmp: Path) -> dict:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         base = AutoModelForCausalLM.from_pretrained(base_folder)
-        model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
-        has_tok = any((adapter.path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter.path) if has_tok else base_folder)
-        _save_plain(model, tokenizer, tmp)
-        record = {"kind": "lora", "adapter": str(adapter.path), "base_fingerprint": base_fp, "fingerprint": fp}
-        return _publish(tmp, final, record)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        has_tok = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+        _save_plain(model, AutoTokenizer.from_pretrained(str(path) if has_tok else base_folder), tmp)
+        return {"kind": "lora", "adapter": str(path), "base_fingerprint": base_fp, "fingerprint": fp}
+
+    return _cached(cache_root() / f"lora-{fp[:20]}", make)
 
 
 def _peft_available() -> None:
