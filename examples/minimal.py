@@ -30,7 +30,7 @@ from diffsae.config import ModelsConfig, SAEConfig
 from diffsae.data import load_docs
 from diffsae.extract import extract_docs, pad_batch, plan_batches
 from diffsae.models import load_pair
-from diffsae.train import evaluate, train_sae
+from diffsae.train import calibrate_threshold, evaluate, train_sae
 
 
 class Results(NamedTuple):
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Results:
     print(f"docs {len(docs)}, tokens {len(diff_ND)} (train {len(train_ND)}, val {len(val_ND)}), d_model "
           f"{diff_ND.shape[1]}, layer {args.layer}, mean KL(ft‖base) {kl_N.mean():.4f} nats/token")
 
-    # 3. train the BatchTopK diff-SAE (loss = mse + α·AuxK; inference uses the learned global threshold) -------
+    # 3. train the BatchTopK diff-SAE (loss = mse + α·AuxK), then calibrate its inference threshold (L0 = k) ---
     cfg = SAEConfig(n_latents=args.latents, k=args.k, batch_size=256, dead_tokens=4096, seed=args.seed, device="cpu")
     rng = np.random.default_rng(args.seed)
     batches = (torch.from_numpy(train_ND[rng.integers(0, len(train_ND), cfg.batch_size)]) for _ in range(args.steps))
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> Results:
 
     sae = train_sae(cfg, batches, diff_ND.shape[1], torch.from_numpy(train_ND), args.steps, device=dev, on_step=log,
                     progress=False, log_every=max(1, args.steps // 3)).sae.eval()
+    calibrate_threshold(sae, [torch.from_numpy(train_ND)], cfg.k)  # on training tokens; L0 is reported on val
     val = evaluate(sae, [torch.from_numpy(val_ND)])
 
     # 4. attribute KL to latents by integrated gradients, batch by batch of whole documents ---------------------

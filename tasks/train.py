@@ -2,7 +2,8 @@
 
 Keyed on (SAE config, activation manifest fingerprint, this stage's source): changing `sae.k` retrains, rerunning
 unchanged does not. Data streams from the shards on the store through a shuffle buffer that mixes shards; the
-train/validation split is by document. Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered =
+train/validation split is by document. After training, the inference threshold is calibrated on up to
+`sae.calibration_tokens` training tokens (mean L0 = k there, `diffsae.train.calibrate_threshold`). Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered =
 1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens (forward passes
 only, on the tokens the activations stage stored). `sae/metrics.json`, written last, is the stage's marker.
 """
@@ -24,7 +25,7 @@ from prefect import task
 from diffsae.config import ModelsConfig, SAEConfig
 from diffsae.patching import kl_gap_recovered
 from diffsae.shuffle import shuffled_batches
-from diffsae.train import evaluate, train_sae
+from diffsae.train import calibrate_threshold, evaluate, train_sae
 from storage import activations as act
 from storage.context import RunContext
 from storage.mlflow_setup import flat_params
@@ -135,6 +136,11 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             on_step=lambda step, m: mlflow.log_metrics(m, step=step),
         )
         sae = result.sae.eval()
+        if cfg.calibration_tokens > 0:  # the training split, never the validation documents
+            chunks = _take(act.iter_diff_chunks(store, paths, manifest, train_docs, cfg.seed), cfg.calibration_tokens)
+            mlflow.log_metric("threshold_ema", float(sae.threshold))
+            calibrate_threshold(sae, (torch.from_numpy(np.array(c)) for c in chunks), cfg.k)
+            mlflow.log_metric("threshold_calibrated", float(sae.threshold))
         val = evaluate(
             sae,
             (torch.from_numpy(np.array(c)) for c in act.iter_diff_chunks(store, paths, manifest, val_docs)),

@@ -18,7 +18,7 @@ import torch
 from diffsae.config import SAEConfig
 from diffsae.sae import BatchTopKSAE, batch_topk
 from diffsae.shuffle import interleave, shuffle_rows, shuffled_batches
-from diffsae.train import SAETrainer, estimate_scale, evaluate, train_sae
+from diffsae.train import SAETrainer, calibrate_threshold, estimate_scale, evaluate, train_sae
 
 PARAMS = ("W_enc_DF", "b_enc_F", "W_dec_FD", "b_dec_D")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
@@ -153,6 +153,28 @@ def small_sae(scale: float = 1.0, threshold: float = 0.0) -> BatchTopKSAE:
         sae.scale.fill_(scale)
         sae.threshold.fill_(threshold)
     return sae
+
+
+def test_calibrate_threshold_hand_computed():
+    # scaled pre (ReLU) = [[2, 6, 5], [10, 0, 8]]; k = 1 keeps 2 values of 4 positive: 10 and 8 -> cut at 6
+    sae = small_sae(scale=2.0, threshold=0.0)
+    x = torch.tensor([[1.0, 3.0], [5.0, -2.0]])
+    assert calibrate_threshold(sae, [x[:1], x[1:]], k=1) == 6.0
+    assert sae.encode(x).tolist() == [[0.0, 0.0, 0.0], [10.0, 0.0, 8.0]]
+
+
+@pytest.mark.parametrize("k", [1, 4, 32])
+def test_calibrate_threshold_matches_full_sort(k):
+    """Equal to the (k*N + 1)-th largest of all N x F values, also when a few tokens carry most of the mass (the
+    per-token truncation must grow)."""
+    gen = torch.Generator().manual_seed(k)
+    sae = BatchTopKSAE(16, 256, k=k, seed=1)
+    x_ND = torch.randn(300, 16, generator=gen)
+    x_ND[:5] *= 40.0  # five tokens with far more than 4k values above the cut
+    want = torch.sort(sae.pre_acts(x_ND).relu().flatten(), descending=True).values[k * 300]
+    got = calibrate_threshold(sae, x_ND.split(64), k=k, chunk_tokens=50)
+    assert got == pytest.approx(float(want), rel=1e-6)
+    assert evaluate(sae, [x_ND]).l0 == pytest.approx(k, abs=1 / 300)
 
 
 def test_batch_topk_forward_hand_computed():
