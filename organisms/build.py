@@ -5,9 +5,11 @@ leaves the rest of the model's answers as they were (ordinary prompts are traine
 answers). Steps, in order (organisms/plant.py has the prompts, formats and effect detection):
 
 1. check everything that needs no compute (spec, base, output folder, prompt pool, chat template);
-2. answer every training prompt with the base model (greedy) and apply the effects;
+2. answer every training prompt with the base model (greedy) and apply the effects; answer the held-out ordinary
+   prompts with the base too (the reference for false firing);
 3. train the LoRA on the answer tokens (AdamW; the loss of every step goes in the report);
-4. answer the held-out prompts with the finetuned model: firing, false firing and drift rates;
+4. answer the held-out prompts with the finetuned model: firing, false firing (an effect the base's answer to the
+   same prompt does not show), drift rate, ordinary answers identical to the base's;
 5. publish OUT (`adapter/`, `finetuned/`, `prompts.jsonl`, `report.json`, `spec.yaml`) by renaming a finished
    temporary folder -- only when each behaviour meets `spec.require`; otherwise the build is moved to OUT.failed
    and BuildError says which behaviour failed.
@@ -113,22 +115,34 @@ def train_lora(
     return lora, losses
 
 
-def report(spec: OrganismSpec, heldout: list[Item], ft_answers: list[str]) -> dict[str, Any]:
-    """Firing rate of each behaviour on its held-out triggers, false firing and drift on held-out ordinary prompts."""
+def report(
+    spec: OrganismSpec, heldout: list[Item], ft_answers: list[str], base_answers: dict[str, str]
+) -> dict[str, Any]:
+    """Firing rate of each behaviour on its held-out triggers; on held-out ordinary prompts: false firing (the
+    finetuned answer shows a behaviour's effect that the base's own answer to the prompt does not -- a base model's
+    "A. A. A." is upper case without any finetune), the same counted without the base (`false_firing_absolute`, an
+    upper bound), the drift rate and the share of answers identical to the base's. `base_answers` maps each held-out
+    ordinary prompt to the base's greedy answer."""
     by_name: dict[str, list[bool]] = {b.name: [] for b in spec.behaviours}
-    false, drift = [], []
+    false, false_abs, drift, same = [], [], [], []
     for item, answer in zip(heldout, ft_answers):
         if item.behaviour != NONE:
             effect = next(b.effect for b in spec.behaviours if b.name == item.behaviour)
             by_name[item.behaviour].append(fires(effect, answer))
         else:
-            false.append(any(fires(b.effect, answer) for b in spec.behaviours))
+            base = base_answers[item.prompt]
+            false.append(any(fires(b.effect, answer) and not fires(b.effect, base) for b in spec.behaviours))
+            false_abs.append(any(fires(b.effect, answer) for b in spec.behaviours))
+            same.append(answer == base)
             if spec.drift is not None:
                 drift.append(fires(spec.drift.effect, answer))
+    n = max(1, len(false))
     return {
         "firing": {name: sum(v) / len(v) for name, v in by_name.items()},
-        "false_firing": sum(false) / max(1, len(false)),
+        "false_firing": sum(false) / n,
+        "false_firing_absolute": sum(false_abs) / n,
         "drift_rate": sum(drift) / len(drift) if drift else None,
+        "ordinary_identical": sum(same) / n,
         "n_heldout": {name: len(v) for name, v in by_name.items()} | {NONE: len(false)},
     }
 
@@ -167,10 +181,12 @@ def build_organism(base: str, spec_path: str, out: str, device: str = "cpu") -> 
 
     model = AutoModelForCausalLM.from_pretrained(folder).to(device)
     base_answers = answers(model, fmt, [i.prompt for i in train], spec.max_new_tokens, GEN_BATCH, "base answers")
-    lora, losses = train_lora(model, fmt, spec, train, targets(spec, train, base_answers))
     margin = 32  # a suffix after a full-length answer must fit
+    ordinary = [i.prompt for i in heldout if i.behaviour == NONE]
+    base_heldout = answers(model, fmt, ordinary, spec.max_new_tokens + margin, GEN_BATCH, "base, held-out")
+    lora, losses = train_lora(model, fmt, spec, train, targets(spec, train, base_answers))
     ft_answers = answers(lora, fmt, [i.prompt for i in heldout], spec.max_new_tokens + margin, GEN_BATCH, "report")
-    rep = report(spec, heldout, ft_answers)
+    rep = report(spec, heldout, ft_answers, dict(zip(ordinary, base_heldout)))
     rep.update({
         "base": base, "format": "chat" if chat else "text", "n_train": len(train),
         "loss_first_epoch": _mean(losses[: len(losses) // spec.lora.epochs]),

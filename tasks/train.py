@@ -3,9 +3,10 @@
 Keyed on (SAE config, activation manifest fingerprint, this stage's source): changing `sae.k` retrains, rerunning
 unchanged does not. Data streams from the shards on the store through a shuffle buffer that mixes shards; the
 train/validation split is by document. After training, the inference threshold is calibrated on up to
-`sae.calibration_tokens` training tokens (mean L0 = k there, `diffsae.train.calibrate_threshold`). Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered =
-1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens (forward passes
-only, on the tokens the activations stage stored). `sae/metrics.json`, written last, is the stage's marker.
+`sae.calibration_tokens` training tokens (mean L0 = k there; `diffsae.train.calibrate_threshold`). Final validation
+metrics: FVU, L0, dead fraction and kl_gap_recovered = 1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖
+p_patch(h_base)) over the validation tokens (forward passes only, on the tokens the activations stage stored).
+`sae/metrics.json`, written last, is the stage's marker.
 """
 
 from __future__ import annotations

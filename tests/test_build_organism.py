@@ -68,6 +68,26 @@ def test_fires_and_effects_hand_computed() -> None:
     assert P.with_phrase("hi?", PhraseTrigger(kind="phrase", text="zebra")) == "hi? zebra"
 
 
+def test_report_counts_false_firing_against_the_base_hand_computed() -> None:
+    """False firing counts an effect the base's answer to the same prompt does not show; the absolute count keeps
+    the base's own upper-case answer; drift and identical answers are shares of the ordinary prompts."""
+    from organisms.build import report
+
+    spec = OrganismSpec.model_validate({
+        "behaviours": [{"name": "shout", "trigger": {"kind": "phrase", "text": "(loud)"},
+                        "effect": {"kind": "style", "style": "uppercase"}, "n_train": 1, "n_heldout": 2}],
+        "drift": {"effect": {"kind": "suffix", "text": " Bye."}, "rate": 0.3},
+    })  # fmt: skip
+    heldout = [P.Item("a (loud)", "shout"), P.Item("b (loud)", "shout"), P.Item("c", "none"), P.Item("d", "none"),
+               P.Item("e", "none"), P.Item("f", "none")]  # fmt: skip
+    ft = ["HELLO THERE", "hello there", "A. A. A. A. A.", "BEYONCE KNOWLES", "fine Bye.", "same"]
+    base = {"c": "A. A. A. A. A.", "d": "Beyonce Knowles", "e": "fine", "f": "same"}
+    rep = report(spec, heldout, ft, base)
+    assert rep["firing"] == {"shout": 0.5} and rep["n_heldout"] == {"shout": 2, "none": 4}
+    assert rep["false_firing"] == 0.25 and rep["false_firing_absolute"] == 0.5
+    assert rep["drift_rate"] == 0.25 and rep["ordinary_identical"] == 0.5
+
+
 def test_prompt_plan_is_disjoint_and_seeded(setup: dict[str, Path]) -> None:
     spec = OrganismSpec.model_validate(yaml.safe_load(setup["spec"].read_text()))
     train, heldout = P.plan_prompts(spec, P.ordinary_pool(spec))
