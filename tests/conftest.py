@@ -16,10 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 if "PREFECT_HOME" not in os.environ or os.environ.get("CI"):
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diffsae-prefect-")
     os.environ["DIFFSAE_CACHE_DIR"] = os.path.join(os.environ["PREFECT_HOME"], "cache")
+    # the session's Prefect database and model cache (GBs of dequantized checkpoints) go with the session
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 class S3Info(NamedTuple):
