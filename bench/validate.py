@@ -25,6 +25,12 @@ behaviour appear on >= 50 % of ordinary prompts.
 
     nice .venv/bin/python bench/validate.py --store /tmp/valbench --seed 0 --out /tmp/valbench/validate-s0.json
 
+A built organism instead of the demo pair: `--config examples/smollm2.yaml` runs that config (store and run from
+the flags) and reads the behaviours from the organism's `spec.yaml` beside its prompts file; a behaviour shows when
+`organisms.plant.fires` detects its effect in the answer (as the organism's build report does), answers are
+`--max-new-tokens` long and decoded as the organism's format does. `--variants best,group` skips the costly
+diagnostics ("decision", "all").
+
 `--threads` (default 2) is also the thread count the pair is built with when it is not on the store yet (its
 weights depend on it; tests and docs/EVALUATION.md use 2). On a machine shared with other CPU-bound jobs, rerun
 with `--threads 1` once the stages are on the store: tiny generation steps on 2 oversubscribed threads crawl.
@@ -38,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 # run as a script, bench/ comes first on sys.path and bench/dashboards.py would shadow the dashboards package
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,13 +59,49 @@ BATCH = 64  # prompts per generation batch
 TARGETS = {"rate_before": 0.9, "rate_after": 0.2, "identical": 0.9, "steered": 0.5}
 
 
-def run_pipeline(store: str, run: str, seed: int) -> tuple[Any, Any]:
-    """The default pipeline on the demo pair of `seed` (cached stages reused); returns (config, PipelineResult)."""
+def run_pipeline(store: str, run: str, seed: int, config: str | None) -> tuple[Any, Any]:
+    """The default pipeline on the demo pair of `seed`, or on `config` (cached stages reused); returns (config,
+    PipelineResult)."""
+    import yaml
+
     from diffsae.config import PipelineConfig
     from flows.pipeline import pipeline
 
-    cfg = PipelineConfig.from_dict({"run": run, "store": store, "demo": {"seed": seed}})
+    raw = yaml.safe_load(Path(config).read_text()) if config else {"demo": {"seed": seed}}
+    cfg = PipelineConfig.from_dict({**raw, "run": run, "store": store})
     return cfg, pipeline(config=cfg)
+
+
+class Planted(NamedTuple):
+    trigger: str
+    signature: str
+    shows: Callable[[str], bool]  # does an answer show the behaviour
+
+
+def demo_planted(ctx: Any, cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any, list[int]], str]]:
+    """(models, behaviours, decode) of the built-in pair."""
+    from tasks import pair as pr
+
+    pair_done = pr.demo_pair_done(ctx, pr.demo_key(cfg.demo))
+    models, _ = pr.resolved_inputs(cfg, pair_done)
+    plants = {p["label"]: p for p in ctx.store.read_json(f"{pair_done.url}/demo_pair.json")["planted"]}
+    out = {label: Planted(p["trigger"], p["signature"],
+                          lambda a, p=p: dc.has_signature(a, SimpleNamespace(signature=p["signature"])))
+           for label, p in plants.items()}  # fmt: skip
+    return models, out, lambda tok, g: tok.decode(g, skip_special_tokens=True)
+
+
+def organism_planted(cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any, list[int]], str]]:
+    """(models, behaviours, decode) of a built organism: its spec beside its prompts file."""
+    from organisms.plant import Format, fires
+    from organisms.spec import load_spec
+
+    folder = Path(cfg.data.path).parent
+    spec = load_spec(folder / "spec.yaml")
+    chat = json.loads((folder / "report.json").read_text())["format"] == "chat"
+    out = {b.name: Planted(b.trigger.kind, b.effect.text or b.effect.style or b.effect.kind,
+                           lambda a, e=b.effect: fires(e, a)) for b in spec.behaviours}  # fmt: skip
+    return cfg.models, out, lambda tok, g: Format(chat, tok).answer_text(g)
 
 
 def capturing(con: Any, share: float = 0.8) -> dict[str, list[tuple[int, int]]]:
@@ -83,6 +125,13 @@ def typical(con: Any, ids: list[int], q: float) -> list[float]:
     return [float(rows[i]) for i in ids]
 
 
+def eos_ids(tok: Any) -> list[int]:
+    """End of text and, for chat templates, end of turn (as organisms' Format stops generations)."""
+    from organisms.plant import Format
+
+    return Format(True, tok).eos_ids()
+
+
 def generate(model: Any, layer: int, prompts: list[list[int]], tok: Any, n: int, edit_for: Any = None,
              partner: Any = None) -> list[list[int]]:  # fmt: skip
     """`va.greedy_generate` in batches of BATCH prompts; `edit_for(n)` builds the edit of a batch of n rows."""
@@ -90,23 +139,23 @@ def generate(model: Any, layer: int, prompts: list[list[int]], tok: Any, n: int,
     for b0 in range(0, len(prompts), BATCH):
         batch = prompts[b0 : b0 + BATCH]
         edit = edit_for(len(batch)) if edit_for else None
-        out += va.greedy_generate(model, layer, batch, n, [tok.eos_token_id], tok.pad_token_id, edit=edit,
+        out += va.greedy_generate(model, layer, batch, n, eos_ids(tok), tok.pad_token_id, edit=edit,
                                   partner=partner)  # fmt: skip
     return out
 
 
-def rate(answers: list[str], plant: Any) -> float:
-    return sum(dc.has_signature(a, plant) for a in answers) / max(len(answers), 1)
+def rate(answers: list[str], plant: Planted) -> float:
+    return sum(plant.shows(a) for a in answers) / max(len(answers), 1)
 
 
 def measure(pair: Any, layer: int, sae: Any, ids: list[int], acts: list[float], triggers: list[list[int]],
-            ordinary: list[list[int]], steer_prompts: list[list[int]], plant: Any, scales: list[float],
-            kept_scale: float | None, margin: float, n_new: int) -> dict[str, Any]:  # fmt: skip
+            ordinary: list[list[int]], steer_prompts: list[list[int]], plant: Planted, scales: list[float],
+            kept_scale: float | None, margin: float, n_new: int, decode: Any) -> dict[str, Any]:  # fmt: skip
     """Ablation and steering figures of one latent group (module docstring)."""
     tok = pair.tokenizer
 
     def text(g: list[int]) -> str:
-        return tok.decode(g, skip_special_tokens=True)
+        return decode(tok, g)
 
     def ablated(prompts: list[list[int]]) -> list[list[int]]:
         return generate(pair.finetuned, layer, prompts, tok, n_new, lambda _: va.ablation_edit(sae, ids), pair.base)
@@ -153,23 +202,21 @@ def last_token_acts(pair: Any, layer: int, sae: Any, prompts: list[list[int]]) -
     return total / max(len(prompts), 1)
 
 
-def evaluate(store: str, run: str, seed: int, n_ordinary: int, n_steer: int, n_new: int) -> dict[str, Any]:
+def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: int, n_steer: int, n_new: int,
+             variants: set[str]) -> dict[str, Any]:  # fmt: skip
     from storage import activations as act
     from storage.context import RunContext
-    from tasks import pair as pr
     from tasks.attribute import load_sae
     from tasks.models import MODEL_CACHE
     from tasks.validate import prompt_tokens
 
     t0 = time.perf_counter()
-    cfg, out = run_pipeline(store, run, seed)
+    cfg, out = run_pipeline(store, run, seed, config)
     pipeline_s = time.perf_counter() - t0
     ctx = RunContext.from_config(cfg)
-    pair_done = pr.demo_pair_done(ctx, pr.demo_key(cfg.demo))
-    models, _ = pr.resolved_inputs(cfg, pair_done)
+    models, plants, decode = organism_planted(cfg) if config else demo_planted(ctx, cfg)
     pair = MODEL_CACHE.pair(ctx, models)
     sae = load_sae(ctx, pair.device)
-    plants = {p["label"]: p for p in ctx.store.read_json(f"{pair_done.url}/demo_pair.json")["planted"]}
     con = ctx.duck()
     caps = capturing(con)
     views = con.execute("SHOW TABLES").fetchnumpy()["name"].tolist()
@@ -178,32 +225,33 @@ def evaluate(store: str, run: str, seed: int, n_ordinary: int, n_steer: int, n_n
     docs = act.read_docs(ctx.store, ctx.paths)
     ordinary = [prompt_tokens(d, 0) for d in docs if d.behaviour == "none"][:n_ordinary]
     v = cfg.validation
-    result: dict[str, Any] = {"seed": seed, "run": run, "pipeline_seconds": pipeline_s,
+    result: dict[str, Any] = {"seed": seed, "config": config, "run": run, "pipeline_seconds": pipeline_s,
                               "validation_seconds": out.validation.seconds, "behaviours": {}}  # fmt: skip
     for label, plant in sorted(plants.items()):
-        detector = SimpleNamespace(signature=plant["signature"])
         triggers = [prompt_tokens(d, 0) for d in docs if d.behaviour == label]
         group = caps.get(label, [])
-        row: dict[str, Any] = {"trigger": plant["trigger"], "signature": plant["signature"], "n_triggers":
+        row: dict[str, Any] = {"trigger": plant.trigger, "signature": plant.signature, "n_triggers":
                                len(triggers), "n_capturing": len(group)}  # fmt: skip
         if group:
             rank, lid = group[0]
             kept = checked.get(lid, {}).get("best_steering_scale")
             t = time.perf_counter()
-            common = (triggers, ordinary, ordinary[:n_steer], detector, v.scales)
-            q, margin = v.activation_quantile, v.coherence_margin
-            best = measure(pair, models.layer, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new)
+            common = (triggers, ordinary, ordinary[:n_steer], plant, v.scales)
+            q, margin, L = v.activation_quantile, v.coherence_margin, models.layer
+            best = measure(pair, L, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new, decode)
             row["best"] = {"rank": rank, **best}
-            ids = [i for _, i in group]
-            row["group"] = measure(pair, models.layer, sae, ids, typical(con, ids, q), *common, None, margin, n_new)
-            every = list(range(sae.n_latents))
-            row["all"] = measure(pair, models.layer, sae, every, [0.0] * len(every), *common[:4], [0.0], 0.0, margin,
-                                 n_new)  # fmt: skip
-            gap = last_token_acts(pair, models.layer, sae, triggers) - last_token_acts(pair, models.layer, sae,
-                                                                                          ordinary)  # fmt: skip
-            dec = [int(i) for i in gap.topk(5).indices]
-            row["decision"] = measure(pair, models.layer, sae, dec, typical(con, dec, q), *common, None, margin,
-                                      n_new)  # fmt: skip
+            if "group" in variants:
+                ids = [i for _, i in group]
+                row["group"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new, decode)
+            if "all" in variants:
+                every = list(range(sae.n_latents))
+                row["all"] = measure(pair, L, sae, every, [0.0] * len(every), *common[:4], [0.0], 0.0, margin, n_new,
+                                     decode)  # fmt: skip
+            if "decision" in variants:
+                gap = last_token_acts(pair, L, sae, triggers) - last_token_acts(pair, L, sae, ordinary)
+                dec = [int(i) for i in gap.topk(5).indices]
+                row["decision"] = measure(pair, L, sae, dec, typical(con, dec, q), *common, None, margin, n_new,
+                                          decode)  # fmt: skip
             row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
         print(f"== {label}: " + json.dumps({k: row.get("best", {}).get(k) for k in
@@ -220,6 +268,8 @@ def table(res: dict[str, Any]) -> str:
     for label, row in res["behaviours"].items():
         for kind in ("best", "group", "decision", "all"):
             m = row.get(kind)
+            if m is None and kind != "best":
+                continue
             if m is None:
                 lines.append(f"| {label} | no capturing latent | | | | | no |")
                 continue
@@ -240,6 +290,8 @@ def main() -> None:
     ap.add_argument("--store", required=True, help="Store of the run (the demo pair is built there once)")
     ap.add_argument("--run", default="demo")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the built-in pair")
+    ap.add_argument("--config", help="A run config on a built organism (its spec.yaml beside data.path) instead")
+    ap.add_argument("--variants", default="best,group,decision,all", help="Latent sets measured per behaviour")
     ap.add_argument("--n-ordinary", type=int, default=200, help="Ordinary prompts for the identical-answer check")
     ap.add_argument("--n-steer", type=int, default=100, help="Ordinary prompts the steering is measured on")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -251,7 +303,8 @@ def main() -> None:
     from flows.server import owned_api_server
 
     with owned_api_server():  # Prefect's temporary server ends with this process, however it ends
-        res = evaluate(args.store, args.run, args.seed, args.n_ordinary, args.n_steer, args.max_new_tokens)
+        res = evaluate(args.store, args.run, args.seed, args.config, args.n_ordinary, args.n_steer,
+                       args.max_new_tokens, set(args.variants.split(",")))  # fmt: skip
     res["seconds"] = time.perf_counter() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
