@@ -131,9 +131,13 @@ class SAEConfig(_Section):
     )
     auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al. 2024)")
     dead_tokens: int = Field(10_000_000, ge=1, description="A latent is dead after this many tokens without firing")
+    calibration_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of documents held out of SAE training to calibrate the inference "
+        "threshold on: mean L0 = k there (0: calibrate on the training documents)"
+    )  # fmt: skip
     calibration_tokens: int = Field(
-        65536, ge=0, description="After training, set the inference threshold so that mean L0 over up to this many "
-        "training tokens is k (0: keep the training EMA of the batch top-k's smallest kept value)"
+        65536, ge=0, description="Calibrate on at most this many tokens (0: keep the training EMA of the batch "
+        "top-k's smallest kept value)"
     )  # fmt: skip
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation")
     shuffle_buffer: int = Field(65536, ge=1, description="Rows in the shuffle buffer that mixes shards")

@@ -374,3 +374,17 @@ def test_interleave_round_robin_in_seeded_random_order():
     assert {name for name, _ in out[3:5]} == {"a", "c"} and out[5] == ("a", 2)
     orders = {tuple(name for name, _ in interleave(its, seed=s))[:3] for s in range(20)}
     assert len(orders) > 1 and list(interleave(its, seed=3)) == list(interleave(its, seed=3))
+
+
+def test_calibration_split_is_disjoint_seeded_and_never_validation():
+    from tasks.train import split_calibration, split_docs
+
+    train, val = split_docs(200, 0.1, seed=3)
+    fit, cal = split_calibration(train, 0.1, seed=3)
+    assert set(fit).isdisjoint(cal) and set(fit) | set(cal) == set(train) and set(cal).isdisjoint(val)
+    assert 5 <= len(cal) <= 40
+    again = split_calibration(train, 0.1, seed=3)
+    assert np.array_equal(again[0], fit) and np.array_equal(again[1], cal)
+    assert [len(x) for x in split_calibration(np.arange(2), 0.01, seed=0)] == [1, 1]  # at least one of each
+    same = split_calibration(train, 0.0, seed=3)
+    assert np.array_equal(same[0], train) and np.array_equal(same[1], train)  # fraction 0: train docs do both
