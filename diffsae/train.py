@@ -15,7 +15,8 @@ One step, on a batch x_BD in original units (all losses in scaled units, see `di
 - after training, `calibrate_threshold` replaces it by the threshold at which the inference encoder's mean L0 over
   training tokens is exactly k: the EMA of per-batch minima sits below the quantile the batch top-k selects (a
   batch's smallest kept value is its extreme, not its typical cut), so on real activations the EMA threshold gives
-  L0 well above k (measured: 45.7 for k = 32 on the SmolLM2 organism).
+  L0 well above k (measured: 45.7 for k = 32 on the SmolLM2 organism). tasks/train.py calibrates on documents the
+  SAE did not train on.
 
     result = train_sae(cfg.sae, batches, d_in=512, init_sample_ND=sample, total_steps=1000, on_step=log)
     calibrate_threshold(result.sae, train_batches, k=cfg.sae.k)
