@@ -78,8 +78,20 @@ class Planted(NamedTuple):
     shows: Callable[[str], bool]  # does an answer show the behaviour
 
 
-def demo_planted(ctx: Any, cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any, list[int]], str]]:
-    """(models, behaviours, decode) of the built-in pair."""
+class DemoFormat(NamedTuple):
+    """The built-in pair's answers: stop at end of text, decode without special tokens (organisms' Format's API)."""
+
+    tokenizer: Any
+
+    def answer_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def eos_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id]
+
+
+def demo_planted(ctx: Any, cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any], Any]]:
+    """(models, behaviours, the answer format given the tokenizer) of the built-in pair."""
     from tasks import pair as pr
 
     pair_done = pr.demo_pair_done(ctx, pr.demo_key(cfg.demo))
@@ -88,11 +100,12 @@ def demo_planted(ctx: Any, cfg: Any) -> tuple[Any, dict[str, Planted], Callable[
     out = {label: Planted(p["trigger"], p["signature"],
                           lambda a, p=p: dc.has_signature(a, SimpleNamespace(signature=p["signature"])))
            for label, p in plants.items()}  # fmt: skip
-    return models, out, lambda tok, g: tok.decode(g, skip_special_tokens=True)
+    return models, out, DemoFormat
 
 
-def organism_planted(cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any, list[int]], str]]:
-    """(models, behaviours, decode) of a built organism: its spec beside its prompts file."""
+def organism_planted(cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any], Any]]:
+    """(models, behaviours, the answer format given the tokenizer) of a built organism: its spec beside its prompts
+    file, its format (chat or text) from its report."""
     from organisms.plant import Format, fires
     from organisms.spec import load_spec
 
@@ -101,7 +114,7 @@ def organism_planted(cfg: Any) -> tuple[Any, dict[str, Planted], Callable[[Any, 
     chat = json.loads((folder / "report.json").read_text())["format"] == "chat"
     out = {b.name: Planted(b.trigger.kind, b.effect.text or b.effect.style or b.effect.kind,
                            lambda a, e=b.effect: fires(e, a)) for b in spec.behaviours}  # fmt: skip
-    return cfg.models, out, lambda tok, g: Format(chat, tok).answer_text(g)
+    return cfg.models, out, lambda tok: Format(chat, tok)
 
 
 def capturing(con: Any, share: float = 0.8) -> dict[str, list[tuple[int, int]]]:
@@ -125,21 +138,14 @@ def typical(con: Any, ids: list[int], q: float) -> list[float]:
     return [float(rows[i]) for i in ids]
 
 
-def eos_ids(tok: Any) -> list[int]:
-    """End of text and, for chat templates, end of turn (as organisms' Format stops generations)."""
-    from organisms.plant import Format
-
-    return Format(True, tok).eos_ids()
-
-
-def generate(model: Any, layer: int, prompts: list[list[int]], tok: Any, n: int, edit_for: Any = None,
+def generate(model: Any, layer: int, prompts: list[list[int]], fmt: Any, n: int, edit_for: Any = None,
              partner: Any = None) -> list[list[int]]:  # fmt: skip
     """`va.greedy_generate` in batches of BATCH prompts; `edit_for(n)` builds the edit of a batch of n rows."""
     out: list[list[int]] = []
     for b0 in range(0, len(prompts), BATCH):
         batch = prompts[b0 : b0 + BATCH]
         edit = edit_for(len(batch)) if edit_for else None
-        out += va.greedy_generate(model, layer, batch, n, eos_ids(tok), tok.pad_token_id, edit=edit,
+        out += va.greedy_generate(model, layer, batch, n, fmt.eos_ids(), fmt.tokenizer.pad_token_id, edit=edit,
                                   partner=partner)  # fmt: skip
     return out
 
@@ -150,25 +156,24 @@ def rate(answers: list[str], plant: Planted) -> float:
 
 def measure(pair: Any, layer: int, sae: Any, ids: list[int], acts: list[float], triggers: list[list[int]],
             ordinary: list[list[int]], steer_prompts: list[list[int]], plant: Planted, scales: list[float],
-            kept_scale: float | None, margin: float, n_new: int, decode: Any) -> dict[str, Any]:  # fmt: skip
-    """Ablation and steering figures of one latent group (module docstring)."""
-    tok = pair.tokenizer
+            kept_scale: float | None, margin: float, n_new: int, fmt: Any) -> dict[str, Any]:  # fmt: skip
+    """Ablation and steering figures of one latent group (module docstring); `fmt` stops and decodes answers."""
 
     def text(g: list[int]) -> str:
-        return decode(tok, g)
+        return fmt.answer_text(g)
 
     def ablated(prompts: list[list[int]]) -> list[list[int]]:
-        return generate(pair.finetuned, layer, prompts, tok, n_new, lambda _: va.ablation_edit(sae, ids), pair.base)
+        return generate(pair.finetuned, layer, prompts, fmt, n_new, lambda _: va.ablation_edit(sae, ids), pair.base)
 
-    ft_trig = [text(g) for g in generate(pair.finetuned, layer, triggers, tok, n_new)]
+    ft_trig = [text(g) for g in generate(pair.finetuned, layer, triggers, fmt, n_new)]
     abl_trig = [text(g) for g in ablated(triggers)]
-    ft_ord, abl_ord = generate(pair.finetuned, layer, ordinary, tok, n_new), ablated(ordinary)
+    ft_ord, abl_ord = generate(pair.finetuned, layer, ordinary, fmt, n_new), ablated(ordinary)
     vec = va.steering_vector(sae, ids, acts)
     sweep = []
     for s in scales:
-        gens = generate(pair.base, layer, steer_prompts, tok, n_new,
+        gens = generate(pair.base, layer, steer_prompts, fmt, n_new,
                         lambda n, s=s: va.steering_edit(vec, torch.full((n,), float(s))))  # fmt: skip
-        nll = va.coherence_nll(pair.base, pair.finetuned, steer_prompts, gens, tok.pad_token_id)[0]
+        nll = va.coherence_nll(pair.base, pair.finetuned, steer_prompts, gens, fmt.tokenizer.pad_token_id)[0]
         sweep.append({"scale": s, "rate": rate([text(g) for g in gens], plant), "coherence_nll": nll,
                       "examples": [text(g) for g in gens[:3]]})  # fmt: skip
     chosen = va.choose_scale(scales, [x["coherence_nll"] for x in sweep], sweep[0]["coherence_nll"], margin)
@@ -214,8 +219,9 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
     cfg, out = run_pipeline(store, run, seed, config)
     pipeline_s = time.perf_counter() - t0
     ctx = RunContext.from_config(cfg)
-    models, plants, decode = organism_planted(cfg) if config else demo_planted(ctx, cfg)
+    models, plants, make_format = organism_planted(cfg) if config else demo_planted(ctx, cfg)
     pair = MODEL_CACHE.pair(ctx, models)
+    fmt = make_format(pair.tokenizer)
     sae = load_sae(ctx, pair.device)
     con = ctx.duck()
     caps = capturing(con)
@@ -238,20 +244,20 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
             t = time.perf_counter()
             common = (triggers, ordinary, ordinary[:n_steer], plant, v.scales)
             q, margin, L = v.activation_quantile, v.coherence_margin, models.layer
-            best = measure(pair, L, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new, decode)
+            best = measure(pair, L, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new, fmt)
             row["best"] = {"rank": rank, **best}
             if "group" in variants:
                 ids = [i for _, i in group]
-                row["group"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new, decode)
+                row["group"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new, fmt)
             if "all" in variants:
                 every = list(range(sae.n_latents))
                 row["all"] = measure(pair, L, sae, every, [0.0] * len(every), *common[:4], [0.0], 0.0, margin, n_new,
-                                     decode)  # fmt: skip
+                                     fmt)  # fmt: skip
             if "decision" in variants:
                 gap = last_token_acts(pair, L, sae, triggers) - last_token_acts(pair, L, sae, ordinary)
                 dec = [int(i) for i in gap.topk(5).indices]
                 row["decision"] = measure(pair, L, sae, dec, typical(con, dec, q), *common, None, margin, n_new,
-                                          decode)  # fmt: skip
+                                          fmt)  # fmt: skip
             row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
         print(f"== {label}: " + json.dumps({k: row.get("best", {}).get(k) for k in
