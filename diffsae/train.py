@@ -13,13 +13,13 @@ One step, on a batch x_BD in original units (all losses in scaled units, see `di
 - the inference threshold is a bias-corrected EMA of the smallest activation kept by the batch top-k, over a
   horizon of min(1000, total_steps // 10) steps (1000 steps = dictionary_learning's beta 0.999);
 - after training, `calibrate_threshold` replaces it by the threshold at which the inference encoder's mean L0 over
-  training tokens is exactly k: the EMA of per-batch minima sits below the quantile the batch top-k selects (a
+  the tokens it is given is exactly k: the EMA of per-batch minima sits below the quantile the batch top-k selects (a
   batch's smallest kept value is its extreme, not its typical cut), so on real activations the EMA threshold gives
   L0 well above k (measured: 45.7 for k = 32 on the SmolLM2 organism). tasks/train.py calibrates on documents the
   SAE did not train on.
 
     result = train_sae(cfg.sae, batches, d_in=512, init_sample_ND=sample, total_steps=1000, on_step=log)
-    calibrate_threshold(result.sae, train_batches, k=cfg.sae.k)
+    calibrate_threshold(result.sae, calibration_batches, k=cfg.sae.k)  # documents held out of training
     metrics = evaluate(result.sae, val_batches)
 
 Metrics are returned through `on_step(step, dict)` every `log_every` steps; `tasks/` forwards them to MLflow.

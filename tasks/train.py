@@ -7,10 +7,9 @@ calibration documents, which the SAE never trained on (mean L0 = k there; `diffs
 SAE trained for many passes over a small analysis set separates its training tokens' pre-activations and leaves
 many mid-range ones on new tokens (SmolLM2 organism, 100 documents, 266 passes, k = 32: a threshold calibrated on
 the training tokens gives L0 32.0 there and 49.6 on the validation documents; calibrated on 11 held-out documents,
-27.3 and 28.1). Final validation
-metrics: FVU, L0, dead fraction and kl_gap_recovered = 1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖
-p_patch(h_base)) over the validation tokens (forward passes only, on the tokens the activations stage stored).
-`sae/metrics.json`, written last, is the stage's marker.
+27.3 and 28.1). Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered = 1 − Σ KL(p_ft ‖
+p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens (forward passes only, on the tokens
+the activations stage stored). `sae/metrics.json`, written last, is the stage's marker.
 """
 
 from __future__ import annotations
