@@ -40,6 +40,10 @@ class LatentRow(NamedTuple):
     share: float | None
     promoted: tuple[str, ...]
     suppressed: tuple[str, ...]
+    rank_broad: int | None = None  # position in the broad-changes list (None: not broad, or a run without it)
+    doc_share: float | None = None  # share of documents where it fires on the analysed tokens
+    doc_share_all: float | None = None  # ... on any token
+    pos_mass_all: float | None = None  # positive KL attribution mass on any token
 
 
 class Firing(NamedTuple):
@@ -122,6 +126,8 @@ class LatentCount(NamedTuple):
 
 class Site(NamedTuple):
     rows: tuple[LatentRow, ...]
+    broad: tuple[LatentRow, ...]  # the broad changes, by rank_broad (empty for runs ranked without the split)
+    roles: str  # the analysed token roles, comma-separated ("": unknown, every token)
     rank_cols: tuple[str, ...]
     score_cols: tuple[str, ...]
     has_labels: bool
@@ -142,18 +148,26 @@ def build(
     *,
     n_latents: int | None = None,
     rank_by: str | None = None,
+    roles: str = "",
 ) -> Site:
     """The site's data. `n_latents`: the SAE's dictionary size (None: unknown); `rank_by`: the run's ranking score
-    (a score name; the recovery selector opens on it)."""
+    (a score name; the recovery selector opens on it); `roles`: the token roles the ranking scored. Latent pages:
+    the top `cfg.top_latents` by rank, then as many broad changes by rank_broad."""
     lat = select.top_latents(tables.latents, cfg.top_latents)
-    rank_cols = tuple(c for c in tables.latents.columns if c.startswith("rank_"))
+    wide = select.broad_latents(tables.latents, cfg.top_latents)
+    rank_cols = tuple(c for c in tables.latents.columns if c.startswith("rank_") and c != "rank_broad")
     score_cols = tuple(c for c in tables.latents.columns if c.startswith("score_"))
     has_labels = "dominant_behaviour" in tables.latents.columns
     rows = tuple(_latent_row(r, rank_cols, score_cols) for r in lat.iter_rows(named=True))
+    broad = tuple(_latent_row(r, rank_cols, score_cols) for r in wide.iter_rows(named=True))
+    listed = {r.latent_id for r in rows}
+    paged = rows + tuple(r for r in broad if r.latent_id not in listed)
     scale = select.kl_scale(tables.tokens)
     kl_hist = histogram(tables.tokens["kl"].cast(pl.Float64), bins=50)
     return Site(
         rows=rows,
+        broad=broad,
+        roles=roles,
         rank_cols=rank_cols,
         score_cols=score_cols,
         has_labels=has_labels,
@@ -162,8 +176,8 @@ def build(
         kl_plot=svg_histogram(kl_hist, "per-token KL(ft \u2016 base), nats", log_y=True) if kl_hist else None,
         kl_scale=scale,
         recovery=_recovery(tables.recovery, rank_by),
-        latent_pages=_latent_pages(tables, lat["latent_id"], rows, cfg, window, scale),
-        token_rows=_token_rows(tables, {r.latent_id for r in rows}, cfg, window, scale),
+        latent_pages=_latent_pages(tables, pl.Series([r.latent_id for r in paged]), paged, cfg, window, scale),
+        token_rows=_token_rows(tables, {r.latent_id for r in paged}, cfg, window, scale),
         window=window,
     )
 
@@ -196,6 +210,10 @@ def _latent_row(r: dict[str, Any], rank_cols: tuple[str, ...], score_cols: tuple
         share=r.get("dominant_share"),
         promoted=tuple(r["promoted"] or ()),
         suppressed=tuple(r["suppressed"] or ()),
+        rank_broad=r.get("rank_broad"),
+        doc_share=r.get("doc_share"),
+        doc_share_all=r.get("doc_share_all"),
+        pos_mass_all=r.get("pos_mass_all"),
     )
 
 

@@ -38,12 +38,14 @@ HEADLINE = (
     ("layer", "Layer"),
     ("sae", "SAE"),
     ("rank_by", "Ranked by"),
+    ("roles", "Scored token roles"),
+    ("broad_docs", "Broad: document share at least"),
     ("fvu", "FVU"),
     ("l0", "L0"),
     ("dead_fraction", "Dead fraction"),
     ("kl_gap_recovered", "KL gap recovered"),
 )
-PERCENT = {"dead_fraction", "kl_gap_recovered"}
+PERCENT = {"dead_fraction", "kl_gap_recovered", "broad_docs"}
 SHOWN_ELSEWHERE = {"n_latents"}  # summary keys with their own row
 
 
@@ -93,7 +95,10 @@ def render_site(
         source, _, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
         emit(f"assets/{name}", source.encode("utf-8"))
 
-    site = pages.build(tables, cfg, window, n_latents=summary.get("n_latents"), rank_by=summary.get("rank_by"))
+    site = pages.build(
+        tables, cfg, window, n_latents=summary.get("n_latents"), rank_by=summary.get("rank_by"),
+        roles=str(summary.get("roles") or ""),
+    )  # fmt: skip
     run = str(summary.get("run", ""))
     common = {"run": run, "site": site}
     emit(

@@ -56,6 +56,13 @@ def top_latents(latents: pl.DataFrame, n: int) -> pl.DataFrame:
     return latents.sort("rank", "latent_id", nulls_last=True).head(n)
 
 
+def broad_latents(latents: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The `n` first broad changes (rank_broad ascending); empty for runs ranked before the narrow/broad split."""
+    if "rank_broad" not in latents.columns:
+        return latents.clear()
+    return latents.filter(pl.col("rank_broad").is_not_null()).sort("rank_broad").head(n)
+
+
 def kl_scale(tokens: pl.DataFrame) -> float:
     """KL that gets full shading: the 99th percentile of positive per-token KL (1.0 if there is none)."""
     q = (

@@ -213,6 +213,35 @@ class AttributionConfig(_Section):
         return v
 
 
+# Token roles (diffsae/data.py): a chat message's role, "template" for chat markup and the template's own text (e.g. a
+# default system prompt), "text" for plain-text rows.
+Role = Literal["system", "user", "assistant", "template", "text"]
+
+
+class RankConfig(_Section):
+    """Which tokens the narrow ranking reads, and what counts as a broad change (storage/sql/rank_latents.sql).
+
+    Default: the tokens the model writes (assistant turns; plain text, where roles are unknown). The KL on a system
+    prompt, a user turn or the chat markup measures how the finetune models text it is given, not what it says; a
+    change there fires in every document that carries it and crowded the top of the list on a real chat model."""
+
+    roles: list[Role] = Field(
+        ["assistant", "text"], min_length=1, description="Token roles whose attribution the narrow ranking scores"
+    )
+    broad_docs: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="A latent firing (on those roles) in at least this share of documents is a broad change: listed "
+        "apart (rank_broad, with latents firing this widely on any token), not in the narrow ranking",
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return sorted(set(v))
+
+
 class DashboardsConfig(_Section):
     top_latents: int = Field(50, ge=1, description="Latents that get a page (top by rank)")
     n_contexts: int = Field(10, ge=1, description="Top contexts shown per latent, by attribution and by activation")
@@ -262,6 +291,7 @@ class PipelineConfig(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
     sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
     attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
+    rank: RankConfig = Field(default_factory=RankConfig, description="Narrow ranking and broad changes")
     validation: ValidationConfig = Field(
         default_factory=ValidationConfig, description="Causal validation of the top latents (ablation, steering)"
     )

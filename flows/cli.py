@@ -57,12 +57,23 @@ def report(cfg: Any, out: Any) -> str:
         + ", ".join(f"{k}={getattr(sae, k):.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")),
     ]
     if ranking.top:
-        lines.append(f"\ntop latents by {cfg.attribution.rank_by}:")
+        lines.append(f"\ntop latents by {cfg.attribution.rank_by} (on {', '.join(ranking.roles)} tokens):")
         lines.append(f"{'rank':>4}  {'latent':>6}  {'total KL attr':>13}  dominant behaviour")
         for r in ranking.top:
             lines.append(
                 f"{r['rank']:>4}  {r['latent_id']:>6}  {r['kl_attr_sum']:>13.5f}  "
                 f"{r.get('dominant_behaviour') or '-'}"
+            )
+    if ranking.broad:
+        lines.append(
+            f"\nbroad changes ({ranking.n_broad} latents firing in >= {100 * ranking.broad_docs:.0f} % of documents on"
+            " any token, by positive KL attribution; those that do on the scored tokens are not in the ranking above):"
+        )
+        lines.append(f"{'rank':>4}  {'latent':>6}  {'docs':>5}  {'on ' + '/'.join(ranking.roles):>16}  mass")
+        for r in ranking.broad:
+            lines.append(
+                f"{r['rank_broad']:>4}  {r['latent_id']:>6}  {_pct(r['doc_share_all']):>5}  "
+                f"{_pct(r['doc_share']):>16}  {r['pos_mass_all']:.4f}"
             )
     if ranking.recovery:
         lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")

@@ -191,11 +191,11 @@ def run_analyse(
         at.attribute_task, ctx, done, states, "attribute", cfg=cfg.attribution, models=inputs.models, sae=sae,
         activations=activations, skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, key=akey,
     )  # fmt: skip
-    rkey = rk.rank_key(cfg.attribution.rank_by, akey)
+    rkey = rk.rank_key(cfg.attribution.rank_by, cfg.rank, akey)
     done = rk.rank_done(ctx, rkey) is not None
     ranking = call_stage(
-        rk.rank_task, ctx, done, states, "rank", rank_by=cfg.attribution.rank_by, skip_first=cfg.extract.skip_first,
-        attribution_key=akey, key=rkey,
+        rk.rank_task, ctx, done, states, "rank", rank_by=cfg.attribution.rank_by, cfg=cfg.rank,
+        skip_first=cfg.extract.skip_first, attribution_key=akey, key=rkey,
     )  # fmt: skip
     return Analysis(attribution, ranking)
 

@@ -48,6 +48,8 @@ class RankParams(NamedTuple):
     min_support: int = 5  # firing tokens a latent needs for score_mean
     top_n: int = 5  # documents whose mass score_concentration keeps
     top_m: int = 3  # documents score_top_docs averages
+    roles: tuple[str, ...] | None = None  # token roles scored (None: every token); the pipeline passes rank.roles
+    broad_docs: float | None = None  # document share that makes a latent broad (None: none is); rank.broad_docs
 
 
 def sql_fingerprint() -> str:
@@ -75,19 +77,47 @@ def render(sql: str, **parts: str) -> str:
     return sql
 
 
-def _latent_docs_sql(views: list[str], planted_only: bool = False) -> str:
-    """The (latent, document) relation: the run's `latent_docs` table, or (runs without it) latent_docs.sql over
-    latent_tokens, restricted to planted documents when `planted_only` (all behaviour_mass.sql needs)."""
-    if "latent_docs" in views:
+def role_filter(con: duckdb.DuckDBPyConnection, roles: tuple[str, ...] | None) -> str | None:
+    """SQL condition on `tokens.role` for the analysed roles, or None when every token of the run is analysed
+    (no filter: the ranking reads the latent_docs table as written)."""
+    if roles is None:
+        return None
+    if "tokens" not in view_names(con):
+        raise ValueError("a role filter needs the run's tokens table (analysis/tokens.parquet)")
+    present = {r for (r,) in con.execute("SELECT DISTINCT role FROM tokens").fetchall()}
+    if present <= set(roles):
+        return None
+    return "role IN (" + ", ".join("'" + r.replace("'", "''") + "'" for r in sorted(roles)) + ")"
+
+
+def _latent_docs_sql(views: list[str], planted_only: bool = False, roles_where: str | None = None) -> str:
+    """The (latent, document) relation: the run's `latent_docs` table, or latent_docs.sql over latent_tokens when
+    the run lacks it or only the tokens matching `roles_where` (a role_filter condition) count; restricted to
+    planted documents when `planted_only` (all behaviour_mass.sql needs)."""
+    if "latent_docs" in views and roles_where is None:
         return "latent_docs"
     if "latent_tokens" not in views:
         raise ValueError("the run has no latent_tokens table (analysis/latent_tokens/*.parquet)")
     where = f"doc_id IN (SELECT doc_id FROM docs WHERE {PLANTED_DOCS})" if planted_only else "true"
-    return "(" + render(load_sql("latent_docs.sql"), latent_tokens="latent_tokens", where=where) + ")"
+    source = "latent_tokens"
+    if roles_where is not None:
+        source = (
+            "(SELECT lt.* FROM latent_tokens AS lt SEMI JOIN (SELECT doc_id, pos FROM tokens WHERE "
+            f"{roles_where}) AS t ON t.doc_id = lt.doc_id AND t.pos = lt.pos)"
+        )
+    return "(" + render(load_sql("latent_docs.sql"), latent_tokens=source, where=where) + ")"
 
 
-def _behaviour_mass_sql(views: list[str]) -> str:
-    return render(load_sql("behaviour_mass.sql"), latent_docs=_latent_docs_sql(views, planted_only=True), docs="docs")
+def _behaviour_mass_sql(views: list[str], roles_where: str | None = None) -> str:
+    ld = _latent_docs_sql(views, planted_only=True, roles_where=roles_where)
+    return render(load_sql("behaviour_mass.sql"), latent_docs=ld, docs="docs")
+
+
+def count_docs(con: duckdb.DuckDBPyConnection) -> int:
+    """Documents: rows of `docs` if the run has it, else distinct doc_id of latent_tokens."""
+    if "docs" in view_names(con):
+        return con.execute("SELECT count(*) FROM docs").fetchone()[0]
+    return con.execute("SELECT count(DISTINCT doc_id) FROM latent_tokens").fetchone()[0]
 
 
 def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
@@ -98,10 +128,11 @@ def has_planted(con: duckdb.DuckDBPyConnection) -> bool:
     return con.execute(q).fetchone()[0] > 0
 
 
-def count_tokens(con: duckdb.DuckDBPyConnection) -> int:
-    """Analysed tokens: rows of `tokens` if the run has it, else distinct (doc_id, pos) of latent_tokens."""
+def count_tokens(con: duckdb.DuckDBPyConnection, roles_where: str | None = None) -> int:
+    """Analysed tokens: rows of `tokens` (those matching `roles_where`) if the run has it, else distinct
+    (doc_id, pos) of latent_tokens."""
     if "tokens" in view_names(con):
-        return con.execute("SELECT count(*) FROM tokens").fetchone()[0]
+        return con.execute(f"SELECT count(*) FROM tokens WHERE {roles_where or 'true'}").fetchone()[0]
     return con.execute("SELECT count(*) FROM (SELECT DISTINCT doc_id, pos FROM latent_tokens)").fetchone()[0]
 
 
@@ -113,10 +144,13 @@ def rank_latents(
     n_tokens: int | None = None,
     params: RankParams = RankParams(),
 ) -> pa.Table:
-    """The latents table (DESIGN.md), sorted by rank: statistics, n_docs, pos_mass, score_<s> and rank_<s> for
-    s in SCORES, `rank` (by `rank_by`), dominant_behaviour/dominant_share (only when docs has planted labels),
-    promoted/suppressed (from `latent_dirs(latent_id, promoted, suppressed)`, NULL without it). Its schema is
-    storage.schemas.latents_schema(SCORES) (less the dominant_* columns without planted labels)."""
+    """The latents table (DESIGN.md), sorted by rank then rank_broad: statistics on the analysed tokens
+    (`params.roles`), n_docs, pos_mass, doc_share[_all], pos_mass_all, score_<s> and rank_<s> for s in SCORES
+    (narrow latents only), rank_broad (broad latents: `params.broad_docs`), `rank` (by `rank_by`),
+    dominant_behaviour/dominant_share (only when docs has planted labels), promoted/suppressed (from
+    `latent_dirs(latent_id, promoted, suppressed)`, NULL without it). Its schema is
+    storage.schemas.latents_schema(SCORES) (less the dominant_* columns without planted labels). `n_tokens`: the
+    analysed tokens (frequency denominator; default: the tokens of the analysed roles)."""
     score = resolve_score(rank_by)
     views = view_names(con)
     planted = has_planted(con)
@@ -124,19 +158,28 @@ def rank_latents(
         raise ValueError(
             f"RankParams: need 1 <= top_m <= top_n, got top_m={params.top_m}, top_n={params.top_n}"
         )
+    roles_where = role_filter(con, params.roles)
     dominant = _EMPTY_DOMINANT
     if planted:
-        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql(views))
+        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql(views, roles_where))
     dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
     sql = render(
         load_sql("rank_latents.sql"),
-        latent_docs=_latent_docs_sql(views),
+        latent_docs=_latent_docs_sql(views, roles_where=roles_where),
+        latent_docs_all=_latent_docs_sql(views),
         dominant=dominant,
         latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
         rank_by=score,
     )
-    n = n_tokens if n_tokens is not None else count_tokens(con)
-    args = {"n_tokens": max(n, 1), **params._asdict()}
+    n = n_tokens if n_tokens is not None else count_tokens(con, roles_where)
+    args = {
+        "n_tokens": max(n, 1),
+        "n_docs": max(count_docs(con), 1),
+        "broad_docs": 2.0 if params.broad_docs is None else float(params.broad_docs),
+        "min_support": params.min_support,
+        "top_n": params.top_n,
+        "top_m": params.top_m,
+    }
     if latent_dirs is not None:
         con.register(dirs_name, latent_dirs.select(["latent_id", "promoted", "suppressed"]))
     try:
@@ -161,20 +204,22 @@ def recovery(
     *,
     capture_share: float = 0.8,
     top_k: int = 10,
+    roles: tuple[str, ...] | None = None,
 ) -> pa.Table:
     """Per (score, planted behaviour): best_rank, recovered (best_rank <= top_k), top10_capture_fraction (see
     storage/sql/recovery.sql). `latents`: a rank_latents table; default: the run's `latents` view if any, else
-    ranked now. Empty when the run has no planted behaviour."""
+    ranked now. `roles`: the analysed roles the latents were ranked with (capture is judged on their tokens).
+    Empty when the run has no planted behaviour."""
     views = view_names(con)
     if not has_planted(con):
         return schemas.RECOVERY.empty_table()
     _latent_docs_sql(views)  # latent_tokens must exist
     if latents is None:
-        latents = rank_latents(con) if "latents" not in views else None
+        latents = rank_latents(con, params=RankParams(roles=roles)) if "latents" not in views else None
     name = f"__diffsae_latents_{next(_counter)}"
     sql = render(
         load_sql("recovery.sql"),
-        behaviour_mass=_behaviour_mass_sql(views),
+        behaviour_mass=_behaviour_mass_sql(views, role_filter(con, roles)),
         docs="docs",
         latents=name if latents is not None else "latents",
     )

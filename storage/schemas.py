@@ -80,17 +80,20 @@ METRICS = _schema(("name", pa.string()), ("value", pa.float64()))
 _LATENT_STATS = pa.schema(
     [pa.field("latent_id", pa.int32()), pa.field("n_active", pa.int64()), pa.field("n_docs", pa.int64())]
     + [pa.field(n, pa.float64()) for n in ("frequency", "mean_activation", "max_activation", "kl_attr_sum",
-                                           "kl_attr_mean", "kl_attr_max", "pos_mass")]
+                                           "kl_attr_mean", "kl_attr_max", "pos_mass", "doc_share",
+                                           "doc_share_all", "pos_mass_all")]
 )  # fmt: skip
 
 
 def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
-    """The `latents` table (storage/sql/rank_latents.sql): statistics, score_* and rank_* per score, rank, the
-    planted behaviour that dominates the latent's attribution, promoted/suppressed tokens."""
+    """The `latents` table (storage/sql/rank_latents.sql): statistics on the analysed tokens (`rank.roles`), the
+    document shares that tell narrow from broad, score_* and rank_* per score (NULL ranks: not narrow), rank_broad
+    (NULL: not broad), rank, the planted behaviour that dominates the latent's attribution, promoted/suppressed."""
     fields = list(_LATENT_STATS)
     fields += [pa.field(f"score_{s}", pa.float64()) for s in scores]
     fields += [pa.field(f"rank_{s}", pa.int64()) for s in scores]
     fields += [
+        pa.field("rank_broad", pa.int64()),
         pa.field("rank", pa.int64()),
         pa.field("dominant_behaviour", pa.string()),
         pa.field("dominant_share", pa.float64()),

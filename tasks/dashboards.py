@@ -75,9 +75,10 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
     sae = cfg.get("sae_config", {})
     lr = SAEConfig.model_validate(sae).learning_rate if sae else None
     try:
-        rank_by = store.read_json(paths.marker("ranking")).get("rank_by")
+        marker = store.read_json(paths.marker("ranking"))
     except FileNotFoundError:
-        rank_by = None
+        marker = {}
+    rank_by, roles, broad = marker.get("rank_by"), marker.get("roles"), marker.get("broad_docs")
     return {
         "run": paths.run,
         "base_model": cfg.get("base"),
@@ -86,6 +87,8 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
         "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={lr:.2g}, batch={sae.get('batch_size')}",
         "n_latents": int(cfg["n_latents"]),
         **({"rank_by": rank_by} if rank_by else {}),
+        **({"roles": ", ".join(roles)} if roles else {}),
+        **({"broad_docs": broad} if broad else {}),
         **{k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
     }
 

@@ -1,8 +1,9 @@
 """Stage 4 task: rank latents with DuckDB SQL (storage/sql/) over the analysis tables.
 
 Writes `latents` and, when the data has behaviour labels, `recovery` (also logged to the SAE's MLflow run);
-`analysis/ranking.json`, written last, is the stage's marker. Keyed on the attribution key, `rank_by` and the
-SQL files (editing a score reranks). `diffsae eval` calls `evaluate_run` (no recompute).
+`analysis/ranking.json`, written last, is the stage's marker. Keyed on the attribution key, `rank_by`, the `rank`
+section (analysed roles, broad share) and the SQL files (editing a score reranks). `diffsae eval` calls
+`evaluate_run` (no recompute; it reads the roles the run was ranked with from the marker).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Any, NamedTuple
 
 import mlflow
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
+from diffsae.config import RankConfig
 from storage import ranking
 from storage.context import RunContext
 from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
@@ -29,17 +32,26 @@ class RankingResult(NamedTuple):
     top: list[dict[str, Any]]  # the first TOP_REPORTED rows: rank, latent_id, kl_attr_sum[, dominant_behaviour]
     recovery: list[dict[str, Any]]  # rows of `recovery` (empty without behaviour labels)
     recovery_text: str
+    roles: list[str]  # the analysed token roles (rank.roles)
+    broad_docs: float  # rank.broad_docs
+    n_broad: int  # latents with a rank_broad
+    broad: list[dict[str, Any]]  # the first TOP_REPORTED broad latents: rank_broad, latent_id, doc_share_all, ...
 
 
-def rank_key(rank_by: str, attribution_key: str) -> str:
-    return stage_key("ranking", rank, ranking.resolve_score(rank_by), attribution_key, ranking.sql_fingerprint())
+def rank_key(rank_by: str, cfg: RankConfig, attribution_key: str) -> str:
+    settings = (ranking.resolve_score(rank_by), cfg.model_dump())
+    return stage_key("ranking", rank, settings, attribution_key, ranking.sql_fingerprint())
+
+
+def rank_params(cfg: RankConfig) -> ranking.RankParams:
+    return ranking.RankParams(roles=tuple(cfg.roles), broad_docs=cfg.broad_docs)
 
 
 def rank_done(ctx: RunContext, key: str) -> RankingResult | None:
     return read_marker(ctx.store, ctx.paths.marker("ranking"), key, RankingResult)
 
 
-def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingResult:
+def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: str) -> RankingResult:
     """DuckDB SQL over the analysis tables -> `latents` and, with behaviour labels, `recovery`."""
     done = rank_done(ctx, key)
     if done is not None:
@@ -47,9 +59,12 @@ def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingRes
     store, paths = ctx.store, ctx.paths
     con = ctx.duck()
     dirs = store.read_parquet(paths.table("latent_dirs"))
-    analysed = con.execute(f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)}").fetchone()[0]
-    latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed))
-    rec = ranking.recovery(con, latents)
+    params = rank_params(cfg)
+    roles_where = ranking.role_filter(con, params.roles) or "true"
+    q = f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)} AND {roles_where}"
+    analysed = con.execute(q).fetchone()[0]
+    latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
+    rec = ranking.recovery(con, latents, roles=params.roles)
     store.write_parquet(paths.table("latents"), latents)
     publish_recovery(ctx, rec)
     columns = ["rank", "latent_id", "kl_attr_sum"]
@@ -58,17 +73,31 @@ def rank(ctx: RunContext, rank_by: str, skip_first: int, key: str) -> RankingRes
         key=key,
         rank_by=ranking.resolve_score(rank_by),
         n_latents=latents.num_rows,
-        top=latents.slice(0, TOP_REPORTED).select(columns).to_pylist(),
+        top=latents.filter(pc.is_valid(latents["rank"])).slice(0, TOP_REPORTED).select(columns).to_pylist(),
         recovery=rec.to_pylist(),
         recovery_text=ranking.format_recovery(rec),
+        roles=list(cfg.roles),
+        broad_docs=cfg.broad_docs,
+        n_broad=int(pc.sum(pc.is_valid(latents["rank_broad"])).as_py() or 0),
+        broad=broad_top(latents),
     )
     write_marker(store, paths.marker("ranking"), out)  # last: marks the stage complete
     return out
 
 
+def broad_top(latents: pa.Table) -> list[dict[str, Any]]:
+    """The first TOP_REPORTED broad latents (by rank_broad) with their document shares and mass."""
+    broad = latents.filter(pc.is_valid(latents["rank_broad"])).sort_by("rank_broad").slice(0, TOP_REPORTED)
+    columns = ["rank_broad", "latent_id", "doc_share_all", "doc_share", "pos_mass_all"]
+    columns += ["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else []
+    return broad.select(columns).to_pylist()
+
+
 @task(name="rank", cache_policy=STAGE_CACHE, **IO_RETRY)
-def rank_task(ctx: RunContext, rank_by: str, skip_first: int, attribution_key: str, key: str) -> RankingResult:
-    return rank(ctx, rank_by, skip_first, key)
+def rank_task(
+    ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, attribution_key: str, key: str
+) -> RankingResult:
+    return rank(ctx, rank_by, cfg, skip_first, key)
 
 
 def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
@@ -102,6 +131,10 @@ def evaluate_run(ctx: RunContext) -> str:
     con = ctx.duck()
     if "latents" not in ranking.view_names(con):
         raise FileNotFoundError(f"run '{ctx.run}' has no latents table on {ctx.store_url}: run the pipeline first")
-    rec = ranking.recovery(con)
+    try:
+        roles = ctx.store.read_json(ctx.paths.marker("ranking")).get("roles")
+    except FileNotFoundError:
+        roles = None  # no marker (or one from before rank.roles existed): every token was scored
+    rec = ranking.recovery(con, roles=tuple(roles) if roles else None)
     publish_recovery(ctx, rec)
     return ranking.format_recovery(rec)

@@ -31,6 +31,7 @@ _WORDS = (
     "</s>", " &amp;", ' "quoted"', " x<y", " 'single'",
 )  # fmt: skip
 PLANTED_PER_BEHAVIOUR = 3
+BROAD_DOCS = 0.5  # a latent firing in this share of documents gets a rank_broad
 SYNTHETIC_SCORES = ("total", "peak_token")  # score_<s> / rank_<s> columns of the synthetic latents table
 
 
@@ -238,6 +239,9 @@ def _latents(
         )
         .with_columns(
             (pl.col("n_active") / n_tok).alias("frequency"),
+            (pl.col("n_docs") / docs.height).alias("doc_share"),
+            (pl.col("n_docs") / docs.height).alias("doc_share_all"),
+            pl.col("pos_mass").alias("pos_mass_all"),
             pl.col("kl_attr_sum").alias("score_total"),
             pl.col("kl_attr_max").alias("score_peak_token"),
             pl.Series("promoted", vocab[idx[:, :5]].tolist(), dtype=pl.List(pl.String)),
@@ -246,7 +250,9 @@ def _latents(
     )
     for s in SYNTHETIC_SCORES:
         lat = lat.with_columns(pl.col(f"score_{s}").rank("ordinal", descending=True).alias(f"rank_{s}"))
-    return lat.with_columns(pl.col("rank_total").alias("rank")).sort("rank")
+    broad = pl.col("doc_share_all") >= BROAD_DOCS  # every token is analysed here: broad latents are narrow too
+    rank_broad = pl.when(broad).then(pl.col("pos_mass_all").rank("ordinal", descending=True).over(broad))
+    return lat.with_columns(pl.col("rank_total").alias("rank"), rank_broad.alias("rank_broad")).sort("rank")
 
 
 def _recovery(latents: pl.DataFrame, top: int = 20) -> pl.DataFrame:

@@ -198,7 +198,10 @@ def test_pages_load_clean_and_js_works(
 
     browser.load(f"{base}/index.html")
     assert browser.errors() == []
-    assert browser.eval("document.querySelectorAll('#latents tbody tr').length") == len(ids)
+    assert browser.eval("document.querySelectorAll('#latents tbody tr').length") == CFG.top_latents
+    ids_of = "Array.from(document.querySelectorAll('#{} tbody tr')).map(r => +r.cells[1].dataset.v)"
+    top, broad = browser.eval(ids_of.format("latents")), browser.eval(ids_of.format("broad"))
+    assert broad and ids == top + [i for i in broad if i not in top]  # every listed latent has a page
     rows_by = "Array.from(document.querySelectorAll('#latents tbody tr')).map(r => +r.cells[{}].dataset.v)"
     browser.eval("document.querySelector('#latents th[data-key=\"kl_attr_mean\"]').click()")
     assert browser.eval("document.getElementById('latents').dataset.sortKey") == "kl_attr_mean"

@@ -66,13 +66,18 @@ def _parse(path: Path) -> _Refs:
 def test_every_listed_latent_has_a_page(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
     out, res = site
     expected = hostile.latents.sort("rank").head(CFG.top_latents)["latent_id"].to_list()
+    broad = hostile.latents.drop_nulls("rank_broad").sort("rank_broad").head(CFG.top_latents)["latent_id"]
+    assert broad.len() > 0 and not set(broad) <= set(expected)  # the fixture has broad latents beyond the top
+    expected += [lid for lid in broad if lid not in expected]  # then the broad changes' pages
     assert list(res.latent_ids) == expected
     for lid in expected:
         assert (out / "latents" / f"{lid}.html").is_file()
     index_refs = set(_parse(out / "index.html").refs)
     assert {f"latents/{lid}.html" for lid in expected} <= index_refs
     assert sorted(res.files) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert res.n_pages == CFG.top_latents + 2
+    assert res.n_pages == len(expected) + 2
+    broad_refs = {v for v in index_refs if v.startswith("latents/")}
+    assert {f"latents/{lid}.html" for lid in broad} <= broad_refs
 
 
 def test_links_resolve_and_nothing_is_remote(site: tuple[Path, RenderResult]) -> None:
@@ -167,7 +172,7 @@ def test_high_kl_tokens_and_credits(tables: SiteTables) -> None:
     site = build(tables, CFG, window=3)
     kls = sorted(tables.tokens["kl"].to_list(), reverse=True)[: CFG.n_high_kl_tokens]
     assert [r.kl for r in site.token_rows] == pytest.approx(kls)
-    listed = {r.latent_id for r in site.rows}
+    listed = {p.row.latent_id for p in site.latent_pages}  # a credit links to a latent that has a page
     lt = tables.latent_tokens
     for row in site.token_rows:
         here = lt.filter((pl.col("doc_id") == row.ctx.doc_id) & (pl.col("pos") == row.ctx.pos))
@@ -290,7 +295,7 @@ def test_non_finite_values_do_not_break_rendering(tmp_path: Path, tables: SiteTa
         ),
     )
     res = render_to_dir(broken, {"run": "nan"}, CFG, tmp_path)
-    assert len(res.latent_ids) == CFG.top_latents
+    assert len(res.latent_ids) == len(build(tables, CFG, window=2).latent_pages) >= CFG.top_latents
     site = build(broken, CFG, window=2)
     assert len(site.token_rows) == CFG.n_high_kl_tokens and all(math.isfinite(r.kl) for r in site.token_rows)
 

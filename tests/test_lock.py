@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.runners import ONE_THREAD
 from storage.lock import RunLock, RunLocked
 from storage.paths import RunPaths
 from storage.store import Store
@@ -79,9 +80,11 @@ def test_stale_lock_is_taken_over(any_store: str) -> None:
 
 
 def _cli(cfg: dict, tmp: Path, name: str) -> subprocess.Popen:
+    """A `diffsae run` on one torch thread: two at once on a 2-core machine, each with a thread per core, ran
+    5-10x slower than one (thread oversubscription) and once took over 10 minutes in CI."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PREFECT_HOME": str(tmp / f"prefect-{name}")}
+    env = {**os.environ, **ONE_THREAD, "PREFECT_HOME": str(tmp / f"prefect-{name}")}
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
         cwd=ROOT,
@@ -92,13 +95,29 @@ def _cli(cfg: dict, tmp: Path, name: str) -> subprocess.Popen:
     )
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[str, str]]:
+    """Every process's (stdout, stderr); past `timeout` all are killed and the failure shows their stderr tails."""
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [(p.communicate()[1] or "")[-3000:] for p in procs]
+        pytest.fail(f"runs still going after {timeout:.0f} s; stderr tails: {tails}")
+    return outs
+
+
 @pytest.mark.slow
 def test_concurrent_runs(tiny_pair: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     sae = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 1}
+    small = {"sae": sae, "validation": {"top": 2, "n_prompts": 2, "max_new_tokens": 8}}
     # same name twice: one completes, the other fails clearly (exit 2, one line), never interleaving
-    procs = [_cli(tiny_config(tiny_pair, store, run="same", sae=sae), tmp_path, f"s{i}") for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs = [_cli(tiny_config(tiny_pair, store, run="same", **small), tmp_path, f"s{i}") for i in range(2)]
+    outs = _wait_all(procs)
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
     loser = outs[[p.returncode for p in procs].index(2)][1]
@@ -106,8 +125,8 @@ def test_concurrent_runs(tiny_pair: Path, tmp_path: Path) -> None:
     assert len(errors) == 1 and errors[0].startswith("diffsae: error: run 'same' is locked by "), loser
     assert not Store(store).exists(RunPaths(store, "same").lock)
     # different names at once: both complete
-    procs = [_cli(tiny_config(tiny_pair, store, run=f"n{i}", sae=sae), tmp_path, f"n{i}") for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs = [_cli(tiny_config(tiny_pair, store, run=f"n{i}", **small), tmp_path, f"n{i}") for i in range(2)]
+    outs = _wait_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
     for i in range(2):
         assert Store(store).exists(f"{RunPaths(store, f'n{i}').dashboards_dir}/index.html")

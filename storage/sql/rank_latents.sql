@@ -1,12 +1,16 @@
 -- rank_latents.sql: the `latents` table: statistics, every score and its rank, one row per latent that fires.
 -- Run by storage/ranking.py rank_latents(); placeholders {{...}} are relations or SQL files it inlines, $names are
 -- query parameters:
---   {{latent_docs}} the latent_docs table (or latent_docs.sql over latent_tokens); {{dominant}} dominant_behaviour.sql
---   or an empty query; {{latent_dirs}} (latent_id, promoted, suppressed) or an empty relation; {{rank_by}} a score
+--   {{latent_docs}} the (latent, document) relation of the ANALYSED tokens (the roles of `rank.roles`: the
+--   latent_docs table when every token's role is analysed, else latent_docs.sql over those tokens);
+--   {{latent_docs_all}} the same over every token (the latent_docs table); {{dominant}} dominant_behaviour.sql or
+--   an empty query; {{latent_dirs}} (latent_id, promoted, suppressed) or an empty relation; {{rank_by}} a score
 --   name, validated in Python;
---   $n_tokens analysed tokens (frequency denominator); $min_support firing tokens needed by score_mean;
+--   $n_tokens analysed tokens (frequency denominator); $n_docs documents; $broad_docs the broad share (> 1: none);
+--   $min_support firing tokens needed by score_mean;
 --   $top_n documents kept by score_concentration; $top_m (<= $top_n) documents averaged by score_top_docs.
--- With S_d = the latent's attribution summed over document d, s_d = max(S_d, 0), P = sum_d s_d (pos_mass):
+-- Statistics and scores read the analysed tokens only. With S_d = the latent's attribution summed over document d,
+-- s_d = max(S_d, 0), P = sum_d s_d (pos_mass):
 --   score_total         sum of attribution over firing tokens                        (= kl_attr_sum)
 --   score_mean          attribution per firing token; NULL under $min_support tokens  (= kl_attr_mean)
 --   score_peak_token    largest attribution on one token                             (= kl_attr_max)
@@ -15,9 +19,15 @@
 --   score_top_docs      mean of the $top_m largest s_d, missing documents count 0 (a one-document spike gets 1/m)
 --   score_focus         exp(sum_d (s_d/P) ln s_d): the mass-weighted geometric mean of s_d, = P / exp(H) where H is
 --                       the entropy of the document shares s_d/P (exp(H) = effective number of documents)
--- Every rank_<score> is 1 for the best latent, NULL scores last, ties by latent_id; `rank` = rank_{{rank_by}}.
--- Cost: one aggregation over the (latent, document) rows of latent_docs, which the attribution stage writes
--- (every statistic and score derives from them), 7 window ranks over the latents (see bench/rank.py).
+-- Narrow and broad (issue 15 part 4): doc_share = share of documents where the latent fires on analysed tokens,
+-- doc_share_all = the same on any token. A latent is NARROW when it fires on analysed tokens and doc_share <
+-- $broad_docs: only narrow latents get rank_<score> (1 for the best, NULL scores last, ties by latent_id) and
+-- `rank` = rank_{{rank_by}}. It is BROAD when doc_share_all >= $broad_docs (a template or system-prompt change, a
+-- global style): rank_broad orders those by positive attribution mass on any token (pos_mass_all). A latent can
+-- be both (narrow on the analysed tokens, broad through the others) or neither (fires only on unanalysed tokens
+-- of a few documents); every latent that fires anywhere has a row.
+-- Cost: one aggregation over the (latent, document) rows (latent_docs, which the attribution stage writes; with a
+-- role filter, latent_tokens joined to the analysed tokens first), 8 window ranks over the latents (bench/rank.py).
 WITH per_latent AS (
     SELECT
         latent_id,
@@ -34,18 +44,28 @@ WITH per_latent AS (
     FROM {{latent_docs}}
     GROUP BY latent_id
 ),
+everywhere AS (
+    SELECT latent_id, count(*) AS n_docs_all, sum(greatest(attr_sum, 0)) AS pos_mass_all
+    FROM {{latent_docs_all}}
+    GROUP BY latent_id
+),
 scored AS (
     SELECT
-        latent_id,
-        n_active,
-        n_docs,
-        n_active / $n_tokens::DOUBLE AS frequency,
+        e.latent_id,
+        coalesce(n_active, 0) AS n_active,
+        coalesce(n_docs, 0) AS n_docs,
+        coalesce(n_active, 0) / $n_tokens::DOUBLE AS frequency,
         mean_activation,
         max_activation,
         kl_attr_sum,
         kl_attr_sum / n_active AS kl_attr_mean,
         kl_attr_max,
-        pos_mass,
+        coalesce(pos_mass, 0) AS pos_mass,
+        coalesce(n_docs, 0) / $n_docs::DOUBLE AS doc_share,
+        n_docs_all / $n_docs::DOUBLE AS doc_share_all,
+        pos_mass_all,
+        p.latent_id IS NOT NULL AND n_docs < $broad_docs * $n_docs AS narrow,
+        n_docs_all >= $broad_docs * $n_docs AS broad,
         kl_attr_sum AS score_total,
         CASE WHEN n_active >= $min_support THEN kl_attr_sum / n_active END AS score_mean,
         kl_attr_max AS score_peak_token,
@@ -53,18 +73,27 @@ scored AS (
         CASE WHEN pos_mass > 0 THEN list_sum(top_docs_desc) ^ 2 / pos_mass ELSE 0 END AS score_concentration,
         coalesce(list_sum(top_docs_desc[1:$top_m]), 0) / $top_m AS score_top_docs,
         CASE WHEN pos_mass > 0 THEN exp(pos_xlogx / pos_mass) ELSE 0 END AS score_focus
-    FROM per_latent
+    FROM everywhere AS e LEFT JOIN per_latent AS p ON p.latent_id = e.latent_id
 ),
 ranked AS (
     SELECT
-        *,
-        row_number() OVER (ORDER BY score_total DESC NULLS LAST, latent_id) AS rank_total,
-        row_number() OVER (ORDER BY score_mean DESC NULLS LAST, latent_id) AS rank_mean,
-        row_number() OVER (ORDER BY score_peak_token DESC NULLS LAST, latent_id) AS rank_peak_token,
-        row_number() OVER (ORDER BY score_peak_doc DESC NULLS LAST, latent_id) AS rank_peak_doc,
-        row_number() OVER (ORDER BY score_concentration DESC NULLS LAST, latent_id) AS rank_concentration,
-        row_number() OVER (ORDER BY score_top_docs DESC NULLS LAST, latent_id) AS rank_top_docs,
-        row_number() OVER (ORDER BY score_focus DESC NULLS LAST, latent_id) AS rank_focus
+        * EXCLUDE (narrow, broad),
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_total DESC NULLS LAST, latent_id) END
+            AS rank_total,
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_mean DESC NULLS LAST, latent_id) END
+            AS rank_mean,
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_peak_token DESC NULLS LAST, latent_id)
+            END AS rank_peak_token,
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_peak_doc DESC NULLS LAST, latent_id)
+            END AS rank_peak_doc,
+        CASE WHEN narrow THEN row_number() OVER (
+            ORDER BY narrow DESC, score_concentration DESC NULLS LAST, latent_id) END AS rank_concentration,
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_top_docs DESC NULLS LAST, latent_id)
+            END AS rank_top_docs,
+        CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_focus DESC NULLS LAST, latent_id) END
+            AS rank_focus,
+        CASE WHEN broad THEN row_number() OVER (ORDER BY broad DESC, pos_mass_all DESC, latent_id) END
+            AS rank_broad
     FROM scored
 )
 SELECT
@@ -77,4 +106,4 @@ SELECT
 FROM ranked AS r
 LEFT JOIN ({{dominant}}) AS dom ON dom.latent_id = r.latent_id
 LEFT JOIN {{latent_dirs}} AS dirs ON dirs.latent_id = r.latent_id
-ORDER BY rank
+ORDER BY rank NULLS LAST, r.rank_broad NULLS LAST, r.latent_id
