@@ -46,7 +46,8 @@ from diffsae.attribution import latent_doc_stats
 from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
-from storage.ranking import load_sql, rank_latents, recovery, render
+from storage.ranking import load_sql, rank_latents, render
+from storage.recovery import recovery
 from storage.schemas import LATENT_DOCS
 from tasks.attribute import parts_table
 

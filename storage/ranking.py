@@ -1,14 +1,15 @@
-"""Latent ranking and planted-behaviour recovery, in DuckDB SQL over a run's Parquet tables.
+"""Latent ranking, in DuckDB SQL over a run's Parquet tables.
 
 Why: an auditor wants rare, high-impact behaviours at the top, and ranking by total KL attribution favours
 frequent, broad-drift latents. So every latent gets several scores (SCORES, named in diffsae/config.py, defined
 and documented in storage/sql/rank_latents.sql), each with its own `rank_<score>` column; `rank` follows
-`attribution.rank_by`. `recovery` measures, per score, whether latents that capture a planted behaviour
-(>= 80 % of their positive attribution mass in documents with that label) reach the top 10.
+`attribution.rank_by`. Only the tokens of the analysed roles are scored, and latents that fire in (nearly) every
+document are listed apart as broad changes (RankParams.roles, .broad_docs). storage/recovery.py measures whether
+the ranking surfaces planted behaviours.
 
     con = storage.duck.connect(store, run)                      # views: latent_tokens, docs, tokens, ...
     latents = rank_latents(con, "focus", latent_dirs=dirs)     # pyarrow.Table, sorted by rank
-    print(format_recovery(recovery(con, latents)))
+    print(format_recovery(recovery(con, latents)))              # storage/recovery.py
 
 The SQL lives in storage/sql/*.sql; `{{name}}` placeholders are relations or other SQL files inlined here,
 `$name` are query parameters. Nothing is copied out of Parquet except the per-latent results.
@@ -90,7 +91,7 @@ def role_filter(con: duckdb.DuckDBPyConnection, roles: tuple[str, ...] | None) -
     return "role IN (" + ", ".join("'" + r.replace("'", "''") + "'" for r in sorted(roles)) + ")"
 
 
-def _latent_docs_sql(views: list[str], planted_only: bool = False, roles_where: str | None = None) -> str:
+def latent_docs_sql(views: list[str], planted_only: bool = False, roles_where: str | None = None) -> str:
     """The (latent, document) relation: the run's `latent_docs` table, or latent_docs.sql over latent_tokens when
     the run lacks it or only the tokens matching `roles_where` (a role_filter condition) count; restricted to
     planted documents when `planted_only` (all behaviour_mass.sql needs)."""
@@ -108,8 +109,8 @@ def _latent_docs_sql(views: list[str], planted_only: bool = False, roles_where: 
     return "(" + render(load_sql("latent_docs.sql"), latent_tokens=source, where=where) + ")"
 
 
-def _behaviour_mass_sql(views: list[str], roles_where: str | None = None) -> str:
-    ld = _latent_docs_sql(views, planted_only=True, roles_where=roles_where)
+def behaviour_mass_sql(views: list[str], roles_where: str | None = None) -> str:
+    ld = latent_docs_sql(views, planted_only=True, roles_where=roles_where)
     return render(load_sql("behaviour_mass.sql"), latent_docs=ld, docs="docs")
 
 
@@ -161,12 +162,12 @@ def rank_latents(
     roles_where = role_filter(con, params.roles)
     dominant = _EMPTY_DOMINANT
     if planted:
-        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=_behaviour_mass_sql(views, roles_where))
+        dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=behaviour_mass_sql(views, roles_where))
     dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
     sql = render(
         load_sql("rank_latents.sql"),
-        latent_docs=_latent_docs_sql(views, roles_where=roles_where),
-        latent_docs_all=_latent_docs_sql(views),
+        latent_docs=latent_docs_sql(views, roles_where=roles_where),
+        latent_docs_all=latent_docs_sql(views),
         dominant=dominant,
         latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
         rank_by=score,
@@ -196,64 +197,3 @@ def rank_latents(
             f"rank_latents.sql returned columns {table.column_names}, storage/schemas.py expects {schema.names}"
         )
     return table.cast(schema)
-
-
-def recovery(
-    con: duckdb.DuckDBPyConnection,
-    latents: pa.Table | None = None,
-    *,
-    capture_share: float = 0.8,
-    top_k: int = 10,
-    roles: tuple[str, ...] | None = None,
-) -> pa.Table:
-    """Per (score, planted behaviour): best_rank, recovered (best_rank <= top_k), top10_capture_fraction (see
-    storage/sql/recovery.sql). `latents`: a rank_latents table; default: the run's `latents` view if any, else
-    ranked now. `roles`: the analysed roles the latents were ranked with (capture is judged on their tokens).
-    Empty when the run has no planted behaviour."""
-    views = view_names(con)
-    if not has_planted(con):
-        return schemas.RECOVERY.empty_table()
-    _latent_docs_sql(views)  # latent_tokens must exist
-    if latents is None:
-        latents = rank_latents(con, params=RankParams(roles=roles)) if "latents" not in views else None
-    name = f"__diffsae_latents_{next(_counter)}"
-    sql = render(
-        load_sql("recovery.sql"),
-        behaviour_mass=_behaviour_mass_sql(views, role_filter(con, roles)),
-        docs="docs",
-        latents=name if latents is not None else "latents",
-    )
-    args = {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)}
-    if latents is not None:
-        con.register(name, latents.select(["latent_id", "pos_mass"] + [f"rank_{s}" for s in SCORES]))
-    try:
-        table = con.execute(sql, args).to_arrow_table()
-    finally:
-        if latents is not None:
-            con.unregister(name)
-    return table.cast(schemas.RECOVERY)
-
-
-def format_recovery(table: pa.Table) -> str:
-    """Aligned text: one line per score with top-10 capture fraction, then each behaviour's best rank."""
-    if table.num_rows == 0:
-        return "recovery: no planted behaviours in docs"
-    rows = table.to_pylist()
-    behaviours = sorted({r["behaviour"] for r in rows})
-    by_score: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by_score.setdefault(r["score"], {})[r["behaviour"]] = r
-    header = ["score", "top10_capture"] + behaviours
-    lines = [header]
-    for score, per in by_score.items():
-        first = next(iter(per.values()))
-        cells = [score, f"{first['top10_capture_fraction']:.2f}"]
-        for b in behaviours:
-            best = per[b]["best_rank"]
-            cells.append("-" if best is None else f"{best}{' *' if per[b]['recovered'] else ''}")
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    return "\n".join(
-        text + ["(cells: best rank of a latent capturing the behaviour; * = recovered, in the top 10)"]
-    )

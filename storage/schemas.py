@@ -103,10 +103,15 @@ def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
     return pa.schema(fields)
 
 
-# Planted-behaviour recovery per score (only for data with behaviour labels).
+# Planted-behaviour recovery per (order, behaviour), only for data with behaviour labels (storage/recovery.py).
+# score: a score or a baseline order (frequency, firing_kl, random). v1 (scores only, NULL for baselines):
+# best_rank, recovered, top10_capture_fraction. v2 (held-out documents, precision and coverage): best_rank_v2,
+# recovered_v2 (NULL for random), expected_v2 (random: the chance of recovery; else 0/1), n_capturing (narrow
+# latents that capture the behaviour), n_heldout (its held-out documents).
 RECOVERY = _schema(
     ("score", pa.string()), ("behaviour", pa.string()), ("best_rank", pa.int64()), ("recovered", pa.bool_()),
-    ("top10_capture_fraction", pa.float64()),
+    ("top10_capture_fraction", pa.float64()), ("best_rank_v2", pa.int64()), ("recovered_v2", pa.bool_()),
+    ("expected_v2", pa.float64()), ("n_capturing", pa.int64()), ("n_heldout", pa.int64()),
 )  # fmt: skip
 
 

@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
-from diffsae.config import RankConfig
+from diffsae.config import RankConfig, SAEConfig
+from diffsae.split import heldout_docs
 from storage import ranking
 from storage.context import RunContext
+from storage.recovery import format_recovery, recovery
 from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
 
 TOP_REPORTED = 10  # latents listed in the stage's result (the CLI's end-of-run report)
@@ -64,7 +66,7 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
     q = f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)} AND {roles_where}"
     analysed = con.execute(q).fetchone()[0]
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
-    rec = ranking.recovery(con, latents, roles=params.roles)
+    rec = recovery(con, latents, roles=params.roles, heldout=sae_heldout(ctx, con))
     store.write_parquet(paths.table("latents"), latents)
     publish_recovery(ctx, rec)
     columns = ["rank", "latent_id", "kl_attr_sum"]
@@ -75,7 +77,7 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
         n_latents=latents.num_rows,
         top=latents.filter(pc.is_valid(latents["rank"])).slice(0, TOP_REPORTED).select(columns).to_pylist(),
         recovery=rec.to_pylist(),
-        recovery_text=ranking.format_recovery(rec),
+        recovery_text=format_recovery(rec),
         roles=list(cfg.roles),
         broad_docs=cfg.broad_docs,
         n_broad=int(pc.sum(pc.is_valid(latents["rank_broad"])).as_py() or 0),
@@ -117,11 +119,16 @@ def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
     rows = rec.to_pylist()
     metrics: dict[str, float] = {}
     for r in rows:
-        metrics[f"recovery.{r['score']}.{r['behaviour']}.best_rank"] = float(r["best_rank"] or -1)
-        metrics[f"recovery.{r['score']}.top10_capture_fraction"] = float(r["top10_capture_fraction"] or 0.0)
+        key = f"recovery.{r['score']}"
+        if r["top10_capture_fraction"] is not None:  # v1: scores only
+            metrics[f"{key}.{r['behaviour']}.best_rank"] = float(r["best_rank"] or -1)
+            metrics[f"{key}.top10_capture_fraction"] = float(r["top10_capture_fraction"])
+        metrics[f"{key}.{r['behaviour']}.best_rank_v2"] = float(r["best_rank_v2"] or -1)
     for score in {r["score"] for r in rows}:
         per = [r for r in rows if r["score"] == score]
-        metrics[f"recovery.{score}.recovered_fraction"] = sum(bool(r["recovered"]) for r in per) / len(per)
+        if per[0]["top10_capture_fraction"] is not None:
+            metrics[f"recovery.{score}.recovered_fraction"] = sum(bool(r["recovered"]) for r in per) / len(per)
+        metrics[f"recovery.{score}.recovered_fraction_v2"] = sum(r["expected_v2"] or 0.0 for r in per) / len(per)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
 
@@ -135,6 +142,18 @@ def evaluate_run(ctx: RunContext) -> str:
         roles = ctx.store.read_json(ctx.paths.marker("ranking")).get("roles")
     except FileNotFoundError:
         roles = None  # no marker (or one from before rank.roles existed): every token was scored
-    rec = ranking.recovery(con, roles=tuple(roles) if roles else None)
+    rec = recovery(con, roles=tuple(roles) if roles else None, heldout=sae_heldout(ctx, con))
     publish_recovery(ctx, rec)
-    return ranking.format_recovery(rec)
+    return format_recovery(rec)
+
+
+def sae_heldout(ctx: RunContext, con: Any) -> list[int] | None:
+    """Doc ids the run's SAE never trained on, redrawn from its config (diffsae/split.py); None when the SAE's
+    config is unknown (recovery v2 then reads every document and says so)."""
+    try:
+        sae_cfg = ctx.store.read_json(ctx.paths.url("sae", "cfg.json")).get("sae_config")
+    except FileNotFoundError:
+        return None
+    if not sae_cfg:
+        return None
+    return heldout_docs(ranking.count_docs(con), SAEConfig.model_validate(sae_cfg)).tolist()

@@ -29,6 +29,7 @@ from prefect import task
 from diffsae.config import ModelsConfig, SAEConfig
 from diffsae.patching import kl_gap_recovered
 from diffsae.shuffle import shuffled_batches
+from diffsae.split import split_calibration, split_docs
 from diffsae.train import calibrate_threshold, evaluate, train_sae
 from storage import activations as act
 from storage.context import RunContext
@@ -57,30 +58,6 @@ class SAEResult(NamedTuple):
     train_tokens_seen: int
     weights_sha256: str
     mlflow_run_id: str
-
-
-def split_docs(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train doc ids, validation doc ids): a seeded random split by document, at least one of each."""
-    rng = np.random.default_rng(seed + 7919)
-    is_val = rng.random(n_docs) < val_fraction
-    if n_docs >= 2 and (is_val.all() or not is_val.any()):
-        is_val[:] = False
-        is_val[rng.integers(n_docs)] = True
-    ids = np.arange(n_docs)
-    return ids[~is_val], ids[is_val]
-
-
-def split_calibration(train_docs: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(SAE training docs, calibration docs) out of the training split: a seeded random share `fraction` of its
-    documents (at least one, while one is left to train on); fraction 0: every document does both."""
-    if fraction <= 0 or len(train_docs) < 2:
-        return train_docs, train_docs
-    is_cal = np.random.default_rng(seed + 104729).random(len(train_docs)) < fraction
-    if not is_cal.any():
-        is_cal[0] = True
-    if is_cal.all():
-        is_cal[0] = False
-    return train_docs[~is_cal], train_docs[is_cal]
 
 
 def count_sae_rows(store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: np.ndarray) -> int:

@@ -14,7 +14,8 @@ from storage import schemas
 from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
-from storage.ranking import RankParams, rank_latents, recovery
+from storage.ranking import RankParams, rank_latents
+from storage.recovery import recovery
 from storage.store import Store
 from tests.synthetic import arrow_table
 

@@ -13,15 +13,8 @@ from storage import schemas
 from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
-from storage.ranking import (
-    DOMINANT_COLUMNS,
-    SCORES,
-    RankParams,
-    format_recovery,
-    rank_latents,
-    recovery,
-    resolve_score,
-)
+from storage.ranking import DOMINANT_COLUMNS, SCORES, RankParams, rank_latents, resolve_score
+from storage.recovery import BASELINES, format_recovery, recovery
 from storage.store import Store
 from tests.synthetic import arrow_table
 
@@ -220,7 +213,7 @@ def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
     assert latents.column("latent_id").to_pylist() == [5, 30, 10, 20, 70, 60, 40]
     rec = recovery(con, latents)
     assert rec.schema == schemas.RECOVERY
-    assert rec.num_rows == len(SCORES) * 4
+    assert rec.num_rows == (len(SCORES) + len(BASELINES)) * 4
     table = {(r["score"], r["behaviour"]): r for r in rec.to_pylist()}
     assert table[("total", "alpha")]["best_rank"] == 4  # latent 20
     assert table[("total", "beta")]["best_rank"] == 1  # latent 5 (and 30)
@@ -238,8 +231,8 @@ def test_recovery_by_hand(tmp_path, latent_docs: bool) -> None:
     assert rec3[("total", "alpha")]["recovered"] is False and rec3[("total", "beta")]["recovered"] is True
     assert rec3[("total", "beta")]["top10_capture_fraction"] == pytest.approx(2 / 3)  # 5, 30 of 5, 30, 10
     text = format_recovery(rec)
-    assert text.splitlines()[0].split() == ["score", "top10_capture", "alpha", "beta", "delta", "gamma"]
-    assert text.splitlines()[1].split() == ["total", "0.57", "4", "*", "1", "*", "5", "*", "-"]
+    assert text.splitlines()[1].split() == ["score", "top10_capture", "alpha", "beta", "delta", "gamma"]
+    assert text.splitlines()[2].split() == ["total", "0.57", "4", "*", "1", "*", "5", "*", "-"]
 
 
 def test_recovery_uses_latents_view_when_written(tmp_path) -> None:

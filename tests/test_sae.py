@@ -377,7 +377,7 @@ def test_interleave_round_robin_in_seeded_random_order():
 
 
 def test_calibration_split_is_disjoint_seeded_and_never_validation():
-    from tasks.train import split_calibration, split_docs
+    from diffsae.split import split_calibration, split_docs
 
     train, val = split_docs(200, 0.1, seed=3)
     fit, cal = split_calibration(train, 0.1, seed=3)

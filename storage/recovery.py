@@ -1,0 +1,189 @@
+"""Does the ranking surface the planted behaviours? Recovery v1 and v2 with baselines, in DuckDB SQL.
+
+v1 (storage/sql/recovery.sql, kept beside v2 for one release): a latent captures behaviour b when >= 80 % of its
+positive attribution mass lies in b's documents, on every document; precision only.
+v2 (storage/sql/recovery_v2.sql, issue 15): on documents held out of SAE training only (diffsae/split.py), a latent
+captures b when it has that precision AND fires in >= 50 % of b's held-out documents (coverage). Every score is
+judged, beside three baselines over the same narrow latents: the `frequency` order, the `firing_kl` order (mean
+per-token KL where the latent fires) and a `random` order, whose expected recovery has a closed form
+(random_recovery).
+
+    rec = recovery(con, latents, roles=("assistant", "text"), heldout=heldout_docs(n_docs, sae_cfg))
+    print(format_recovery(rec))
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from diffsae.config import SCORES
+from storage import schemas
+from storage.duck import view_names
+from storage.ranking import (
+    RankParams,
+    behaviour_mass_sql,
+    has_planted,
+    latent_docs_sql,
+    load_sql,
+    rank_latents,
+    render,
+    role_filter,
+)
+
+BASELINES = ("frequency", "firing_kl", "random")  # orders judged beside the scores (v2 only)
+_counter = itertools.count()
+_NO_FIRING_KL = "(SELECT NULL::INTEGER AS latent_id, NULL::DOUBLE AS firing_kl WHERE false)"
+
+
+def random_recovery(n: int, m: int, k: int) -> float:
+    """Probability that a uniformly random order of `n` entries puts one of `m` capturing entries in its top `k`:
+    1 - C(n - m, k) / C(n, k)."""
+    if m <= 0 or n <= 0:
+        return 0.0
+    if k >= n or m > n - k:
+        return 1.0
+    miss = 1.0
+    for i in range(k):
+        miss *= (n - m - i) / (n - i)
+    return 1.0 - miss
+
+
+def _firing_kl_sql(views: list[str], roles_where: str | None) -> str:
+    if "tokens" not in views:
+        return _NO_FIRING_KL
+    return (
+        "(SELECT lt.latent_id, avg(t.kl) AS firing_kl FROM latent_tokens AS lt JOIN tokens AS t"
+        f" ON t.doc_id = lt.doc_id AND t.pos = lt.pos WHERE {roles_where or 'true'} GROUP BY lt.latent_id)"
+    )
+
+
+def recovery(
+    con: duckdb.DuckDBPyConnection,
+    latents: pa.Table | None = None,
+    *,
+    capture_share: float = 0.8,
+    coverage: float = 0.5,
+    top_k: int = 10,
+    roles: tuple[str, ...] | None = None,
+    heldout: Sequence[int] | np.ndarray | None = None,
+) -> pa.Table:
+    """The `recovery` table (storage/schemas.py RECOVERY): per (order, planted behaviour) v1 (best_rank, recovered,
+    top10_capture_fraction; scores only) and v2 (best_rank_v2, recovered_v2, expected_v2, n_capturing, n_heldout;
+    scores and BASELINES). `latents`: a rank_latents table (default: the run's `latents` view, else ranked now);
+    `roles`: the roles it was ranked with (capture is judged on their tokens); `heldout`: the doc ids the SAE never
+    trained on (None: every document, said by n_heldout). Empty when the run has no planted behaviour."""
+    views = view_names(con)
+    if not has_planted(con):
+        return schemas.RECOVERY.empty_table()
+    latent_docs_sql(views)  # latent_tokens must exist
+    if latents is None:
+        if "latents" in views:
+            latents = con.execute("SELECT * FROM latents").to_arrow_table()
+        else:
+            latents = rank_latents(con, params=RankParams(roles=roles))
+    roles_where = role_filter(con, roles)
+    rank_cols = [f"rank_{s}" for s in SCORES]
+    lat_name, held_name = f"__diffsae_latents_{next(_counter)}", f"__diffsae_heldout_{next(_counter)}"
+    con.register(lat_name, latents.select(["latent_id", "n_active", "pos_mass", "rank"] + rank_cols))
+    ids = np.arange(0) if heldout is None else np.asarray(heldout, dtype=np.int64)
+    con.register(held_name, pa.table({"doc_id": pa.array(ids, pa.int64())}))
+    try:
+        v1 = con.execute(
+            render(
+                load_sql("recovery.sql"),
+                behaviour_mass=behaviour_mass_sql(views, roles_where),
+                docs="docs",
+                latents=f"(SELECT latent_id, pos_mass, {', '.join(rank_cols)} FROM {lat_name})",
+            ),
+            {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)},
+        ).fetchall()
+        v2 = con.execute(
+            render(
+                load_sql("recovery_v2.sql"),
+                latent_docs=latent_docs_sql(views, roles_where=roles_where),
+                docs="docs",
+                heldout="(SELECT doc_id FROM docs)" if heldout is None else held_name,
+                latents=lat_name,
+                firing_kl=_firing_kl_sql(views, roles_where),
+            ),
+            {"precision": capture_share, "coverage": coverage, "top_k": top_k},
+        ).fetchall()
+        n_narrow = con.execute(f"SELECT count(*) FROM {lat_name} WHERE rank IS NOT NULL").fetchone()[0]
+    finally:
+        con.unregister(lat_name)
+        con.unregister(held_name)
+    return _combine(v1, v2, n_narrow, top_k)
+
+
+def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int) -> pa.Table:
+    """One row per (order, behaviour): the scores (SCORES order) then BASELINES, behaviours alphabetical."""
+    old = {(s, b): (best, rec, frac) for s, b, best, rec, frac in v1}
+    new = {(s, b): (best, rec, m, n) for s, b, best, rec, m, n in v2}
+    behaviours = sorted({b for _, b in old} | {b for _, b in new})
+    per_b = {b: next(((m, n) for (_, bb), (_, _, m, n) in new.items() if bb == b), (0, 0)) for b in behaviours}
+    rows = []
+    for order in SCORES + BASELINES:
+        for b in behaviours:
+            best1, rec1, frac = old.get((order, b), (None, None, None))
+            m, n = per_b[b]
+            if order == "random":
+                best2, rec2, expected = None, None, random_recovery(n_narrow, m, top_k)
+            else:
+                best2, rec2, _, _ = new.get((order, b), (None, False, m, n))
+                expected = float(bool(rec2))
+            rows.append((order, b, best1, rec1, frac, best2, rec2, expected, m, n))
+    columns = list(zip(*rows)) if rows else [[] for _ in schemas.RECOVERY.names]
+    return pa.table([pa.array(c, f.type) for c, f in zip(columns, schemas.RECOVERY)], schema=schemas.RECOVERY)
+
+
+def _cells(per: dict[str, dict], behaviours: list[str], best: str, recovered: str) -> list[str]:
+    out = []
+    for b in behaviours:
+        rank = per[b][best]
+        out.append("-" if rank is None else f"{rank}{' *' if per[b][recovered] else ''}")
+    return out
+
+
+def format_recovery(table: pa.Table) -> str:
+    """Aligned text: v1 (one line per score: top-10 capture fraction, each behaviour's best rank), then v2 (per
+    score and baseline: best rank on held-out documents, behaviours recovered; random: expected recovery)."""
+    if table.num_rows == 0:
+        return "recovery: no planted behaviours in docs"
+    rows = table.to_pylist()
+    behaviours = sorted({r["behaviour"] for r in rows})
+    by_order: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_order.setdefault(r["score"], {})[r["behaviour"]] = r
+    v1 = [["score", "top10_capture"] + behaviours]
+    for order, per in by_order.items():
+        if order in BASELINES:
+            continue
+        v1.append([order, f"{next(iter(per.values()))['top10_capture_fraction']:.2f}"]
+                  + _cells(per, behaviours, "best_rank", "recovered"))  # fmt: skip
+    held = ", ".join(f"{b} {rows_b['n_heldout']}" for b, rows_b in next(iter(by_order.values())).items())
+    v2 = [["order", "recovered"] + behaviours]
+    for order, per in by_order.items():
+        got = sum(per[b]["expected_v2"] or 0.0 for b in behaviours)
+        if order == "random":
+            v2.append([order, f"{got:.2f}"] + [f"p={per[b]['expected_v2']:.2f}" for b in behaviours])
+        else:
+            v2.append([order, f"{got:.0f}/{len(behaviours)}"] + _cells(per, behaviours, "best_rank_v2", "recovered_v2"))
+    return "\n".join(
+        ["recovery v1 (every document; precision >= 80 %):"]
+        + _align(v1)
+        + ["(cells: best rank of a latent capturing the behaviour; * = recovered, in the top 10)", ""]
+        + [f"recovery v2 (held-out documents per behaviour: {held}; precision >= 80 % and coverage >= 50 %):"]
+        + _align(v2)
+        + ["(scores, then baselines over the same latents: frequency and firing-KL orders; random: expected"
+           " recovery, p = chance a random order puts a capturing latent in the top 10)"]  # fmt: skip
+    )
+
+
+def _align(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
