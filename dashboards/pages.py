@@ -103,7 +103,8 @@ class TokenRow(NamedTuple):
 class RecoveryGroup(NamedTuple):
     score: str
     rows: tuple[tuple[tuple[str, str], ...], ...]  # per row: (text, css class) per column
-    n_recovered: int
+    n_recovered: int  # v1
+    n_recovered_v2: float | None  # v2 on held-out documents (random: expected); None for runs without it
 
 
 class Recovery(NamedTuple):
@@ -337,6 +338,7 @@ def _recovery(rec: pl.DataFrame | None, rank_by: str | None) -> Recovery | None:
                     cells.append(("\u2014" if v is None else str(v), ""))
             rows.append(tuple(cells))
         n_rec = int(part["recovered"].cast(pl.Boolean).fill_null(False).sum())
-        groups.append(RecoveryGroup(str(score), tuple(rows), n_rec))
+        v2 = float(part["expected_v2"].fill_null(0.0).sum()) if "expected_v2" in part.columns else None
+        groups.append(RecoveryGroup(str(score), tuple(rows), n_rec, v2))
     scores = [g.score for g in groups]
     return Recovery(columns, tuple(groups), rank_by if rank_by in scores else scores[0])

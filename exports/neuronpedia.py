@@ -170,7 +170,9 @@ def feature_record(
         "dataset": info.prompts,
         "activations": [activation_record(c, row["max_activation"]) for c in contexts],
         "diffsae": {
-            "rank": int(row["rank"]),
+            "rank": None if row["rank"] is None else int(row["rank"]),
+            **{c: row[c] for c in ("rank_broad",) if c in row},
+            **{c: _num(row[c]) for c in ("doc_share", "doc_share_all", "pos_mass_all") if c in row},
             "rank_by": info.rank_by,
             "scores": {s: _num(row.get(f"score_{s}")) for s in SCORES if f"score_{s}" in row},
             "ranks": {s: row.get(f"rank_{s}") for s in SCORES if f"rank_{s}" in row},

@@ -75,8 +75,8 @@ def report(cfg: Any, out: Any) -> str:
                 f"{r['rank_broad']:>4}  {r['latent_id']:>6}  {_pct(r['doc_share_all']):>5}  "
                 f"{_pct(r['doc_share']):>16}  {r['pos_mass_all']:.4f}"
             )
-    if ranking.recovery:
-        lines.append("\nplanted-behaviour recovery (best rank of a capturing latent, per score):")
+    if ranking.recovery_text:
+        lines.append("\nplanted-behaviour recovery:")
         lines.append(ranking.recovery_text)
     validation = getattr(out, "validation", None)
     if validation is not None and validation.top:

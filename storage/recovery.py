@@ -62,6 +62,15 @@ def _firing_kl_sql(views: list[str], roles_where: str | None) -> str:
     )
 
 
+def _captures_sql(views: list[str], roles_where: str | None, docs: str, heldout: str) -> str:
+    ld = latent_docs_sql(views, roles_where=roles_where)
+    return render(load_sql("captures_v2.sql"), latent_docs=ld, docs=docs, heldout=heldout)
+
+
+def _orders_sql(views: list[str], roles_where: str | None, latents: str) -> str:
+    return render(load_sql("orders_v2.sql"), latents=latents, firing_kl=_firing_kl_sql(views, roles_where))
+
+
 def recovery(
     con: duckdb.DuckDBPyConnection,
     latents: pa.Table | None = None,
@@ -102,14 +111,14 @@ def recovery(
             ),
             {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)},
         ).fetchall()
+        held = "(SELECT doc_id FROM docs)" if heldout is None else held_name
         v2 = con.execute(
             render(
                 load_sql("recovery_v2.sql"),
-                latent_docs=latent_docs_sql(views, roles_where=roles_where),
+                captures=_captures_sql(views, roles_where, "docs", held),
+                orders=_orders_sql(views, roles_where, lat_name),
                 docs="docs",
-                heldout="(SELECT doc_id FROM docs)" if heldout is None else held_name,
-                latents=lat_name,
-                firing_kl=_firing_kl_sql(views, roles_where),
+                heldout=held,
             ),
             {"precision": capture_share, "coverage": coverage, "top_k": top_k},
         ).fetchall()
@@ -118,6 +127,66 @@ def recovery(
         con.unregister(lat_name)
         con.unregister(held_name)
     return _combine(v1, v2, n_narrow, top_k)
+
+
+def false_alarms(
+    con: duckdb.DuckDBPyConnection,
+    latents: pa.Table,
+    *,
+    roles: tuple[str, ...] | None = None,
+    heldout: Sequence[int] | np.ndarray | None = None,
+    n_labels: int | None = None,
+    rate: float | None = None,
+    draws: int = 5,
+    seed: int = 0,
+    capture_share: float = 0.8,
+    coverage: float = 0.5,
+    top_k: int = 10,
+) -> pa.Table:
+    """The `false_alarms` table (schemas.FALSE_ALARMS): per order (SCORES, frequency, firing_kl), how many of its top
+    `top_k` capture a placebo label (recovery v2's test: precision and coverage on held-out documents), mean and
+    max over `draws` seeded draws. Placebo labels: `n_labels` (default: the run's planted labels, else 3) disjoint
+    sets of ordinary documents, each of round(`rate` x documents) (default: the planted labels' mean share of
+    documents, else 0.1), at most an equal share of the ordinary documents. On a null organism (no narrow
+    behaviour) every such entry is a false alarm; on a planted run it counts entries the test would wrongly credit."""
+    views = view_names(con)
+    docs = con.execute("SELECT doc_id, behaviour FROM docs ORDER BY doc_id").fetchall()
+    ordinary = np.array([d for d, b in docs if b is None or b in ("", "none")], dtype=np.int64)
+    planted = [b for _, b in docs if b not in (None, "", "none")]
+    n_labels = n_labels or len(set(planted)) or 3
+    rate = rate if rate is not None else (len(planted) / len(docs) / len(set(planted)) if planted else 0.1)
+    size = min(round(rate * len(docs)), len(ordinary) // n_labels)
+    if size < 1:
+        raise ValueError(f"false alarms: {len(ordinary)} ordinary documents cannot hold {n_labels} placebo labels")
+    roles_where = role_filter(con, roles)
+    rank_cols = [f"rank_{s}" for s in SCORES]
+    lat_name, held_name, doc_name = (f"__diffsae_{n}_{next(_counter)}" for n in ("latents", "heldout", "placebo"))
+    con.register(lat_name, latents.select(["latent_id", "n_active", "rank"] + rank_cols))
+    held_ids = np.array([d for d, _ in docs] if heldout is None else heldout, dtype=np.int64)
+    con.register(held_name, pa.table({"doc_id": pa.array(held_ids, pa.int64())}))
+    counts: dict[str, list[int]] = {}
+    try:
+        for draw in range(draws):
+            perm = np.random.default_rng(seed + 7907 * draw).permutation(ordinary)
+            label = {int(d): f"placebo_{i // size}" for i, d in enumerate(perm[: n_labels * size])}
+            ids = [d for d, _ in docs]
+            con.register(doc_name, pa.table({"doc_id": pa.array(ids, pa.int64()),
+                                             "behaviour": [label.get(d, "none") for d in ids]}))  # fmt: skip
+            sql = render(
+                load_sql("false_alarms.sql"),
+                captures=_captures_sql(views, roles_where, doc_name, held_name),
+                orders=_orders_sql(views, roles_where, lat_name),
+            )
+            args = {"precision": capture_share, "coverage": coverage, "top_k": top_k}
+            for order, n in con.execute(sql, args).fetchall():
+                counts.setdefault(order, []).append(int(n))
+            con.unregister(doc_name)
+    finally:
+        for name in (lat_name, held_name):
+            con.unregister(name)
+    rows = [(o, float(np.mean(counts[o])), max(counts[o]), n_labels, size, draws)
+            for o in SCORES + BASELINES if o in counts]  # fmt: skip
+    return pa.table(list(map(list, zip(*rows))), schema=schemas.FALSE_ALARMS)
 
 
 def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int) -> pa.Table:
@@ -139,6 +208,17 @@ def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int) -> pa.
             rows.append((order, b, best1, rec1, frac, best2, rec2, expected, m, n))
     columns = list(zip(*rows)) if rows else [[] for _ in schemas.RECOVERY.names]
     return pa.table([pa.array(c, f.type) for c, f in zip(columns, schemas.RECOVERY)], schema=schemas.RECOVERY)
+
+
+def format_false_alarms(table: pa.Table) -> str:
+    """One line per order: mean (max) false alarms in its top 10 over the draws."""
+    if table.num_rows == 0:
+        return "false alarms: not measured"
+    r0 = table.slice(0, 1).to_pylist()[0]
+    head = (f"false alarms (top-10 entries passing recovery v2 for a placebo label; {r0['n_labels']} labels of "
+            f"{r0['docs_per_label']} ordinary documents, mean (max) over {r0['draws']} draws):")  # fmt: skip
+    cells = [f"{r['score']} {r['false_alarms']:.1f} ({r['false_alarms_max']})" for r in table.to_pylist()]
+    return "\n".join([head, ", ".join(cells)])
 
 
 def _cells(per: dict[str, dict], behaviours: list[str], best: str, recovered: str) -> list[str]:

@@ -114,6 +114,13 @@ RECOVERY = _schema(
     ("expected_v2", pa.float64()), ("n_capturing", pa.int64()), ("n_heldout", pa.int64()),
 )  # fmt: skip
 
+# False alarms per order (storage/recovery.py false_alarms): entries of its top 10 that pass recovery v2's test for a
+# placebo label (ordinary documents drawn into n_labels labels of docs_per_label each), mean and max over draws.
+FALSE_ALARMS = _schema(
+    ("score", pa.string()), ("false_alarms", pa.float64()), ("false_alarms_max", pa.int64()),
+    ("n_labels", pa.int64()), ("docs_per_label", pa.int64()), ("draws", pa.int64()),
+)  # fmt: skip
+
 
 # ---------------------------------------------------------------- validation stage (analysis/)
 
@@ -154,6 +161,7 @@ TABLES: dict[str, Table] = {
     "latents": Table("analysis/latents.parquet", "one latent that fires: statistics, scores, ranks"),
     "metrics": Table("analysis/metrics.parquet", "one run-level figure"),
     "recovery": Table("analysis/recovery.parquet", "one (score, planted behaviour)"),
+    "false_alarms": Table("analysis/false_alarms.parquet", "one order: top-10 entries passing for a placebo label"),
     "validation": Table("analysis/validation.parquet", "one validated latent: ablation and steering figures"),
     "validation_generations": Table(
         "analysis/validation_generations.parquet", "one (validated latent, prompt, variant): its greedy answer"

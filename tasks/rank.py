@@ -17,9 +17,9 @@ from prefect import task
 
 from diffsae.config import RankConfig, SAEConfig
 from diffsae.split import heldout_docs
-from storage import ranking
+from storage import ranking, schemas
 from storage.context import RunContext
-from storage.recovery import format_recovery, recovery
+from storage.recovery import false_alarms, format_false_alarms, format_recovery, recovery
 from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
 
 TOP_REPORTED = 10  # latents listed in the stage's result (the CLI's end-of-run report)
@@ -66,9 +66,11 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
     q = f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)} AND {roles_where}"
     analysed = con.execute(q).fetchone()[0]
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
-    rec = recovery(con, latents, roles=params.roles, heldout=sae_heldout(ctx, con))
+    heldout = sae_heldout(ctx, con)
+    rec = recovery(con, latents, roles=params.roles, heldout=heldout)
+    alarms = measure_false_alarms(con, latents, params.roles, heldout)
     store.write_parquet(paths.table("latents"), latents)
-    publish_recovery(ctx, rec)
+    publish_recovery(ctx, rec, alarms)
     columns = ["rank", "latent_id", "kl_attr_sum"]
     columns += ["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else []
     out = RankingResult(
@@ -77,7 +79,7 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
         n_latents=latents.num_rows,
         top=latents.filter(pc.is_valid(latents["rank"])).slice(0, TOP_REPORTED).select(columns).to_pylist(),
         recovery=rec.to_pylist(),
-        recovery_text=format_recovery(rec),
+        recovery_text=format_recovery(rec) + "\n\n" + format_false_alarms(alarms),
         roles=list(cfg.roles),
         broad_docs=cfg.broad_docs,
         n_broad=int(pc.sum(pc.is_valid(latents["rank_broad"])).as_py() or 0),
@@ -102,13 +104,27 @@ def rank_task(
     return rank(ctx, rank_by, cfg, skip_first, key)
 
 
-def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
-    """Write the `recovery` table and log it to the SAE's MLflow run (when the data has behaviour labels)."""
+def measure_false_alarms(con: Any, latents: pa.Table, roles: tuple[str, ...] | None, heldout: Any) -> pa.Table:
+    """storage.recovery.false_alarms with its defaults; empty when there are too few ordinary documents."""
+    try:
+        return false_alarms(con, latents, roles=roles, heldout=heldout)
+    except ValueError:
+        return schemas.FALSE_ALARMS.empty_table()
+
+
+def publish_recovery(ctx: RunContext, rec: pa.Table, alarms: pa.Table) -> None:
+    """Write the `recovery` and `false_alarms` tables and log them to the SAE's MLflow run."""
     store, paths = ctx.store, ctx.paths
+    if alarms.num_rows:
+        store.write_parquet(paths.table("false_alarms"), alarms)
+    else:
+        store.delete(paths.table("false_alarms"))
     if not rec.num_rows:
         store.delete(paths.table("recovery"))
+    else:
+        store.write_parquet(paths.table("recovery"), rec)
+    if not rec.num_rows and not alarms.num_rows:
         return
-    store.write_parquet(paths.table("recovery"), rec)
     try:
         run_id = store.read_json(paths.marker("sae")).get("mlflow_run_id")
     except FileNotFoundError:
@@ -129,6 +145,8 @@ def publish_recovery(ctx: RunContext, rec: pa.Table) -> None:
         if per[0]["top10_capture_fraction"] is not None:
             metrics[f"recovery.{score}.recovered_fraction"] = sum(bool(r["recovered"]) for r in per) / len(per)
         metrics[f"recovery.{score}.recovered_fraction_v2"] = sum(r["expected_v2"] or 0.0 for r in per) / len(per)
+    for r in alarms.to_pylist():
+        metrics[f"false_alarms.{r['score']}"] = float(r["false_alarms"])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
 
@@ -142,9 +160,13 @@ def evaluate_run(ctx: RunContext) -> str:
         roles = ctx.store.read_json(ctx.paths.marker("ranking")).get("roles")
     except FileNotFoundError:
         roles = None  # no marker (or one from before rank.roles existed): every token was scored
-    rec = recovery(con, roles=tuple(roles) if roles else None, heldout=sae_heldout(ctx, con))
-    publish_recovery(ctx, rec)
-    return format_recovery(rec)
+    roles = tuple(roles) if roles else None
+    heldout = sae_heldout(ctx, con)
+    latents = con.execute("SELECT * FROM latents").to_arrow_table()
+    rec = recovery(con, latents, roles=roles, heldout=heldout)
+    alarms = measure_false_alarms(con, latents, roles, heldout)
+    publish_recovery(ctx, rec, alarms)
+    return format_recovery(rec) + "\n\n" + format_false_alarms(alarms)
 
 
 def sae_heldout(ctx: RunContext, con: Any) -> list[int] | None:

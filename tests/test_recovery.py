@@ -16,7 +16,7 @@ from storage.context import RunContext
 from storage.duck import connect
 from storage.paths import RunPaths
 from storage.ranking import rank_latents
-from storage.recovery import BASELINES, format_recovery, random_recovery, recovery
+from storage.recovery import BASELINES, false_alarms, format_false_alarms, format_recovery, random_recovery, recovery
 from storage.store import Store
 from tests.synthetic import arrow_table
 
@@ -112,3 +112,25 @@ def test_heldout_docs_never_trained_on() -> None:
     assert set(held) | set(parts["fit"]) == set(range(300))
     assert set(held) == set(parts["validation"]) | set(parts["calibration"])
     assert len(held) > 0 and np.array_equal(held, heldout_docs(300, cfg))
+
+
+def test_false_alarms_by_hand(con) -> None:
+    latents = rank_latents(con, "total")
+    # one placebo label holding all 10 ordinary documents: latent 5 (ordinary only, all 10) passes precision 1.0
+    # and coverage 10/10 -> a false alarm wherever it ranks in the top k; latents 3 and 4 keep >= 77 % in beta
+    fa = false_alarms(con, latents, n_labels=1, rate=1.0, draws=2, top_k=5)
+    assert fa.schema == schemas.FALSE_ALARMS
+    got = {r["score"]: r["false_alarms"] for r in fa.to_pylist()}
+    assert got["total"] == 0 and got["frequency"] == 1 and got["firing_kl"] == 0  # 5 ranks 6th, 4th, 6th
+    assert set(got) == set(SCORES) | {"frequency", "firing_kl"}
+    assert all(v == 1 for v in table_scores(false_alarms(con, latents, n_labels=1, rate=1.0, top_k=10)).values())
+    # defaults: the 2 planted labels' mean share (25 of 60 documents) capped at half the 10 ordinary ones
+    fa = false_alarms(con, latents)
+    assert fa.column("n_labels")[0].as_py() == 2 and fa.column("docs_per_label")[0].as_py() == 5
+    assert "2 labels of 5 ordinary documents" in format_false_alarms(fa)
+    with pytest.raises(ValueError, match="cannot hold 20 placebo labels"):
+        false_alarms(con, latents, n_labels=20)
+
+
+def table_scores(fa: pa.Table) -> dict[str, float]:
+    return {r["score"]: r["false_alarms"] for r in fa.to_pylist()}
