@@ -125,8 +125,17 @@ class LatentCount(NamedTuple):
         return None if self.width is None else self.width - self.firing
 
 
+class Group(NamedTuple):
+    group_id: int  # its leader's latent_id
+    group_rank: int
+    members: tuple[LatentRow, ...]  # leader first, then by rank
+    jaccard: tuple[float | None, ...]  # each member's document-set Jaccard with the leader
+    paged: tuple[bool, ...]  # whether each member has a latent page
+
+
 class Site(NamedTuple):
     rows: tuple[LatentRow, ...]
+    groups: tuple[Group, ...]  # the first top_latents groups (empty for runs without latent_groups)
     broad: tuple[LatentRow, ...]  # the broad changes, by rank_broad (empty for runs ranked without the split)
     roles: str  # the analysed token roles, comma-separated ("": unknown, every token)
     rank_cols: tuple[str, ...]
@@ -163,10 +172,12 @@ def build(
     broad = tuple(_latent_row(r, rank_cols, score_cols) for r in wide.iter_rows(named=True))
     listed = {r.latent_id for r in rows}
     paged = rows + tuple(r for r in broad if r.latent_id not in listed)
+    groups = _groups(tables, cfg.top_latents, rank_cols, score_cols, {r.latent_id for r in paged})
     scale = select.kl_scale(tables.tokens)
     kl_hist = histogram(tables.tokens["kl"].cast(pl.Float64), bins=50)
     return Site(
         rows=rows,
+        groups=groups,
         broad=broad,
         roles=roles,
         rank_cols=rank_cols,
@@ -181,6 +192,31 @@ def build(
         token_rows=_token_rows(tables, {r.latent_id for r in paged}, cfg, window, scale),
         window=window,
     )
+
+
+def _groups(
+    tables: SiteTables, n: int, rank_cols: tuple[str, ...], score_cols: tuple[str, ...], paged: set[int]
+) -> tuple[Group, ...]:
+    """The first `n` latent groups with their members' rows (latent_groups joined to latents)."""
+    if tables.latent_groups is None or tables.latent_groups.height == 0:
+        return ()
+    g = tables.latent_groups.filter(pl.col("group_rank") <= n)
+    lat = tables.latents.join(g.select("latent_id", "group_id", "group_rank", "jaccard"), on="latent_id")
+    out = []
+    for (gid, grank), part in lat.sort("group_rank", "rank").group_by(
+        "group_id", "group_rank", maintain_order=True
+    ):
+        members = tuple(_latent_row(r, rank_cols, score_cols) for r in part.iter_rows(named=True))
+        out.append(
+            Group(
+                group_id=int(gid),
+                group_rank=int(grank),
+                members=members,
+                jaccard=tuple(part["jaccard"].to_list()),
+                paged=tuple(m.latent_id in paged for m in members),
+            )
+        )
+    return tuple(out)
 
 
 def latent_count(latents: pl.DataFrame, width: int | None) -> LatentCount:

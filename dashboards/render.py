@@ -30,6 +30,7 @@ from dashboards.tables import RenderResult, SiteTables, Writer, check_tables, co
 from diffsae.config import DashboardsConfig
 
 ASSETS = ("app.js", "style.css")
+TEMPLATE_DIR = Path(__file__).parent / "templates"
 HEADLINE = (
     ("run", "Run"),
     ("base_model", "Base model"),
@@ -68,6 +69,11 @@ def environment() -> jinja2.Environment:
     env.filters["repr"] = repr
     env.filters["pct"] = lambda x: "\u2014" if x is None else f"{100 * x:.1f}%"
     return env
+
+
+def template_sources() -> list[str]:
+    """The text of every template and asset, in name order (part of the dashboards stage's key)."""
+    return [f.read_text(encoding="utf-8") for f in sorted(TEMPLATE_DIR.iterdir()) if f.is_file()]
 
 
 def render_site(
@@ -116,6 +122,10 @@ def render_site(
     for page in site.latent_pages:
         html = latent_tpl.render(root="../", page=page, **common)
         emit(f"latents/{page.row.latent_id}.html", html.encode("utf-8"))
+    group_tpl = env.get_template("group.html")
+    for group in site.groups:
+        html = group_tpl.render(root="../", group=group, **common)
+        emit(f"groups/{group.group_id}.html", html.encode("utf-8"))
     emit("tokens.html", _page(env, "tokens.html", root="", **common))
     return RenderResult(
         files=tuple(files),

@@ -45,8 +45,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "validation": ("latent_id", "kl_removed_on_firing", "kl_removed_elsewhere", "generations_changed",
                    "best_steering_scale", "steering_changed"),
     "validation_generations": ("latent_id", "doc_id", "prompt", "variant", "scale", "text"),
+    "latent_groups": ("group_id", "group_rank", "n_members", "latent_id", "rank", "jaccard"),
 }
-OPTIONAL = ("recovery", "validation", "validation_generations")  # tables a run may lack (None in SiteTables)
+# tables a run may lack (None in SiteTables)
+OPTIONAL = ("recovery", "validation", "validation_generations", "latent_groups")
 
 
 class TableError(ValueError):
@@ -65,6 +67,7 @@ class SiteTables(NamedTuple):
     recovery: pl.DataFrame | None = None
     validation: pl.DataFrame | None = None
     validation_generations: pl.DataFrame | None = None
+    latent_groups: pl.DataFrame | None = None  # runs ranked before groups existed lack it
 
 
 class RenderResult(NamedTuple):

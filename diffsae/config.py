@@ -236,6 +236,15 @@ class RankConfig(_Section):
         "apart (rank_broad, with latents firing this widely on any token), not in the narrow ranking",
     )
 
+    group_jaccard: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Latents whose document sets overlap this much (Jaccard) with a better-ranked group leader join "
+        "its group (latent_groups)",
+    )
+    group_top: int = Field(500, ge=1, description="Latents grouped: the first this many of the narrow ranking")
+
     @field_validator("roles")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:

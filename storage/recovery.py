@@ -36,6 +36,8 @@ from storage.ranking import (
 )
 
 BASELINES = ("frequency", "firing_kl", "random")  # orders judged beside the scores (v2 only)
+GROUPS = "groups"  # the order of latent groups (storage/groups.py; v2 only, when the groups are given)
+_NO_GROUPS = "(SELECT NULL::INTEGER AS latent_id, NULL::BIGINT AS group_rank WHERE false)"
 _counter = itertools.count()
 _NO_FIRING_KL = "(SELECT NULL::INTEGER AS latent_id, NULL::DOUBLE AS firing_kl WHERE false)"
 
@@ -62,13 +64,30 @@ def _firing_kl_sql(views: list[str], roles_where: str | None) -> str:
     )
 
 
-def _captures_sql(views: list[str], roles_where: str | None, docs: str, heldout: str) -> str:
+def _captures_sql(views: list[str], roles_where: str | None, docs: str, heldout: str, groups: str | None) -> str:
+    """captures_v2.sql over the latents and, with `groups`, over each group as one entry (id -group_rank, its
+    members' attribution summed per document)."""
     ld = latent_docs_sql(views, roles_where=roles_where)
+    if groups is not None:
+        ld = (
+            f"(SELECT latent_id, doc_id, attr_sum FROM {ld} AS x UNION ALL SELECT -g.group_rank::INTEGER, x.doc_id,"
+            f" sum(x.attr_sum) FROM {ld} AS x JOIN {groups} AS g ON g.latent_id = x.latent_id"
+            " GROUP BY g.group_rank, x.doc_id)"
+        )
     return render(load_sql("captures_v2.sql"), latent_docs=ld, docs=docs, heldout=heldout)
 
 
-def _orders_sql(views: list[str], roles_where: str | None, latents: str) -> str:
-    return render(load_sql("orders_v2.sql"), latents=latents, firing_kl=_firing_kl_sql(views, roles_where))
+def _orders_sql(views: list[str], roles_where: str | None, latents: str, groups: str) -> str:
+    sql = load_sql("orders_v2.sql")
+    return render(sql, latents=latents, firing_kl=_firing_kl_sql(views, roles_where), groups=groups)
+
+
+def _register_groups(con: duckdb.DuckDBPyConnection, groups: pa.Table | None) -> str | None:
+    if groups is None:
+        return None
+    name = f"__diffsae_groups_{next(_counter)}"
+    con.register(name, groups.select(["latent_id", "group_rank"]))
+    return name
 
 
 def recovery(
@@ -80,12 +99,14 @@ def recovery(
     top_k: int = 10,
     roles: tuple[str, ...] | None = None,
     heldout: Sequence[int] | np.ndarray | None = None,
+    groups: pa.Table | None = None,
 ) -> pa.Table:
     """The `recovery` table (storage/schemas.py RECOVERY): per (order, planted behaviour) v1 (best_rank, recovered,
     top10_capture_fraction; scores only) and v2 (best_rank_v2, recovered_v2, expected_v2, n_capturing, n_heldout;
     scores and BASELINES). `latents`: a rank_latents table (default: the run's `latents` view, else ranked now);
     `roles`: the roles it was ranked with (capture is judged on their tokens); `heldout`: the doc ids the SAE never
-    trained on (None: every document, said by n_heldout). Empty when the run has no planted behaviour."""
+    trained on (None: every document, said by n_heldout); `groups`: a latent_groups table (adds the `groups` order).
+    Empty when the run has no planted behaviour."""
     views = view_names(con)
     if not has_planted(con):
         return schemas.RECOVERY.empty_table()
@@ -101,6 +122,7 @@ def recovery(
     con.register(lat_name, latents.select(["latent_id", "n_active", "pos_mass", "rank"] + rank_cols))
     ids = np.arange(0) if heldout is None else np.asarray(heldout, dtype=np.int64)
     con.register(held_name, pa.table({"doc_id": pa.array(ids, pa.int64())}))
+    groups_name = _register_groups(con, groups)
     try:
         v1 = con.execute(
             render(
@@ -115,8 +137,8 @@ def recovery(
         v2 = con.execute(
             render(
                 load_sql("recovery_v2.sql"),
-                captures=_captures_sql(views, roles_where, "docs", held),
-                orders=_orders_sql(views, roles_where, lat_name),
+                captures=_captures_sql(views, roles_where, "docs", held, groups_name),
+                orders=_orders_sql(views, roles_where, lat_name, groups_name or _NO_GROUPS),
                 docs="docs",
                 heldout=held,
             ),
@@ -124,9 +146,10 @@ def recovery(
         ).fetchall()
         n_narrow = con.execute(f"SELECT count(*) FROM {lat_name} WHERE rank IS NOT NULL").fetchone()[0]
     finally:
-        con.unregister(lat_name)
-        con.unregister(held_name)
-    return _combine(v1, v2, n_narrow, top_k)
+        for name in (lat_name, held_name, groups_name):
+            if name is not None:
+                con.unregister(name)
+    return _combine(v1, v2, n_narrow, top_k, with_groups=groups is not None)
 
 
 def false_alarms(
@@ -142,9 +165,10 @@ def false_alarms(
     capture_share: float = 0.8,
     coverage: float = 0.5,
     top_k: int = 10,
+    groups: pa.Table | None = None,
 ) -> pa.Table:
-    """The `false_alarms` table (schemas.FALSE_ALARMS): per order (SCORES, frequency, firing_kl), how many of its top
-    `top_k` capture a placebo label (recovery v2's test: precision and coverage on held-out documents), mean and
+    """The `false_alarms` table (schemas.FALSE_ALARMS): per order (SCORES, groups, frequency, firing_kl), how many of
+    its top `top_k` capture a placebo label (recovery v2's test: precision and coverage on held-out documents), mean and
     max over `draws` seeded draws. Placebo labels: `n_labels` (default: the run's planted labels, else 3) disjoint
     sets of ordinary documents, each of round(`rate` x documents) (default: the planted labels' mean share of
     documents, else 0.1), at most an equal share of the ordinary documents. On a null organism (no narrow
@@ -164,6 +188,7 @@ def false_alarms(
     con.register(lat_name, latents.select(["latent_id", "n_active", "rank"] + rank_cols))
     held_ids = np.array([d for d, _ in docs] if heldout is None else heldout, dtype=np.int64)
     con.register(held_name, pa.table({"doc_id": pa.array(held_ids, pa.int64())}))
+    groups_name = _register_groups(con, groups)
     counts: dict[str, list[int]] = {}
     try:
         for draw in range(draws):
@@ -174,29 +199,30 @@ def false_alarms(
                                              "behaviour": [label.get(d, "none") for d in ids]}))  # fmt: skip
             sql = render(
                 load_sql("false_alarms.sql"),
-                captures=_captures_sql(views, roles_where, doc_name, held_name),
-                orders=_orders_sql(views, roles_where, lat_name),
+                captures=_captures_sql(views, roles_where, doc_name, held_name, groups_name),
+                orders=_orders_sql(views, roles_where, lat_name, groups_name or _NO_GROUPS),
             )
             args = {"precision": capture_share, "coverage": coverage, "top_k": top_k}
             for order, n in con.execute(sql, args).fetchall():
                 counts.setdefault(order, []).append(int(n))
             con.unregister(doc_name)
     finally:
-        for name in (lat_name, held_name):
-            con.unregister(name)
+        for name in (lat_name, held_name, groups_name):
+            if name is not None:
+                con.unregister(name)
     rows = [(o, float(np.mean(counts[o])), max(counts[o]), n_labels, size, draws)
-            for o in SCORES + BASELINES if o in counts]  # fmt: skip
+            for o in SCORES + (GROUPS,) + BASELINES if o in counts]  # fmt: skip
     return pa.table(list(map(list, zip(*rows))), schema=schemas.FALSE_ALARMS)
 
 
-def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int) -> pa.Table:
-    """One row per (order, behaviour): the scores (SCORES order) then BASELINES, behaviours alphabetical."""
+def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int, with_groups: bool) -> pa.Table:
+    """One row per (order, behaviour): the scores (SCORES order), groups, then BASELINES, behaviours alphabetical."""
     old = {(s, b): (best, rec, frac) for s, b, best, rec, frac in v1}
     new = {(s, b): (best, rec, m, n) for s, b, best, rec, m, n in v2}
     behaviours = sorted({b for _, b in old} | {b for _, b in new})
     per_b = {b: next(((m, n) for (_, bb), (_, _, m, n) in new.items() if bb == b), (0, 0)) for b in behaviours}
     rows = []
-    for order in SCORES + BASELINES:
+    for order in SCORES + ((GROUPS,) if with_groups else ()) + BASELINES:
         for b in behaviours:
             best1, rec1, frac = old.get((order, b), (None, None, None))
             m, n = per_b[b]
@@ -241,7 +267,7 @@ def format_recovery(table: pa.Table) -> str:
         by_order.setdefault(r["score"], {})[r["behaviour"]] = r
     v1 = [["score", "top10_capture"] + behaviours]
     for order, per in by_order.items():
-        if order in BASELINES:
+        if order in BASELINES or order == GROUPS:
             continue
         v1.append([order, f"{next(iter(per.values()))['top10_capture_fraction']:.2f}"]
                   + _cells(per, behaviours, "best_rank", "recovered"))  # fmt: skip

@@ -103,6 +103,13 @@ def latents_schema(scores: tuple[str, ...]) -> pa.Schema:
     return pa.schema(fields)
 
 
+# Near-duplicate latents merged into groups (storage/groups.py): one row per grouped latent (the head of the
+# ranking). group_id: its leader's (best member's) latent_id; jaccard: of its document set with the leader's.
+LATENT_GROUPS = _schema(
+    ("group_id", pa.int32()), ("group_rank", pa.int64()), ("n_members", pa.int64()), ("latent_id", pa.int32()),
+    ("rank", pa.int64()), ("jaccard", pa.float64()),
+)  # fmt: skip
+
 # Planted-behaviour recovery per (order, behaviour), only for data with behaviour labels (storage/recovery.py).
 # score: a score or a baseline order (frequency, firing_kl, random). v1 (scores only, NULL for baselines):
 # best_rank, recovered, top10_capture_fraction. v2 (held-out documents, precision and coverage): best_rank_v2,
@@ -161,6 +168,7 @@ TABLES: dict[str, Table] = {
     "latents": Table("analysis/latents.parquet", "one latent that fires: statistics, scores, ranks"),
     "metrics": Table("analysis/metrics.parquet", "one run-level figure"),
     "recovery": Table("analysis/recovery.parquet", "one (score, planted behaviour)"),
+    "latent_groups": Table("analysis/latent_groups.parquet", "one grouped latent: its group and the group's rank"),
     "false_alarms": Table("analysis/false_alarms.parquet", "one order: top-10 entries passing for a placebo label"),
     "validation": Table("analysis/validation.parquet", "one validated latent: ablation and steering figures"),
     "validation_generations": Table(

@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 import polars as pl
 from prefect import task
 
-from dashboards import SiteTables, render_site
+from dashboards import SiteTables, pages, plots, render, render_site, select
+from dashboards.render import template_sources
 from diffsae.config import DashboardsConfig, SAEConfig
 from storage import duck
 from storage.context import RunContext
-from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
+from tasks.common import IO_RETRY, STAGE_CACHE, code_version, read_marker, stable_hash, stage_key, write_marker
 
 
 class SiteResult(NamedTuple):
@@ -32,8 +33,10 @@ class SiteResult(NamedTuple):
 
 
 def site_key(cfg: DashboardsConfig, rank_key: str, validation_key: str = "") -> str:
-    """The dashboards config and the keys of the tables the pages show (ranking, validation)."""
-    return stage_key("dashboards", render_dashboards, cfg.model_dump(), rank_key, validation_key)
+    """The dashboards config, the keys of the tables the pages show (ranking, validation) and the renderer's code
+    and templates (a new release re-renders)."""
+    renderer = code_version(pages, render, select, plots) + stable_hash(*template_sources())
+    return stage_key("dashboards", render_dashboards, cfg.model_dump(), rank_key, validation_key, renderer)
 
 
 def site_done(ctx: RunContext, key: str) -> SiteResult | None:
@@ -64,6 +67,7 @@ def load_site_tables(ctx: RunContext, cfg: DashboardsConfig) -> SiteTables:
         recovery=q("SELECT * FROM recovery") if "recovery" in views else None,
         validation=q("SELECT * FROM validation ORDER BY rank") if "validation" in views else None,
         validation_generations=q("SELECT * FROM validation_generations") if "validation_generations" in views else None,
+        latent_groups=q("SELECT * FROM latent_groups ORDER BY group_rank, rank") if "latent_groups" in views else None,
     )
 
 

@@ -1,6 +1,7 @@
 """Stage 4 task: rank latents with DuckDB SQL (storage/sql/) over the analysis tables.
 
-Writes `latents` and, when the data has behaviour labels, `recovery` (also logged to the SAE's MLflow run);
+Writes `latents`, `latent_groups` (storage/groups.py), `false_alarms` (placebo labels) and, when the data has
+behaviour labels, `recovery` (v1 and v2 with baselines; logged to the SAE's MLflow run with the false alarms);
 `analysis/ranking.json`, written last, is the stage's marker. Keyed on the attribution key, `rank_by`, the `rank`
 section (analysed roles, broad share) and the SQL files (editing a score reranks). `diffsae eval` calls
 `evaluate_run` (no recompute; it reads the roles the run was ranked with from the marker).
@@ -17,10 +18,13 @@ from prefect import task
 
 from diffsae.config import RankConfig, SAEConfig
 from diffsae.split import heldout_docs
+from storage import groups as storage_groups
 from storage import ranking, schemas
+from storage import recovery as storage_recovery
 from storage.context import RunContext
+from storage.groups import latent_groups
 from storage.recovery import false_alarms, format_false_alarms, format_recovery, recovery
-from tasks.common import IO_RETRY, STAGE_CACHE, read_marker, stage_key, write_marker
+from tasks.common import IO_RETRY, STAGE_CACHE, code_version, read_marker, stage_key, write_marker
 
 TOP_REPORTED = 10  # latents listed in the stage's result (the CLI's end-of-run report)
 
@@ -42,7 +46,8 @@ class RankingResult(NamedTuple):
 
 def rank_key(rank_by: str, cfg: RankConfig, attribution_key: str) -> str:
     settings = (ranking.resolve_score(rank_by), cfg.model_dump())
-    return stage_key("ranking", rank, settings, attribution_key, ranking.sql_fingerprint())
+    code = code_version(ranking, storage_recovery, storage_groups)  # what the stage computes with, besides the SQL
+    return stage_key("ranking", rank, settings, attribution_key, ranking.sql_fingerprint(), code)
 
 
 def rank_params(cfg: RankConfig) -> ranking.RankParams:
@@ -67,9 +72,11 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
     analysed = con.execute(q).fetchone()[0]
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
     heldout = sae_heldout(ctx, con)
-    rec = recovery(con, latents, roles=params.roles, heldout=heldout)
-    alarms = measure_false_alarms(con, latents, params.roles, heldout)
+    groups = latent_groups(con, latents, roles=params.roles, top=cfg.group_top, min_jaccard=cfg.group_jaccard)
+    rec = recovery(con, latents, roles=params.roles, heldout=heldout, groups=groups)
+    alarms = measure_false_alarms(con, latents, params.roles, heldout, groups)
     store.write_parquet(paths.table("latents"), latents)
+    store.write_parquet(paths.table("latent_groups"), groups)
     publish_recovery(ctx, rec, alarms)
     columns = ["rank", "latent_id", "kl_attr_sum"]
     columns += ["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else []
@@ -104,10 +111,12 @@ def rank_task(
     return rank(ctx, rank_by, cfg, skip_first, key)
 
 
-def measure_false_alarms(con: Any, latents: pa.Table, roles: tuple[str, ...] | None, heldout: Any) -> pa.Table:
+def measure_false_alarms(
+    con: Any, latents: pa.Table, roles: tuple[str, ...] | None, heldout: Any, groups: pa.Table | None
+) -> pa.Table:
     """storage.recovery.false_alarms with its defaults; empty when there are too few ordinary documents."""
     try:
-        return false_alarms(con, latents, roles=roles, heldout=heldout)
+        return false_alarms(con, latents, roles=roles, heldout=heldout, groups=groups)
     except ValueError:
         return schemas.FALSE_ALARMS.empty_table()
 
@@ -163,8 +172,10 @@ def evaluate_run(ctx: RunContext) -> str:
     roles = tuple(roles) if roles else None
     heldout = sae_heldout(ctx, con)
     latents = con.execute("SELECT * FROM latents").to_arrow_table()
-    rec = recovery(con, latents, roles=roles, heldout=heldout)
-    alarms = measure_false_alarms(con, latents, roles, heldout)
+    views = ranking.view_names(con)
+    groups = con.execute("SELECT * FROM latent_groups").to_arrow_table() if "latent_groups" in views else None
+    rec = recovery(con, latents, roles=roles, heldout=heldout, groups=groups)
+    alarms = measure_false_alarms(con, latents, roles, heldout, groups)
     publish_recovery(ctx, rec, alarms)
     return format_recovery(rec) + "\n\n" + format_false_alarms(alarms)
 

@@ -114,8 +114,22 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
     )
     recovery = as_schema(_recovery(latents), schemas.RECOVERY)
     validation, generations = _validation(rng, latents, docs)
+    groups = as_schema(_groups(latents), schemas.LATENT_GROUPS)
     return SiteTables(latents, latent_tokens, tokens, docs, as_schema(metrics, schemas.METRICS), recovery,
-                      validation, generations)  # fmt: skip
+                      validation, generations, groups)  # fmt: skip
+
+
+def _groups(latents: pl.DataFrame, top: int = 40) -> pl.DataFrame:
+    """The first `top` latents by rank grouped by dominant behaviour (the leader: the best-ranked of each)."""
+    head = latents.sort("rank").head(top).with_columns(pl.col("dominant_behaviour").fill_null("?"))
+    lead = head.group_by("dominant_behaviour", maintain_order=True).agg(
+        pl.col("latent_id").first().alias("group_id"), pl.len().alias("n_members"), pl.col("rank").min().alias("r")
+    )
+    lead = lead.with_columns(pl.col("r").rank("ordinal").cast(pl.Int64).alias("group_rank"))
+    g = head.join(lead, on="dominant_behaviour").with_columns(
+        pl.when(pl.col("latent_id") == pl.col("group_id")).then(1.0).otherwise(0.6).alias("jaccard")
+    )
+    return g.select("group_id", "group_rank", "n_members", "latent_id", "rank", "jaccard").sort("group_rank", "rank")
 
 
 def _validation(rng: np.random.Generator, latents: pl.DataFrame, docs: pl.DataFrame,

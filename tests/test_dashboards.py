@@ -75,7 +75,13 @@ def test_every_listed_latent_has_a_page(site: tuple[Path, RenderResult], hostile
     index_refs = set(_parse(out / "index.html").refs)
     assert {f"latents/{lid}.html" for lid in expected} <= index_refs
     assert sorted(res.files) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert res.n_pages == len(expected) + 2
+    n_groups = min(hostile.latent_groups["group_rank"].max(), CFG.top_latents)
+    assert res.n_pages == len(expected) + n_groups + 2
+    for gid in hostile.latent_groups.filter(pl.col("group_rank") <= CFG.top_latents)["group_id"].unique():
+        page = out / "groups" / f"{gid}.html"
+        assert page.is_file() and f"groups/{gid}.html" in index_refs
+        members = hostile.latent_groups.filter(pl.col("group_id") == gid)["latent_id"].to_list()
+        assert all(f">{m}<" in page.read_text() for m in members)  # the group page lists every member
     broad_refs = {v for v in index_refs if v.startswith("latents/")}
     assert {f"latents/{lid}.html" for lid in broad} <= broad_refs
 
@@ -279,6 +285,7 @@ def test_synthetic_tables_have_the_storage_schemas(tables: SiteTables) -> None:
         "recovery": schemas.RECOVERY,
         "validation": schemas.VALIDATION,
         "validation_generations": schemas.VALIDATION_GENERATIONS,
+        "latent_groups": schemas.LATENT_GROUPS,
     }
     assert set(want) == set(REQUIRED) == set(SiteTables._fields)
     for name, schema in want.items():

@@ -4,7 +4,8 @@
 -- coverage on held-out documents) is a false alarm.
 -- Placeholders: {{captures}} captures_v2.sql over the placebo labels; {{orders}} orders_v2.sql.
 -- Parameters: $precision, $coverage (of captures_v2.sql), $top_k.
--- Per order: false_alarms = distinct latents ranked <= $top_k that capture some placebo label.
+-- Per order: false_alarms = distinct entries ranked <= $top_k that capture some placebo label (for `groups`, an
+-- entry is a group, judged on its members' summed attribution).
 WITH captures AS (
     {{captures}}
 ),

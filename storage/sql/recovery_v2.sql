@@ -2,8 +2,8 @@
 -- score and for two baseline orders (issue 15 parts 1-2). Run by storage/recovery.py recovery().
 -- Placeholders: {{captures}} captures_v2.sql (latent_id, behaviour: who captures which planted label on held-out
 -- documents, with precision and coverage); {{docs}} (doc_id, behaviour); {{heldout}} (doc_id) the documents the
--- SAE never trained on; {{orders}} orders_v2.sql (latent_id, score, rnk: every score and the frequency and
--- firing_kl baselines, over the narrow latents).
+-- SAE never trained on; {{orders}} orders_v2.sql (latent_id, score, rnk: every score, the frequency and
+-- firing_kl baselines over the narrow latents, and the groups).
 -- Parameters: $precision, $coverage (of captures_v2.sql), $top_k (10).
 -- Per (order, behaviour): best_rank (NULL: nothing captures b), recovered (best_rank <= $top_k), n_capturing
 -- (narrow latents that capture b: the random-order baseline's input), n_heldout (b's documents in H).

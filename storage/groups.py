@@ -1,0 +1,80 @@
+"""Latent groups: near-duplicate latents merged so that one behaviour takes one line of the list (issue 15 part 3).
+
+Several latents often encode one behaviour (different tokens of the same answers, or a direction split in two) and
+crowd the top of the ranking. storage/sql/latent_groups.sql links two narrow latents when their document sets
+overlap with Jaccard >= `min_jaccard` (0.5: each fires on most of the documents the other does); groups form by
+leader clustering in rank order (a latent joins the best-ranked leader it is linked to; no chains), ranked by their
+leader. Why documents and not decoder cosine: latents of one behaviour
+on different tokens point different ways but mark the same documents, and near-parallel decoder directions fire
+together anyway. Only the head of the list (rank <= `top`) is grouped; every latent stays queryable on its own.
+
+    groups = latent_groups(con, latents, roles=("assistant", "text"))   # schemas.LATENT_GROUPS
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage import schemas
+from storage.duck import view_names
+from storage.ranking import latent_docs_sql, load_sql, render, role_filter
+
+_NAME = "__diffsae_group_latents"
+
+
+def leaders(order: list[int], linked: set[tuple[int, int]]) -> dict[int, int]:
+    """Leader clustering: walk the latents best rank first; each joins the first earlier leader it is linked to
+    (pairs (a, b), a < b), else leads a new group. Only links to leaders count, so groups never chain: two
+    latents in one group are each linked to its leader. Returns latent -> its leader."""
+    leader: dict[int, int] = {}
+    heads: list[int] = []
+    for lid in order:
+        head = next((h for h in heads if (min(h, lid), max(h, lid)) in linked), None)
+        if head is None:
+            heads.append(lid)
+            head = lid
+        leader[lid] = head
+    return leader
+
+
+def latent_groups(
+    con: duckdb.DuckDBPyConnection,
+    latents: pa.Table,
+    *,
+    roles: tuple[str, ...] | None = None,
+    top: int = 500,
+    min_jaccard: float = 0.5,
+) -> pa.Table:
+    """The `latent_groups` table: one row per grouped latent (rank <= top): group_id (its best member's latent_id),
+    group_rank (1 = the group with the best-ranked member), n_members, the latent's own rank and its Jaccard with
+    the group's best member, its leader (1.0 for the leader itself)."""
+    if not 0 < min_jaccard <= 1:
+        raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard}")
+    views = view_names(con)
+    head = latents.select(["latent_id", "rank"]).filter(pc.less_equal(latents["rank"], top))
+    ranks = dict(zip(head["latent_id"].to_pylist(), head["rank"].to_pylist()))
+    con.register(_NAME, head)
+    try:
+        sql = render(
+            load_sql("latent_groups.sql"),
+            latent_docs=latent_docs_sql(views, roles_where=role_filter(con, roles)),
+            latents=_NAME,
+        )
+        pairs = con.execute(sql, {"top": top, "min_jaccard": min_jaccard}).fetchall()
+    finally:
+        con.unregister(_NAME)
+    jaccard = {(a, b): j for a, b, j in pairs}
+    order = sorted(ranks, key=lambda m: (ranks[m], m))
+    leader = leaders(order, set(jaccard))
+    members: dict[int, list[int]] = {}
+    for lid in order:
+        members.setdefault(leader[lid], []).append(lid)  # leaders in rank order, members in rank order
+    rows = []
+    for g, (h, ms) in enumerate(members.items(), start=1):
+        for lid in ms:
+            j = 1.0 if lid == h else jaccard[(min(lid, h), max(lid, h))]
+            rows.append((h, g, len(ms), lid, ranks[lid], j))
+    columns = list(map(list, zip(*rows))) if rows else [[] for _ in schemas.LATENT_GROUPS.names]
+    return pa.table([pa.array(c, f.type) for c, f in zip(columns, schemas.LATENT_GROUPS)], schema=schemas.LATENT_GROUPS)
