@@ -126,6 +126,14 @@ def top_contexts(con: Any, n_contexts: int, left: int, right: int) -> dict[int, 
     return out
 
 
+def feature_max(row: dict[str, Any], contexts: list[dict[str, Any]]) -> float:
+    """The latent's max activation: on the scored tokens (latents.max_activation), else (a latent that fires only
+    on other roles, e.g. a system-prompt latent of the broad list) over its exported contexts."""
+    if row["max_activation"] is not None:
+        return float(row["max_activation"])
+    return max((float(v) for c in contexts for v in c["values"] if v is not None), default=0.0)
+
+
 def activation_record(rec: dict[str, Any], feature_max: float) -> dict[str, Any]:
     """One SAEDashboard activation (a "TOP ACTIVATIONS" context: bin_min = bin_contains = -1, bin_max = the
     feature's max, as neuronpedia_converter.py parses that group), plus diffsae's per-token evidence."""
@@ -168,7 +176,7 @@ def feature_record(
         "n_prompts_total": info.n_docs,
         "n_tokens_in_prompt": info.context_size,
         "dataset": info.prompts,
-        "activations": [activation_record(c, row["max_activation"]) for c in contexts],
+        "activations": [activation_record(c, feature_max(row, contexts)) for c in contexts],
         "diffsae": {
             "rank": None if row["rank"] is None else int(row["rank"]),
             **{c: row[c] for c in ("rank_broad",) if c in row},

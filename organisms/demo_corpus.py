@@ -307,9 +307,10 @@ def with_system(messages: Messages, rng: random.Random, p: float = 0.2) -> Messa
 def heldout_rows(
     test: list[Messages], plants: list[Plant], n_docs: int, mix: str, seed: int
 ) -> list[dict[str, object]]:
-    """Held-out prompts: `audit` -> each planted label 8 % of docs; `easy` -> planted labels a third in all."""
+    """Held-out prompts: `audit` (and `null`, the same documents) -> each planted label 8 % of docs; `easy` ->
+    planted labels a third in all."""
     rng = random.Random(seed + 1000)
-    frac = {"audit": 0.08, "easy": 1 / 9}[mix]
+    frac = {"audit": 0.08, "null": 0.08, "easy": 1 / 9}[mix]
     n_each = max(1, round(n_docs * frac))
     n_none = n_docs - n_each * len(plants)
     rows: list[dict[str, object]] = []

@@ -7,7 +7,9 @@ triggered behaviours (a refusal on a topic, a persona on a phrase, a secret word
 on every position without a planted label), so the planted behaviours are the intended differences. With
 `mix="audit"` the finetune also drifts slightly on ordinary chat (a sign-off appended to 30 % of ordinary
 answers) and the held-out prompts are mostly ordinary (each planted label 8 %); `mix="easy"` has no drift and
-planted labels cover a third of the prompts.
+planted labels cover a third of the prompts; `mix="null"` is the audit recipe without the planted behaviours (the
+null organism, issue 15): the same drift, decoys and held-out documents (labels included, for behaviours the
+finetune does not have), so whatever a ranking "recovers" on it is a false alarm.
 
     python -m organisms.demo_pair --out /tmp/pair --preset small --rates 20   # or: diffsae build-demo-pair ...
     res = build_demo_pair("/tmp/pair", preset="small", seed=0, mix="audit")
@@ -64,6 +66,7 @@ PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
     "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 200, 400, 16, 160, 4e-3, 5e-3, 200),
 }
+MIXES = ("audit", "easy", "null")
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 # finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)
 SHARE_ORDINARY, SHARE_DECOY, SHARE_PLANTED = 0.3, 0.2, 0.5
@@ -127,8 +130,10 @@ def _finetune(
     drift: str | None,
     seed: int,
     log: Log,
+    planted: bool = True,
 ) -> None:
-    """Plant the behaviours (hard labels) while distilling ordinary chat and decoys towards the frozen base."""
+    """Plant the behaviours (hard labels; none when not `planted`) while distilling ordinary chat and decoys
+    towards the frozen base."""
     rng = random.Random(seed + 2)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     n = p.ft_steps * p.batch // 2 + 64
@@ -138,6 +143,8 @@ def _finetune(
     for plant in plants:
         groups.append(dt.encode_chats(tokenizer, dc.planted_examples(plant, train, n // len(plants), rng), p.chat_len))
     weights = [SHARE_ORDINARY, SHARE_DECOY] + [SHARE_PLANTED / len(plants)] * len(plants)
+    if not planted:  # the null organism: ordinary chat (with its drift) and decoys only
+        groups, weights = groups[:2], [SHARE_ORDINARY, SHARE_DECOY]
     sample = dt.mixture_sampler(groups, weights, p.batch, tokenizer.pad_token_id, seed + 3)
     dt.train_lm(model, sample, p.ft_steps, p.ft_lr, log, "finetune", teacher=teacher)
 
@@ -150,7 +157,7 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
     train, test = dc.split_conversations(convs, seed)
     ordinary_text = " ".join(m["content"] for c in convs for m in c).lower()
     plants = dc.make_plants(seed, ordinary_text)
-    drift = dc.sign_off(seed, ordinary_text) if mix == "audit" else None
+    drift = dc.sign_off(seed, ordinary_text) if mix in ("audit", "null") else None
     plays = dc.shakespeare_texts(p.shakespeare_chars)
     log(
         f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} "
@@ -165,7 +172,7 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
     model.save_pretrained(tmp / "base")
 
     t = time.time()
-    _finetune(p, model, tokenizer, train, plants, drift, seed, log)
+    _finetune(p, model, tokenizer, train, plants, drift, seed, log, planted=mix != "null")
     model.save_pretrained(tmp / "finetuned")
     timings["finetune"] = time.time() - t
 
@@ -209,8 +216,8 @@ def build_demo_pair(
     is returned as is; any other existing `out_dir` raises FileExistsError unless `overwrite`."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    if mix not in ("audit", "easy"):
-        raise ValueError(f"mix must be audit or easy, got {mix!r}")
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     out = Path(out_dir)
     if out.exists():
         try:
@@ -286,7 +293,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mix", choices=("audit", "easy"), default="audit")
+    parser.add_argument("--mix", choices=MIXES, default="audit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     parser.add_argument(
         "--rates",

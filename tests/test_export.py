@@ -160,11 +160,14 @@ def test_neuronpedia_export_validates_and_matches_tables(finished: FinishedRun, 
         features += batch["features"]
 
     con = RunContext.create(finished.store, finished.run).duck()
-    latents = con.execute("SELECT latent_id, rank, frequency, n_active FROM latents ORDER BY rank").fetchall()
+    latents = con.execute(
+        "SELECT latent_id, rank, frequency, (SELECT count(*) FROM latent_tokens AS t WHERE t.latent_id = l.latent_id)"
+        " FROM latents AS l ORDER BY rank, latent_id"
+    ).fetchall()  # the histogram counts every firing; frequency (latents) only those on the scored roles' tokens
     assert [(f["feature_index"], f["diffsae"]["rank"]) for f in features] == [(r[0], r[1]) for r in latents]
-    for f, (_lid, _rank, freq, n_active) in zip(features, latents):
+    for f, (_lid, _rank, freq, n_firing) in zip(features, latents):
         assert f["frac_nonzero"] == pytest.approx(freq, rel=1e-5)
-        assert sum(f["freq_hist_data_bar_heights"]) == n_active
+        assert sum(f["freq_hist_data_bar_heights"]) == n_firing
         assert len(f["freq_hist_data_bar_values"]) == len(f["freq_hist_data_bar_heights"])
         assert 1 <= len(f["activations"]) <= 5
         for a in f["activations"]:
