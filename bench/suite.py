@@ -1,0 +1,126 @@
+"""The organism benchmark (issue 15 part 5, partial): recovery v2, baselines and false alarms over a grid of
+built-in pairs — seeds x mixes (audit: three planted behaviours and a broad drift; null: the same recipe without
+the behaviours) x SAE widths x k — with the product defaults otherwise.
+
+What: runs the whole pipeline (`flows.pipeline`) per grid point into one store, saves each run's `recovery` and
+`false_alarms` rows and SAE metrics as JSON under `<store>/suite/` (an interrupted suite resumes), then prints per
+order (every score, groups, the frequency / firing-KL baselines, random):
+  - on the audit runs: behaviours recovered under v2 (held-out documents, precision and coverage), the median best
+    rank (missing = never captured, counted as infinite);
+  - on the null runs: false alarms = trigger labels (behaviours the null finetune does not have) that some top-10
+    entry captures under v2, summed over runs; and on every run the placebo false alarms (mean over draws).
+Seeds used to choose a default are the selection set; report the others as the test set (docs/EVALUATION.md says
+which is which).
+
+    python bench/suite.py --store /tmp/suite --seeds 3 4 --mixes audit null --widths 2048 --ks 32
+    python bench/suite.py --store /tmp/suite --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# run as a script, bench/ comes first on sys.path and bench/dashboards.py would shadow the dashboards package
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+from storage.context import RunContext  # noqa: E402
+
+
+def run_one(store: str, seed: int, mix: str, width: int, k: int) -> dict[str, Any]:
+    from diffsae.config import PipelineConfig
+    from flows.pipeline import pipeline
+
+    name = f"{mix}-s{seed}-F{width}-k{k}"
+    cfg = PipelineConfig.from_dict({
+        "run": name, "store": store, "demo": {"seed": seed, "mix": mix}, "sae": {"n_latents": width, "k": k},
+        "validation": {"top": 0}, "dashboards": {"top_latents": 10},
+    })  # fmt: skip
+    t0 = time.perf_counter()
+    out = pipeline(config=cfg)
+    con = RunContext.create(store, name).duck()
+    alarms = con.execute("SELECT * FROM false_alarms").to_arrow_table().to_pylist()
+    return {
+        "name": name, "seed": seed, "mix": mix, "width": width, "k": k, "seconds": time.perf_counter() - t0,
+        "sae": {m: float(getattr(out.sae, m)) for m in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
+        "recovery": out.ranking.recovery, "false_alarms": alarms,
+    }  # fmt: skip
+
+
+def orders(results: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for r in results:
+        for x in r["recovery"]:
+            if x["score"] not in seen:
+                seen.append(x["score"])
+    return seen
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    audit = [r for r in results if r["mix"] != "null"]
+    null = [r for r in results if r["mix"] == "null"]
+    lines = [
+        f"audit runs: {', '.join(r['name'] for r in audit) or '-'}; "
+        f"null runs: {', '.join(r['name'] for r in null) or '-'}",
+        "",
+        "| order | behaviours recovered (v2) | median best rank (v2) | null: labels claimed in top 10 "
+        "| placebo false alarms (mean per run) |",
+        "|---|---|---|---|---|",
+    ]
+    for order in orders(results):
+        rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
+        if order == "random":
+            got = f"{sum(x['expected_v2'] or 0 for x in rows):.2f} expected / {len(rows)}"
+            median = "-"
+        else:
+            got = f"{sum(bool(x['recovered_v2']) for x in rows)} / {len(rows)}"
+            ranks = [x["best_rank_v2"] if x["best_rank_v2"] is not None else float("inf") for x in rows]
+            median = f"{statistics.median(ranks):g}" if ranks else "-"
+        claimed = [x for r in null for x in r["recovery"] if x["score"] == order]
+        fa_null = (f"{sum(x['expected_v2'] or 0 for x in claimed):.2f} expected" if order == "random"
+                   else str(sum(bool(x["recovered_v2"]) for x in claimed)))  # fmt: skip
+        placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
+        fa = f"{statistics.mean(placebo):.2f}" if placebo else "-"
+        lines.append(f"| {order} | {got} | {median} | {fa_null} | {fa} |")
+    lines += ["", "| run | FVU / L0 / dead / KL gap rec. | seconds |", "|---|---|---|"]
+    for r in results:
+        s = r["sae"]
+        lines.append(f"| {r['name']} | {s['fvu']:.3f} / {s['l0']:.1f} / {100 * s['dead_fraction']:.1f} % / "
+                     f"{s['kl_gap_recovered']:.3f} | {r['seconds']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--mixes", nargs="+", default=["audit", "null"], choices=["audit", "null"])
+    ap.add_argument("--widths", type=int, nargs="+", default=[2048])
+    ap.add_argument("--ks", type=int, nargs="+", default=[32])
+    ap.add_argument("--report", action="store_true", help="only print the tables of the saved results")
+    args = ap.parse_args()
+    out_dir = Path(args.store) / "suite"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = [(s, m, w, k) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks]
+    for seed, mix, width, k in [] if args.report else grid:
+        path = out_dir / f"{mix}-s{seed}-F{width}-k{k}.json"
+        if path.exists():
+            continue
+        res = run_one(args.store, seed, mix, width, k)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, path)
+        print(f"== {path.name}: {res['sae']} ({res['seconds']:.0f} s)", flush=True)
+    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("*.json")), key=lambda r: r["name"])
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
