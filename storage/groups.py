@@ -19,9 +19,7 @@ import pyarrow.compute as pc
 
 from storage import schemas
 from storage.duck import view_names
-from storage.ranking import latent_docs_sql, load_sql, render, role_filter
-
-_NAME = "__diffsae_group_latents"
+from storage.ranking import latent_docs_sql, load_sql, registered, render, role_filter
 
 
 def leaders(order: list[int], linked: set[tuple[int, int]]) -> dict[int, int]:
@@ -55,16 +53,13 @@ def latent_groups(
     views = view_names(con)
     head = latents.select(["latent_id", "rank"]).filter(pc.less_equal(latents["rank"], top))
     ranks = dict(zip(head["latent_id"].to_pylist(), head["rank"].to_pylist()))
-    con.register(_NAME, head)
-    try:
+    with registered(con, head=head) as names:
         sql = render(
             load_sql("latent_groups.sql"),
             latent_docs=latent_docs_sql(views, roles_where=role_filter(con, roles)),
-            latents=_NAME,
+            latents=names["head"],
         )
         pairs = con.execute(sql, {"top": top, "min_jaccard": min_jaccard}).fetchall()
-    finally:
-        con.unregister(_NAME)
     jaccard = {(a, b): j for a, b, j in pairs}
     order = sorted(ranks, key=lambda m: (ranks[m], m))
     leader = leaders(order, set(jaccard))
@@ -76,5 +71,4 @@ def latent_groups(
         for lid in ms:
             j = 1.0 if lid == h else jaccard[(min(lid, h), max(lid, h))]
             rows.append((h, g, len(ms), lid, ranks[lid], j))
-    columns = list(map(list, zip(*rows))) if rows else [[] for _ in schemas.LATENT_GROUPS.names]
-    return pa.table([pa.array(c, f.type) for c, f in zip(columns, schemas.LATENT_GROUPS)], schema=schemas.LATENT_GROUPS)
+    return schemas.from_rows(rows, schemas.LATENT_GROUPS)

@@ -18,6 +18,8 @@ The SQL lives in storage/sql/*.sql; `{{name}}` placeholders are relations or oth
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +53,22 @@ class RankParams(NamedTuple):
     top_m: int = 3  # documents score_top_docs averages
     roles: tuple[str, ...] | None = None  # token roles scored (None: every token); the pipeline passes rank.roles
     broad_docs: float | None = None  # document share that makes a latent broad (None: none is); rank.broad_docs
+
+
+@contextmanager
+def registered(con: duckdb.DuckDBPyConnection, **tables: pa.Table | None) -> Iterator[dict[str, str | None]]:
+    """Register each given Arrow table under a fresh name for the block (None stays None); unregistered after."""
+    names = {k: None if t is None else f"__diffsae_{k}_{next(_counter)}" for k, t in tables.items()}
+    done = []
+    try:
+        for key, name in names.items():
+            if name is not None:
+                con.register(name, tables[key])
+                done.append(name)
+        yield names
+    finally:
+        for name in done:
+            con.unregister(name)
 
 
 def sql_fingerprint() -> str:
@@ -163,15 +181,6 @@ def rank_latents(
     dominant = _EMPTY_DOMINANT
     if planted:
         dominant = render(load_sql("dominant_behaviour.sql"), behaviour_mass=behaviour_mass_sql(views, roles_where))
-    dirs_name = f"__diffsae_latent_dirs_{next(_counter)}"
-    sql = render(
-        load_sql("rank_latents.sql"),
-        latent_docs=latent_docs_sql(views, roles_where=roles_where),
-        latent_docs_all=latent_docs_sql(views),
-        dominant=dominant,
-        latent_dirs=dirs_name if latent_dirs is not None else _EMPTY_DIRS,
-        rank_by=score,
-    )
     n = n_tokens if n_tokens is not None else count_tokens(con, roles_where)
     args = {
         "n_tokens": max(n, 1),
@@ -181,13 +190,17 @@ def rank_latents(
         "top_n": params.top_n,
         "top_m": params.top_m,
     }
-    if latent_dirs is not None:
-        con.register(dirs_name, latent_dirs.select(["latent_id", "promoted", "suppressed"]))
-    try:
+    dirs = None if latent_dirs is None else latent_dirs.select(["latent_id", "promoted", "suppressed"])
+    with registered(con, latent_dirs=dirs) as names:
+        sql = render(
+            load_sql("rank_latents.sql"),
+            latent_docs=latent_docs_sql(views, roles_where=roles_where),
+            latent_docs_all=latent_docs_sql(views),
+            dominant=dominant,
+            latent_dirs=names["latent_dirs"] or _EMPTY_DIRS,
+            rank_by=score,
+        )
         table = con.execute(sql, args).to_arrow_table()
-    finally:
-        if latent_dirs is not None:
-            con.unregister(dirs_name)
     schema = schemas.latents_schema(SCORES)
     if not planted:
         table = table.drop_columns(list(DOMINANT_COLUMNS))

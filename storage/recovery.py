@@ -14,7 +14,6 @@ per-token KL where the latent fires) and a `random` order, whose expected recove
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import duckdb
@@ -31,6 +30,7 @@ from storage.ranking import (
     latent_docs_sql,
     load_sql,
     rank_latents,
+    registered,
     render,
     role_filter,
 )
@@ -38,7 +38,6 @@ from storage.ranking import (
 BASELINES = ("frequency", "firing_kl", "random")  # orders judged beside the scores (v2 only)
 GROUPS = "groups"  # the order of latent groups (storage/groups.py; v2 only, when the groups are given)
 _NO_GROUPS = "(SELECT NULL::INTEGER AS latent_id, NULL::BIGINT AS group_rank WHERE false)"
-_counter = itertools.count()
 _NO_FIRING_KL = "(SELECT NULL::INTEGER AS latent_id, NULL::DOUBLE AS firing_kl WHERE false)"
 
 
@@ -64,30 +63,35 @@ def _firing_kl_sql(views: list[str], roles_where: str | None) -> str:
     )
 
 
-def _captures_sql(views: list[str], roles_where: str | None, docs: str, heldout: str, groups: str | None) -> str:
-    """captures_v2.sql over the latents and, with `groups`, over each group as one entry (id -group_rank, its
-    members' attribution summed per document)."""
+def _scored_docs_sql(views: list[str], roles_where: str | None, groups: str | None) -> str:
+    """(latent_id, doc_id, attr_sum) of the scored tokens for every latent and, with `groups`, for each group as
+    one entry (id -group_rank, its members' attribution summed per document): what captures_v2.sql judges."""
     ld = latent_docs_sql(views, roles_where=roles_where)
-    if groups is not None:
-        ld = (
-            f"(SELECT latent_id, doc_id, attr_sum FROM {ld} AS x UNION ALL SELECT -g.group_rank::INTEGER, x.doc_id,"
-            f" sum(x.attr_sum) FROM {ld} AS x JOIN {groups} AS g ON g.latent_id = x.latent_id"
-            " GROUP BY g.group_rank, x.doc_id)"
-        )
-    return render(load_sql("captures_v2.sql"), latent_docs=ld, docs=docs, heldout=heldout)
-
-
-def _orders_sql(views: list[str], roles_where: str | None, latents: str, groups: str) -> str:
-    sql = load_sql("orders_v2.sql")
-    return render(sql, latents=latents, firing_kl=_firing_kl_sql(views, roles_where), groups=groups)
-
-
-def _register_groups(con: duckdb.DuckDBPyConnection, groups: pa.Table | None) -> str | None:
     if groups is None:
-        return None
-    name = f"__diffsae_groups_{next(_counter)}"
-    con.register(name, groups.select(["latent_id", "group_rank"]))
-    return name
+        return ld
+    return (
+        f"(SELECT latent_id, doc_id, attr_sum FROM {ld} AS x UNION ALL SELECT -g.group_rank::INTEGER, x.doc_id,"
+        f" sum(x.attr_sum) FROM {ld} AS x JOIN {groups} AS g ON g.latent_id = x.latent_id"
+        " GROUP BY g.group_rank, x.doc_id)"
+    )
+
+
+def _captures_sql(scored_docs: str, docs: str, heldout: str) -> str:
+    return render(load_sql("captures_v2.sql"), latent_docs=scored_docs, docs=docs, heldout=heldout)
+
+
+def _orders_sql(views: list[str], roles_where: str | None, latents: str, groups: str | None) -> str:
+    sql = load_sql("orders_v2.sql")
+    return render(sql, latents=latents, firing_kl=_firing_kl_sql(views, roles_where), groups=groups or _NO_GROUPS)
+
+
+def _narrow_columns(latents: pa.Table) -> pa.Table:
+    """The latents columns the v1/v2 SQL reads: statistics it needs, `rank` and one rank_<score> per score."""
+    return latents.select(["latent_id", "n_active", "pos_mass", "rank"] + [f"rank_{s}" for s in SCORES])
+
+
+def _group_ranks(groups: pa.Table | None) -> pa.Table | None:
+    return None if groups is None else groups.select(["latent_id", "group_rank"])
 
 
 def recovery(
@@ -118,37 +122,29 @@ def recovery(
             latents = rank_latents(con, params=RankParams(roles=roles))
     roles_where = role_filter(con, roles)
     rank_cols = [f"rank_{s}" for s in SCORES]
-    lat_name, held_name = f"__diffsae_latents_{next(_counter)}", f"__diffsae_heldout_{next(_counter)}"
-    con.register(lat_name, latents.select(["latent_id", "n_active", "pos_mass", "rank"] + rank_cols))
-    ids = np.arange(0) if heldout is None else np.asarray(heldout, dtype=np.int64)
-    con.register(held_name, pa.table({"doc_id": pa.array(ids, pa.int64())}))
-    groups_name = _register_groups(con, groups)
-    try:
+    held_ids = None if heldout is None else pa.table({"doc_id": pa.array(np.asarray(heldout, np.int64), pa.int64())})
+    with registered(con, latents=_narrow_columns(latents), heldout=held_ids, groups=_group_ranks(groups)) as names:
         v1 = con.execute(
             render(
                 load_sql("recovery.sql"),
                 behaviour_mass=behaviour_mass_sql(views, roles_where),
                 docs="docs",
-                latents=f"(SELECT latent_id, pos_mass, {', '.join(rank_cols)} FROM {lat_name})",
+                latents=f"(SELECT latent_id, pos_mass, {', '.join(rank_cols)} FROM {names['latents']})",
             ),
             {"capture_share": capture_share, "top_k": top_k, "scores": list(SCORES)},
         ).fetchall()
-        held = "(SELECT doc_id FROM docs)" if heldout is None else held_name
+        held = names["heldout"] or "(SELECT doc_id FROM docs)"
         v2 = con.execute(
             render(
                 load_sql("recovery_v2.sql"),
-                captures=_captures_sql(views, roles_where, "docs", held, groups_name),
-                orders=_orders_sql(views, roles_where, lat_name, groups_name or _NO_GROUPS),
+                captures=_captures_sql(_scored_docs_sql(views, roles_where, names["groups"]), "docs", held),
+                orders=_orders_sql(views, roles_where, names["latents"], names["groups"]),
                 docs="docs",
                 heldout=held,
             ),
             {"precision": capture_share, "coverage": coverage, "top_k": top_k},
         ).fetchall()
-        n_narrow = con.execute(f"SELECT count(*) FROM {lat_name} WHERE rank IS NOT NULL").fetchone()[0]
-    finally:
-        for name in (lat_name, held_name, groups_name):
-            if name is not None:
-                con.unregister(name)
+        n_narrow = con.execute(f"SELECT count(*) FROM {names['latents']} WHERE rank IS NOT NULL").fetchone()[0]
     return _combine(v1, v2, n_narrow, top_k, with_groups=groups is not None)
 
 
@@ -168,13 +164,16 @@ def false_alarms(
     groups: pa.Table | None = None,
 ) -> pa.Table:
     """The `false_alarms` table (schemas.FALSE_ALARMS): per order (SCORES, groups, frequency, firing_kl), how many of
-    its top `top_k` capture a placebo label (recovery v2's test: precision and coverage on held-out documents), mean and
-    max over `draws` seeded draws. Placebo labels: `n_labels` (default: the run's planted labels, else 3) disjoint
+    its top `top_k` capture a placebo label (recovery v2's test: precision and coverage on held-out documents), mean
+    and max over `draws` seeded draws. Placebo labels: `n_labels` (default: the run's planted labels, else 3) disjoint
     sets of ordinary documents, each of round(`rate` x documents) (default: the planted labels' mean share of
     documents, else 0.1), at most an equal share of the ordinary documents. On a null organism (no narrow
-    behaviour) every such entry is a false alarm; on a planted run it counts entries the test would wrongly credit."""
+    behaviour) every such entry is a false alarm; on a planted run it counts entries the test would wrongly credit.
+    The scored (latent, document) rows and the orders do not depend on the draw: computed once, then each draw
+    only judges captures of its placebo labels."""
     views = view_names(con)
     docs = con.execute("SELECT doc_id, behaviour FROM docs ORDER BY doc_id").fetchall()
+    ids = [d for d, _ in docs]
     ordinary = np.array([d for d, b in docs if b is None or b in ("", "none")], dtype=np.int64)
     planted = [b for _, b in docs if b not in (None, "", "none")]
     n_labels = n_labels or len(set(planted)) or 3
@@ -183,36 +182,30 @@ def false_alarms(
     if size < 1:
         raise ValueError(f"false alarms: {len(ordinary)} ordinary documents cannot hold {n_labels} placebo labels")
     roles_where = role_filter(con, roles)
-    rank_cols = [f"rank_{s}" for s in SCORES]
-    lat_name, held_name, doc_name = (f"__diffsae_{n}_{next(_counter)}" for n in ("latents", "heldout", "placebo"))
-    con.register(lat_name, latents.select(["latent_id", "n_active", "rank"] + rank_cols))
-    held_ids = np.array([d for d, _ in docs] if heldout is None else heldout, dtype=np.int64)
-    con.register(held_name, pa.table({"doc_id": pa.array(held_ids, pa.int64())}))
-    groups_name = _register_groups(con, groups)
+    held_ids = pa.table({"doc_id": pa.array(np.asarray(ids if heldout is None else heldout, np.int64), pa.int64())})
+    with registered(con, latents=_narrow_columns(latents), heldout=held_ids, groups=_group_ranks(groups)) as names:
+        scored = con.execute(
+            f"SELECT latent_id, doc_id, attr_sum FROM {_scored_docs_sql(views, roles_where, names['groups'])} AS s"
+        ).to_arrow_table()
+        orders = con.execute(_orders_sql(views, roles_where, names["latents"], names["groups"])).to_arrow_table()
     counts: dict[str, list[int]] = {}
-    try:
+    with registered(con, scored=scored, orders=orders, heldout=held_ids) as names:
         for draw in range(draws):
             perm = np.random.default_rng(seed + 7907 * draw).permutation(ordinary)
             label = {int(d): f"placebo_{i // size}" for i, d in enumerate(perm[: n_labels * size])}
-            ids = [d for d, _ in docs]
-            con.register(doc_name, pa.table({"doc_id": pa.array(ids, pa.int64()),
-                                             "behaviour": [label.get(d, "none") for d in ids]}))  # fmt: skip
-            sql = render(
-                load_sql("false_alarms.sql"),
-                captures=_captures_sql(views, roles_where, doc_name, held_name, groups_name),
-                orders=_orders_sql(views, roles_where, lat_name, groups_name or _NO_GROUPS),
-            )
-            args = {"precision": capture_share, "coverage": coverage, "top_k": top_k}
-            for order, n in con.execute(sql, args).fetchall():
-                counts.setdefault(order, []).append(int(n))
-            con.unregister(doc_name)
-    finally:
-        for name in (lat_name, held_name, groups_name):
-            if name is not None:
-                con.unregister(name)
+            placebo = pa.table({"doc_id": pa.array(ids, pa.int64()), "behaviour": [label.get(d, "none") for d in ids]})
+            with registered(con, placebo=placebo) as docs_name:
+                sql = render(
+                    load_sql("false_alarms.sql"),
+                    captures=_captures_sql(names["scored"], docs_name["placebo"], names["heldout"]),
+                    orders=f"SELECT * FROM {names['orders']}",
+                )
+                args = {"precision": capture_share, "coverage": coverage, "top_k": top_k}
+                for order, n in con.execute(sql, args).fetchall():
+                    counts.setdefault(order, []).append(int(n))
     rows = [(o, float(np.mean(counts[o])), max(counts[o]), n_labels, size, draws)
             for o in SCORES + (GROUPS,) + BASELINES if o in counts]  # fmt: skip
-    return pa.table(list(map(list, zip(*rows))), schema=schemas.FALSE_ALARMS)
+    return schemas.from_rows(rows, schemas.FALSE_ALARMS)
 
 
 def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int, with_groups: bool) -> pa.Table:
@@ -232,8 +225,7 @@ def _combine(v1: list[tuple], v2: list[tuple], n_narrow: int, top_k: int, with_g
                 best2, rec2, _, _ = new.get((order, b), (None, False, m, n))
                 expected = float(bool(rec2))
             rows.append((order, b, best1, rec1, frac, best2, rec2, expected, m, n))
-    columns = list(zip(*rows)) if rows else [[] for _ in schemas.RECOVERY.names]
-    return pa.table([pa.array(c, f.type) for c, f in zip(columns, schemas.RECOVERY)], schema=schemas.RECOVERY)
+    return schemas.from_rows(rows, schemas.RECOVERY)
 
 
 def format_false_alarms(table: pa.Table) -> str:

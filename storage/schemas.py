@@ -19,6 +19,12 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
     return pa.schema([pa.field(n, t) for n, t in fields])
 
 
+def from_rows(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    """A table of `schema` from row tuples in its column order (no rows: the empty table)."""
+    columns = list(zip(*rows)) if rows else [[] for _ in schema.names]
+    return pa.table([pa.array(list(c), f.type) for c, f in zip(columns, schema)], schema=schema)
+
+
 # ---------------------------------------------------------------- activations stage (activations/)
 
 # One row per token of every document (the projection of the shards the analysis reads its tokens from).
