@@ -71,13 +71,10 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
     q = f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)} AND {roles_where}"
     analysed = con.execute(q).fetchone()[0]
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
-    heldout = sae_heldout(ctx, con)
     groups = latent_groups(con, latents, roles=params.roles, top=cfg.group_top, min_jaccard=cfg.group_jaccard)
-    rec = recovery(con, latents, roles=params.roles, heldout=heldout, groups=groups)
-    alarms = measure_false_alarms(con, latents, params.roles, heldout, groups)
     store.write_parquet(paths.table("latents"), latents)
     store.write_parquet(paths.table("latent_groups"), groups)
-    publish_recovery(ctx, rec, alarms)
+    rec, alarms, text = judge(ctx, con, latents, params.roles, groups)
     columns = ["rank", "latent_id", "kl_attr_sum"]
     columns += ["dominant_behaviour"] if "dominant_behaviour" in latents.column_names else []
     out = RankingResult(
@@ -86,7 +83,7 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
         n_latents=latents.num_rows,
         top=latents.filter(pc.is_valid(latents["rank"])).slice(0, TOP_REPORTED).select(columns).to_pylist(),
         recovery=rec.to_pylist(),
-        recovery_text=format_recovery(rec) + "\n\n" + format_false_alarms(alarms),
+        recovery_text=text,
         roles=list(cfg.roles),
         broad_docs=cfg.broad_docs,
         n_broad=int(pc.sum(pc.is_valid(latents["rank_broad"])).as_py() or 0),
@@ -111,14 +108,19 @@ def rank_task(
     return rank(ctx, rank_by, cfg, skip_first, key)
 
 
-def measure_false_alarms(
-    con: Any, latents: pa.Table, roles: tuple[str, ...] | None, heldout: Any, groups: pa.Table | None
-) -> pa.Table:
-    """storage.recovery.false_alarms with its defaults; empty when there are too few ordinary documents."""
+def judge(
+    ctx: RunContext, con: Any, latents: pa.Table, roles: tuple[str, ...] | None, groups: pa.Table | None
+) -> tuple[pa.Table, pa.Table, str]:
+    """Recovery (v1, v2 on the SAE's held-out documents) and false alarms of a ranking, published (tables, MLflow);
+    returns both tables and their text. False alarms are empty when there are too few ordinary documents."""
+    heldout = sae_heldout(ctx, con)
+    rec = recovery(con, latents, roles=roles, heldout=heldout, groups=groups)
     try:
-        return false_alarms(con, latents, roles=roles, heldout=heldout, groups=groups)
+        alarms = false_alarms(con, latents, roles=roles, heldout=heldout, groups=groups)
     except ValueError:
-        return schemas.FALSE_ALARMS.empty_table()
+        alarms = schemas.FALSE_ALARMS.empty_table()
+    publish_recovery(ctx, rec, alarms)
+    return rec, alarms, format_recovery(rec) + "\n\n" + format_false_alarms(alarms)
 
 
 def publish_recovery(ctx: RunContext, rec: pa.Table, alarms: pa.Table) -> None:
@@ -169,15 +171,10 @@ def evaluate_run(ctx: RunContext) -> str:
         roles = ctx.store.read_json(ctx.paths.marker("ranking")).get("roles")
     except FileNotFoundError:
         roles = None  # no marker (or one from before rank.roles existed): every token was scored
-    roles = tuple(roles) if roles else None
-    heldout = sae_heldout(ctx, con)
     latents = con.execute("SELECT * FROM latents").to_arrow_table()
     views = ranking.view_names(con)
     groups = con.execute("SELECT * FROM latent_groups").to_arrow_table() if "latent_groups" in views else None
-    rec = recovery(con, latents, roles=roles, heldout=heldout, groups=groups)
-    alarms = measure_false_alarms(con, latents, roles, heldout, groups)
-    publish_recovery(ctx, rec, alarms)
-    return format_recovery(rec) + "\n\n" + format_false_alarms(alarms)
+    return judge(ctx, con, latents, tuple(roles) if roles else None, groups)[2]
 
 
 def sae_heldout(ctx: RunContext, con: Any) -> list[int] | None:
