@@ -26,23 +26,47 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import diffsae.attribution as attribution_module
 import diffsae.patching as patching_module
-from diffsae.attribution import attribute_batch
+from diffsae.attribution import Selection, attribute_batch
+from diffsae.head import final_hidden, head_logits
 from diffsae.hooks import read_residual, replace_residual
+from diffsae.kl import DEFAULT_CHUNK_ELEMS
 from diffsae.sae import BatchTopKSAE
 
-UPPER = patching_module.patched_logits
+UPPER = patching_module.patched_hidden
+SPARSE_GRAD = attribution_module.kl_grad_hidden
 
 
-def full_patched_logits(model, layer, h_BTD, ids_BT, mask_BT, pos_BT):  # type: ignore[no-untyped-def]
+def full_patched_hidden(model, layer, h_BTD, ids_BT, mask_BT, pos_BT):  # type: ignore[no-untyped-def]
     """The pre-run_from path: the whole model runs, the output of block `layer` replaced by a hook."""
     with replace_residual(model, layer, h_BTD):
-        return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits
+        return final_hidden(model, input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT)
+
+
+def dense_kl_grad_hidden(model, x_p_BTD, x_q_CBTD, weight_BT, chunk_elems=DEFAULT_CHUNK_ELEMS):  # type: ignore[no-untyped-def]
+    """The pre-2026-12-01 head gradient: logits and their closed-form gradient at EVERY position (weight 0 or not),
+    a chunk of positions at a time."""
+    grad_CBTD = torch.zeros_like(x_q_CBTD)
+    T, V = x_q_CBTD.shape[-2], int(model.get_output_embeddings().weight.shape[0])
+    t_chunk = max(1, chunk_elems // max(1, x_q_CBTD[..., 0, 0].numel() * V))
+    for t0 in range(0, T, t_chunk):
+        sl = slice(t0, t0 + t_chunk)
+        with torch.no_grad():
+            p = torch.softmax(head_logits(model, x_p_BTD[None, :, sl]).float(), dim=-1)
+        x_leaf = x_q_CBTD[..., sl, :].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits_q = head_logits(model, x_leaf)
+        with torch.no_grad():
+            dlogits = (torch.softmax(logits_q.float(), dim=-1) - p) * weight_BT[None, :, sl, None].float()
+        (grad_CBTD[..., sl, :],) = torch.autograd.grad(logits_q, x_leaf, grad_outputs=dlogits.to(logits_q.dtype))
+    return grad_CBTD
 
 
 def use_path(name: str) -> None:
-    fn = UPPER if name == "upper" else full_patched_logits
-    patching_module.patched_logits = fn  # type: ignore[assignment]
-    attribution_module.patched_logits = fn  # type: ignore[assignment]
+    """`full`: the path before 2026-11-30 (whole model, dense head gradient); `upper`: today's."""
+    fn = UPPER if name == "upper" else full_patched_hidden
+    patching_module.patched_hidden = fn  # type: ignore[assignment]
+    attribution_module.patched_hidden = fn  # type: ignore[assignment]
+    attribution_module.kl_grad_hidden = SPARSE_GRAD if name == "upper" else dense_kl_grad_hidden  # type: ignore
 
 
 def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, LlamaForCausalLM, BatchTopKSAE]:
@@ -100,6 +124,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="quadrature points of the new configuration")
     ap.add_argument("--rule", default="midpoint", choices=["midpoint", "gauss_legendre"])
     ap.add_argument("--steps-per-forward", type=int, default=None)
+    ap.add_argument(
+        "--select",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("TOP", "SAMPLE"),
+        help="also time the new configuration with a token selection (attribution.select_top/sample)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -127,26 +159,39 @@ def main() -> None:
             ft(ids_BT, attention_mask=mask_BT)
 
     t_pair = timed(paired, args.repeats, args.device)
-    print(f"device={args.device} d={args.d} vocab={args.vocab} layers={args.layers} layer={args.layer} "
-          f"batch={args.batch} seq={args.seq} tokens={n_tokens} threads={args.threads} repeats={args.repeats}")
-    print(f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
-          f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})")
-    configs = [("full", "midpoint", 16), ("upper", "midpoint", 16), ("upper", args.rule, args.steps)]
-    for path, rule, steps in dict.fromkeys(configs):
+    print(
+        f"device={args.device} d={args.d} vocab={args.vocab} layers={args.layers} layer={args.layer} "
+        f"batch={args.batch} seq={args.seq} tokens={n_tokens} threads={args.threads} repeats={args.repeats}"
+    )
+    print(
+        f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
+        f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})"
+    )
+    configs = [("full", "midpoint", 16, None), ("upper", "midpoint", 16, None), ("upper", args.rule, args.steps, None)]
+    if args.select:
+        configs.append(("upper", args.rule, args.steps, tuple(args.select)))
+    for path, rule, steps, sel in dict.fromkeys(configs):
         use_path(path)
         results = {}
+        select = None if sel is None else Selection(sel[0], sel[1], list(range(args.batch)))
 
         def attribute() -> None:
             results["last"] = attribute_batch(base, ft, args.layer, ids_BT, mask_BT, sae, steps=steps,
-                                              steps_per_forward=args.steps_per_forward, rule=rule)  # fmt: skip
+                                              steps_per_forward=args.steps_per_forward, rule=rule,
+                                              select=select)  # fmt: skip
 
         t_attr = timed(attribute, args.repeats, args.device)
         res = results["last"]
         err = np.abs(res.attr_sum_B - res.kl_drop_B) / np.maximum(np.abs(res.kl_drop_B), 1e-6)
         ratios = sorted(t / np.median(t_pair) for t in t_attr)
-        print(f"attribution {path:5s} {rule:14s} {steps:2d}: {n_tokens / np.median(t_attr):8.1f} tokens/s  "
-              f"ratio {np.median(ratios):5.1f}x paired (min-max {ratios[0]:.1f}-{ratios[-1]:.1f})  "
-              f"completeness max {err.max():.1e}")
+        label = f"{path:5s} {rule:14s} {steps:2d}" + ("" if sel is None else f" select {sel[0]:g}/{sel[1]:g}")
+        if sel is not None:
+            label += f" ({np.nansum(res.weight_BT > 0) / np.nansum(res.weight_BT >= 0):.0%} of tokens weighted)"
+        print(
+            f"attribution {label}: {n_tokens / np.median(t_attr):8.1f} tokens/s  "
+            f"ratio {np.median(ratios):5.1f}x paired (min-max {ratios[0]:.1f}-{ratios[-1]:.1f})  "
+            f"completeness max {err.max():.1e}"
+        )
     use_path("upper")
 
 

@@ -13,9 +13,10 @@ original units). The path
     h(α) = h_base + b + α · Σ_i a_i d_i     (α = 1: h_base + the SAE reconstruction of diff)
 
 replaces the output of decoder block L of the FINETUNED model, and only the blocks above L run
-(`diffsae.hooks.run_from`), and KL(α) = Σ_t KL(p_ft,t ‖ p_patch,t(α)) over the document's analysed tokens. With
-a quadrature rule (`quadrature`: nodes α_j, weights w_j; midpoint α_j = (j + 0.5) / steps, w_j = 1/steps, or
-Gauss–Legendre) and ḡ_s = Σ_j w_j ∇_{h_s} KL(α_j):
+(`diffsae.hooks.run_from`), and KL(α) = Σ_t w_t KL(p_ft,t ‖ p_patch,t(α)) over the document's analysed tokens
+(w_t = 1 for every token, or the inverse-probability weights of a token selection, `select_tokens`). With
+a quadrature rule (`quadrature`: nodes α_j, weights ω_j; midpoint α_j = (j + 0.5) / steps, ω_j = 1/steps, or
+Gauss–Legendre) and ḡ_s = Σ_j ω_j ∇_{h_s} KL(α_j):
 
     attr_{s,i} = −a_{s,i} · (ḡ_s · d_i),    Σ_{s,i} attr_{s,i} ≈ KL(0) − KL(1)   (completeness, per doc)
 
@@ -48,7 +49,9 @@ Tests: `pytest tests/test_attribution.py`; throughput: `python bench/attribution
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+import hashlib
+import math
+from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -72,11 +75,56 @@ class AttributionBatch(NamedTuple):
     latent_id: np.ndarray  # int32 [P]
     activation: np.ndarray  # float32 [P] a_{s,i} (SAE units)
     attribution: np.ndarray  # float32 [P] attr_{s,i}
-    kl_drop_B: np.ndarray  # float32 [B] KL(0) − KL(1) over the analysed tokens (target of completeness)
+    kl_drop_B: np.ndarray  # float32 [B] Σ_t w_t (KL_t(0) − KL_t(1)) over the analysed tokens (completeness target)
     attr_sum_B: np.ndarray  # float32 [B] Σ attributions of the document
+    weight_BT: np.ndarray  # float32 [B, T] w_t, the weight of token t's KL in the attributed objective (NaN: padding)
 
 
 Rule = Literal["midpoint", "gauss_legendre"]
+
+
+class Selection(NamedTuple):
+    """Which tokens' KL the gradient passes attribute (`select_tokens`): per document, the `top` share of its
+    analysed tokens by KL(0) (weight 1), and of the rest a Bernoulli(`sample`) draw seeded by `seeds[b]`
+    (weight 1/`sample`); every other token gets weight 0."""
+
+    top: float  # share of each document's analysed tokens always attributed, by KL(0) = KL(p_ft ‖ p_patch(h(0)))
+    sample: float  # probability that each other token is drawn
+    seeds: Sequence[int]  # [B] one seed per document (e.g. from its doc_id): draws independent of the batching
+
+
+def doc_seed(seed: int, doc_id: int) -> int:
+    """The selection seed of one document: a hash of the run's seed and its doc_id (independent of batching)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=7).digest(), "little")
+
+
+def select_tokens(kl0_BT: torch.Tensor, analysed_BT: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Inverse-probability weights w [B, T] (float32) of the tokens whose KL is attributed (`Selection`).
+
+    E[w_t] = 1 for every analysed token (w_t = 1 with probability 1 in the top share, 1/p with probability p
+    otherwise), and the attributions are linear in w, so each one is an unbiased estimate of its value with every
+    token attributed (Horvitz & Thompson 1952). Per document: ⌈top · n⌉ tokens by KL(0) (ties: earlier position),
+    then n uniforms from a generator seeded by the document's seed, in position order."""
+    if not (0.0 <= sel.top <= 1.0 and 0.0 < sel.sample <= 1.0):
+        raise ValueError(f"selection needs 0 <= top <= 1 and 0 < sample <= 1, got {sel.top}, {sel.sample}")
+    B, T = analysed_BT.shape
+    if len(sel.seeds) != B:
+        raise ValueError(f"selection has {len(sel.seeds)} seeds for {B} documents")
+    w_BT = torch.zeros(B, T, dtype=torch.float32)
+    kl0_BT, analysed_BT = kl0_BT.detach().float().cpu(), analysed_BT.cpu()
+    for b in range(B):
+        cols = analysed_BT[b].nonzero().flatten()  # [n] in position order
+        n = cols.numel()
+        if n == 0:
+            continue
+        n_top = math.ceil(sel.top * n)
+        order_n = torch.sort(-kl0_BT[b, cols], stable=True).indices  # by KL(0), ties: earlier position
+        top_n = torch.zeros(n, dtype=torch.bool)
+        top_n[order_n[:n_top]] = True
+        u_n = torch.rand(n, generator=torch.Generator().manual_seed(int(sel.seeds[b]) % (1 << 63)))
+        drawn_n = ~top_n & (u_n < sel.sample)
+        w_BT[b, cols] = torch.where(top_n, 1.0, torch.where(drawn_n, 1.0 / sel.sample, 0.0))
+    return w_BT.to(analysed_BT.device)
 
 
 def quadrature(rule: Rule, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +154,16 @@ def attribute_batch(
     skip_first: int = 1,
     steps_per_forward: int | None = None,
     rule: Rule = "midpoint",
+    select: Selection | None = None,
+    kl_BT: torch.Tensor | None = None,
 ) -> AttributionBatch:
     """Integrated-gradients KL attribution of the SAE latents for one batch of documents (module docstring).
 
     steps_per_forward: α steps stacked in the batch dimension of one finetuned forward (None: as many as fit
     in LOGIT_BUDGET_ELEMS logits entries, at least 1). rule, steps: the quadrature of the path (`quadrature`).
+    select: attribute only a weighted selection of the tokens' KL (`select_tokens`; None: every analysed token,
+    weight 1). Every latent record is still reported; its attribution is then an unbiased estimate.
+    kl_BT: KL(p_ft ‖ p_base) per token when known (extraction's `kl`): the base model then runs only up to `layer`.
     """
     nodes_S, weights_S = quadrature(rule, steps)
     device = model_device(finetuned)
@@ -119,7 +172,7 @@ def attribute_batch(
     scale = sae.scale.detach().float().to(device)  # scalar or [D]
 
     with frozen(base, finetuned):
-        r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first)
+        r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first, kl_BT)
         mask_BT, analysed_BT, docpos_BT, kl_BT, per_token = r.mask_BT, r.analysed_BT, r.docpos_BT, r.kl_BT, r.per_token
         x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD = r.x_ft_BTD, r.h_ft_BTD, r.start_BTD, r.delta_BTD
         tok_P, lat_P, act_P = r.tok_P, r.lat_P, r.act_P
@@ -127,6 +180,8 @@ def attribute_batch(
         ids_BT = input_ids_BT.to(device)
         mask_long_BT = mask_BT.long()
         B, T, D = h_ft_BTD.shape
+        # w_t: the weight of token t's KL in the attributed objective Σ_t w_t KL_t(α)
+        weight_BT = analysed_BT.float() if select is None else select_tokens(per_token["bias"], analysed_BT, select)
 
         # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j), several α stacked per forward.
         V = int(finetuned.get_output_embeddings().weight.shape[0])
@@ -149,10 +204,10 @@ def attribute_batch(
                     mask_long_BT.repeat(C, 1),
                     docpos_BT.repeat(C, 1),
                 )
-            # ∂KL/∂logits = analysed · (p_patch − p_ft) in closed form, back through the head a chunk of positions
-            # at a time (diffsae.head: no [C, B, T, V] logits, no float32 log-softmax copies kept for autograd),
+            # ∂KL/∂logits = w · (p_patch − p_ft) in closed form, back through the head at the weighted positions
+            # only, a chunk at a time (diffsae.head: no [C, B, T, V] logits, no float32 log-softmax kept),
             # then one backward through the blocks above `layer` to h.
-            dx_CBTD = kl_grad_hidden(finetuned, x_ft_BTD[None], x_cTD.view(C, B, T, -1), analysed_BT[None])
+            dx_CBTD = kl_grad_hidden(finetuned, x_ft_BTD, x_cTD.view(C, B, T, -1), weight_BT)
             (grad_cTD,) = torch.autograd.grad(x_cTD, h_cTD, grad_outputs=dx_CBTD.view_as(x_cTD))
             grad_CBTD = grad_cTD.view(C, B, T, D)
             if rule == "midpoint":  # equal weights: sum now, divide once (the historical float order)
@@ -177,7 +232,7 @@ def attribute_batch(
         batch_P, col_P = b_N[tok_P], t_N[tok_P]  # [P]
         attr_sum_B = torch.zeros(B, device=device).index_add_(0, batch_P, attr_P)  # [B]
         zero_BT = torch.zeros_like(kl_BT)
-        drop_BT = torch.where(analysed_BT, per_token["bias"] - per_token["recon"], zero_BT)  # [B, T]
+        drop_BT = torch.where(analysed_BT, weight_BT * (per_token["bias"] - per_token["recon"]), zero_BT)  # [B, T]
         kl_drop_B = drop_BT.sum(dim=1)  # [B]
 
         return AttributionBatch(
@@ -192,6 +247,7 @@ def attribute_batch(
             attribution=attr_P.cpu().numpy().astype(np.float32),
             kl_drop_B=kl_drop_B.cpu().numpy().astype(np.float32),
             attr_sum_B=attr_sum_B.cpu().numpy().astype(np.float32),
+            weight_BT=nan_outside(weight_BT, mask_BT),
         )
 
 

@@ -207,6 +207,23 @@ class AttributionConfig(_Section):
         "focus (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)",
     )
     top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
+    tokens: Literal["all", "select", "auto"] = Field(
+        "auto", description="Whose KL is attributed: every analysed token, a weighted selection, or `select` when "
+        "the run has more than `select_above` tokens"
+    )  # fmt: skip
+    select_top: float = Field(0.1, ge=0, le=1, description="Selection: share of each document's tokens by KL kept")
+    select_sample: float = Field(0.25, gt=0, le=1, description="Selection: probability of drawing each other token")
+    select_above: int = Field(50_000, ge=0, description="`auto` selects when the run has more tokens than this")
+    select_seed: int = Field(0, description="Seed of the selection's draws (per document, with its doc_id)")
+
+    def resolved(self, n_tokens: int) -> "AttributionConfig":
+        """`tokens` resolved for a run of `n_tokens` tokens (`auto` -> `all` or `select`), the selection's settings
+        reset to their defaults when nothing is selected (so they never change a key they do not affect)."""
+        select = self.tokens == "select" or (self.tokens == "auto" and n_tokens > self.select_above)
+        if select:
+            return self.model_copy(update={"tokens": "select"})
+        unused = {k: type(self).model_fields[k].default for k in ("select_top", "select_sample", "select_seed")}
+        return self.model_copy(update={"tokens": "all", "select_above": 0, **unused})
 
     @field_validator("rank_by", mode="before")
     @classmethod

@@ -126,25 +126,32 @@ def kl_from_hidden(
 def kl_grad_hidden(
     model: nn.Module,
     x_p_BTD: torch.Tensor,
-    x_q_BTD: torch.Tensor,
+    x_q_CBTD: torch.Tensor,
     weight_BT: torch.Tensor,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> torch.Tensor:
-    """∂/∂x_q of Σ_t weight_t · KL(p_t ‖ q_t), with p = softmax(head(x_p)) (a reference that broadcasts) and q =
-    softmax(head(x_q)): per chunk of positions, the closed form weight · (q − p) on the logits, back through the
-    head alone. Returns [..., T, D] like x_q; the caller backpropagates it through the layers below the head."""
-    grad_BTD = torch.zeros_like(x_q_BTD)
-    T, V = x_q_BTD.shape[-2], int(_head(model).weight.shape[0])  # type: ignore[union-attr]
-    t_chunk = _position_chunk(x_q_BTD, V, chunk_elems)
-    weight_BT = weight_BT.float()
-    for t0 in range(0, T, t_chunk):
-        sl = slice(t0, t0 + t_chunk)
+    """∂/∂x_q of Σ_{c,b,t} weight_bt · KL(p_bt ‖ q_cbt), with p = softmax(head(x_p)) (one reference [B, T, D], the
+    same for every run c) and q = softmax(head(x_q)) ([C, B, T, D]: C runs of the batch).
+
+    Only positions with a non-zero weight make logits: they are gathered ([C, N, D], N = weighted positions) and,
+    a chunk of them at a time, the closed form weight · (q − p) on the logits goes back through the head alone;
+    every other position's gradient is exactly 0. Returns [C, B, T, D] like x_q; the caller backpropagates it
+    through the layers below the head."""
+    C, B, T, D = x_q_CBTD.shape
+    V = int(_head(model).weight.shape[0])  # type: ignore[union-attr]
+    grad_CBTD = torch.zeros_like(x_q_CBTD)
+    b_N, t_N = weight_BT.nonzero(as_tuple=True)  # [N] the weighted positions, row-major
+    w_N = weight_BT[b_N, t_N].float()  # [N]
+    n_chunk = max(1, chunk_elems // max(1, C * V))
+    for n0 in range(0, b_N.numel(), n_chunk):
+        b_n, t_n = b_N[n0 : n0 + n_chunk], t_N[n0 : n0 + n_chunk]
         with torch.no_grad():
-            p_BtV = torch.softmax(head_logits(model, x_p_BTD[..., sl, :]).float(), dim=-1)
-        x_leaf = x_q_BTD[..., sl, :].detach().requires_grad_(True)
+            p_nV = torch.softmax(head_logits(model, x_p_BTD[b_n, t_n]).float(), dim=-1)  # [n, V]
+        x_leaf = x_q_CBTD[:, b_n, t_n].detach().requires_grad_(True)  # [C, n, D]
         with torch.enable_grad():
-            logits_q = head_logits(model, x_leaf)
+            logits_q = head_logits(model, x_leaf)  # [C, n, V]
         with torch.no_grad():
-            dlogits = (torch.softmax(logits_q.float(), dim=-1) - p_BtV) * weight_BT[..., sl, None]
-        (grad_BTD[..., sl, :],) = torch.autograd.grad(logits_q, x_leaf, grad_outputs=dlogits.to(logits_q.dtype))
-    return grad_BTD
+            dlogits = (torch.softmax(logits_q.float(), dim=-1) - p_nV) * w_N[n0 : n0 + n_chunk, None]
+        (g_CnD,) = torch.autograd.grad(logits_q, x_leaf, grad_outputs=dlogits.to(logits_q.dtype))
+        grad_CBTD[:, b_n, t_n] = g_CnD
+    return grad_CBTD

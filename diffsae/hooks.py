@@ -14,6 +14,8 @@ architectures, the hook does not).
     with run_from(model, 2, h_BTD):                # the same logits, without computing blocks 0..2
         logits = model(input_ids, use_cache=False).logits
 
+    h_BTD = residual_at(model, 2, input_ids=ids)   # blocks 0..2 only: the forward stops there
+
 Hooks are removed in `finally`, also when the forward pass raises.
 """
 
@@ -79,6 +81,31 @@ def read_residual(model: nn.Module, layer: int, detach: bool = True) -> Iterator
         yield cap
     finally:
         handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised by `residual_at`'s hook once block `layer` has run: the rest of the forward is not needed."""
+
+
+def residual_at(model: nn.Module, layer: int, **inputs: object) -> torch.Tensor:
+    """The output of decoder block `layer` (detached) from a forward that stops there: the blocks above it, the
+    final norm and the head never run (`inputs`: input_ids, attention_mask, position_ids...)."""
+    cap = Captured()
+
+    def hook(_mod: nn.Module, _inp: object, output: object) -> None:
+        cap.value = _hidden(output).detach()
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if cap.value is None:
+        raise RuntimeError(f"{type(model).__name__}: decoder block {layer} never ran")
+    return cap.value
 
 
 @contextmanager

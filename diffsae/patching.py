@@ -19,7 +19,7 @@ from torch import nn
 from diffsae.data import Doc
 from diffsae.extract import pad_batch, plan_batches
 from diffsae.head import final_hidden, kl_from_hidden
-from diffsae.hooks import read_residual, run_from
+from diffsae.hooks import read_residual, residual_at, run_from
 
 PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
 
@@ -100,10 +100,13 @@ class PatchedRuns(NamedTuple):
 
 def patched_runs(
     base: nn.Module, finetuned: nn.Module, layer: int, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-    sae: SAELike, skip_first: int,
+    sae: SAELike, skip_first: int, kl_BT: torch.Tensor | None = None,
 ) -> PatchedRuns:  # fmt: skip
     """Both models, the SAE encoding of the diff and the three patched runs (h_base, h_base + b, h_base + recon),
-    without gradients. Call inside `frozen(base, finetuned)`."""
+    without gradients. Call inside `frozen(base, finetuned)`.
+
+    kl_BT: KL(p_ft ‖ p_base) per token when already known (extraction stores it): the base model then runs only up
+    to block `layer` (`diffsae.hooks.residual_at`), its upper blocks and head are never computed."""
     device = model_device(finetuned)
     ids_BT = input_ids_BT.to(device)
     mask_BT = attention_mask_BT.to(device).bool()
@@ -117,14 +120,22 @@ def patched_runs(
     b_D = sae.b_dec_D.detach().float().to(device) / scale  # [D] bias in original units
 
     with torch.no_grad():
-        with read_residual(base, layer) as cap_base:
-            x_base_BTD = _forward(base, ids_BT, mask_long_BT, docpos_BT)
         with read_residual(finetuned, layer) as cap_ft:
             x_ft_BTD = _forward(finetuned, ids_BT, mask_long_BT, docpos_BT)
-        h_base_BTD = cap_base.value.float().to(device)
         h_ft_BTD = cap_ft.value.float()
-        kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD.to(device))
-        del x_base_BTD
+        if kl_BT is None:
+            with read_residual(base, layer) as cap_base:
+                x_base_BTD = _forward(base, ids_BT, mask_long_BT, docpos_BT)
+            kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD.to(device))
+            h_base_BTD = cap_base.value.float().to(device)
+            del x_base_BTD
+        else:
+            ids_b = ids_BT.to(model_device(base))
+            h_base_BTD = residual_at(
+                base, layer, input_ids=ids_b, attention_mask=mask_long_BT.to(ids_b.device),
+                position_ids=docpos_BT.to(ids_b.device),
+            ).float().to(device)  # fmt: skip
+            kl_BT = kl_BT.to(device).float()
 
         # SAE activations of the diff at the analysed tokens, as sparse (token, latent, activation) pairs.
         diff_ND = (h_ft_BTD - h_base_BTD)[analysed_BT]  # [N, D], N = analysed tokens
@@ -150,16 +161,15 @@ def patched_runs(
         patch_base_BTD[analysed_BT] = h_base_BTD[analysed_BT]
         del h_base_BTD, diff_ND, recon_ND
 
-        per_token = {}
-        for name, h_BTD in (
-            ("base", patch_base_BTD),
-            ("bias", start_BTD),
-            ("recon", start_BTD + delta_BTD),
-        ):
-            x_BTD = patched_hidden(finetuned, layer, h_BTD, ids_BT, mask_long_BT, docpos_BT)
-            per_token[name] = kl_from_hidden(finetuned, x_ft_BTD, finetuned, x_BTD)  # [B, T]
-            del x_BTD
-        del patch_base_BTD
+        # The three patched runs' final hidden states, then their KLs in one chunked pass (p_ft's logits made once).
+        names = ("base", "bias", "recon")
+        x_SBTD = torch.stack([
+            patched_hidden(finetuned, layer, h_BTD, ids_BT, mask_long_BT, docpos_BT)
+            for h_BTD in (patch_base_BTD, start_BTD, start_BTD + delta_BTD)
+        ])  # fmt: skip
+        kl_SBT = kl_from_hidden(finetuned, x_ft_BTD[None], finetuned, x_SBTD)  # [3, B, T]
+        per_token = {name: kl_SBT[i] for i, name in enumerate(names)}
+        del patch_base_BTD, x_SBTD
     return PatchedRuns(
         mask_BT, analysed_BT, docpos_BT, kl_BT, per_token, x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD,
         tok_P, lat_P, act_P,

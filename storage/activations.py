@@ -284,3 +284,15 @@ def read_docs(store: Store, paths: RunPaths, doc_ids: Sequence[int] | None = Non
             raise RuntimeError(f"activations: document {d['doc_id']} has {b - a} tokens, expected {d['n_tokens']}")
         out.append(Doc(d["doc_id"], d["id"], d["text"], d["behaviour"], ids[a:b].tolist(), list(roles[a:b])))
     return out
+
+
+def read_doc_kls(store: Store, paths: RunPaths) -> dict[int, np.ndarray]:
+    """Per document, extraction's KL(p_ft ‖ p_base) per position (float32 [n_tokens]): what the attribution stage
+    reuses instead of running the base model's upper blocks again."""
+    toks = store.read_parquet(paths.table("activation_tokens"), columns=["doc_id", "pos", "kl"])
+    doc_N, pos_N = toks["doc_id"].to_numpy(), toks["pos"].to_numpy()
+    order = np.lexsort((pos_N, doc_N))
+    doc_N, kl_N = doc_N[order], toks["kl"].to_numpy().astype(np.float32)[order]
+    ids, starts = np.unique(doc_N, return_index=True)
+    return {int(d): part for d, part in zip(ids, np.split(kl_N, starts[1:]))}
+

@@ -55,9 +55,12 @@ DOCS = _schema(
 
 # ---------------------------------------------------------------- analysis stage (analysis/)
 
-# TOKENS + the KL of the three patched runs: h_base, h_base + b_dec, h_base + SAE reconstruction.
+# TOKENS + the KL of the three patched runs: h_base, h_base + b_dec, h_base + SAE reconstruction; and attr_weight,
+# the weight of the token's KL in the attributed objective (1 for every analysed token, or a token selection's
+# inverse-probability weight, 0 when not drawn; 0 before skip_first): the attributions are estimates built with it.
 ANALYSIS_TOKENS = pa.schema(
-    list(TOKENS) + [pa.field(n, pa.float32()) for n in ("kl_patch_base", "kl_patch_bias", "kl_patch_recon")]
+    list(TOKENS)
+    + [pa.field(n, pa.float32()) for n in ("kl_patch_base", "kl_patch_bias", "kl_patch_recon", "attr_weight")]
 )
 
 # One row per (token, firing latent): its activation and its integrated-gradients share of the token's KL.

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import torch
 from prefect import task
 from tqdm import tqdm
 
-from diffsae.attribution import attribute_batch, latent_doc_stats, promoted_suppressed
+from diffsae.attribution import Selection, attribute_batch, doc_seed, latent_doc_stats, promoted_suppressed
 from diffsae.config import AttributionConfig, ModelsConfig
 from diffsae.data import Doc
 from diffsae.extract import pad_batch, plan_batches
@@ -34,7 +35,7 @@ from tasks.train import SAEResult
 
 PART_ROWS = 2_000_000  # latent_tokens rows per Parquet part
 NOISE_NATS = 1e-5  # a completeness gap below this is float noise: never worth refining
-PATCH_COLUMNS = ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon")
+PATCH_COLUMNS = ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon", "attr_weight")
 
 
 class AttributionResult(NamedTuple):
@@ -49,7 +50,7 @@ class AttributionResult(NamedTuple):
 
 def attribution_key(cfg: AttributionConfig, sae: SAEResult, activations: Activations, skip_first: int) -> str:
     """What the attribution tables depend on: its settings, the SAE's actual weights, the activations."""
-    settings = {**cfg.model_dump(exclude={"rank_by"}), "skip_first": skip_first}
+    settings = {**cfg.resolved(activations.rows).model_dump(exclude={"rank_by"}), "skip_first": skip_first}
     return stage_key("attribution", attribute, settings, sae.key, sae.weights_sha256, activations.fingerprint)
 
 
@@ -114,16 +115,31 @@ class DocAttribution(NamedTuple):
 
 def attribute_docs(
     pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
-    steps: int,
+    steps: int, kls: Mapping[int, np.ndarray] | None = None,
 ) -> list[DocAttribution]:  # fmt: skip
     """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
-    than float noise) is attributed again with twice the points, up to `cfg.max_steps`, keeping the better one."""
+    than float noise) is attributed again with twice the points, up to `cfg.max_steps`, keeping the better one.
+    kls: extraction's per-token KL by doc_id (`act.read_doc_kls`): the base model then stops at `layer`."""
+    if cfg.tokens not in ("all", "select"):
+        raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
     ids_BT, mask_BT = pad_batch(docs, pair.tokenizer.pad_token_id or 0, pair.device)
-    out = attribute_batch(pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule)
+    select = None
+    if cfg.tokens == "select":
+        seeds = [doc_seed(cfg.select_seed, d.doc_id) for d in docs]
+        select = Selection(cfg.select_top, cfg.select_sample, seeds)
+    kl_BT = None
+    if kls is not None:
+        kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
+        for b, d in enumerate(docs):
+            kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
+    out = attribute_batch(
+        pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
+        kl_BT=kl_BT,
+    )  # fmt: skip
     drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
     gap_B = np.abs(got_B - drop_B)
     rel_B = gap_B / np.maximum(np.abs(drop_B), 1e-6)
-    per_token = (out.kl_BT, out.kl_patch_base_BT, out.kl_patch_bias_BT, out.kl_patch_recon_BT)
+    per_token = (out.kl_BT, out.kl_patch_base_BT, out.kl_patch_bias_BT, out.kl_patch_recon_BT, out.weight_BT)
     result = []
     for b, d in enumerate(docs):
         n, sel = len(d.token_ids), out.batch_idx == b
@@ -137,7 +153,7 @@ def attribute_docs(
         ))  # fmt: skip
     redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
     if redo and 2 * steps <= cfg.max_steps:
-        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps)
+        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls)
         for b, f in zip(redo, finer):
             if f.rel_error < result[b].rel_error:
                 result[b] = f
@@ -158,18 +174,20 @@ def attribute(
     done = attribution_done(ctx, key)
     if done is not None:
         return done
+    cfg = cfg.resolved(activations.rows)
     read_manifest(ctx, activations)
     store, paths = ctx.store, ctx.paths
     pair = MODEL_CACHE.pair(ctx, models)
     sae = load_sae(ctx, pair.device)
     docs = act.read_docs(store, paths)
+    kls = act.read_doc_kls(store, paths)
     store.delete_tree(paths.url("analysis"))  # no stale parts of an earlier SAE
     parts = _Parts(ctx)
     patch: dict[str, list[np.ndarray]] = {k: [] for k in ("doc_id", "pos", *PATCH_COLUMNS)}
     errors, refined, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=sum(len(d.token_ids) for d in docs), unit="tok", unit_scale=True, desc="KL attribution")
     for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
-        batch = attribute_docs(pair, models.layer, sae, [docs[i] for i in idx], cfg, skip_first, cfg.steps)
+        batch = attribute_docs(pair, models.layer, sae, [docs[i] for i in idx], cfg, skip_first, cfg.steps, kls)
         recs = [r.records for r in batch]
         parts.add({
             "doc_id": np.concatenate([np.full(len(r["pos"]), a.doc.doc_id, np.int64) for r, a in zip(recs, batch)]),
@@ -200,6 +218,8 @@ def attribute(
         "attribution_docs_refined": float(refined),
         "attribution_docs_over_tolerance": float(sum(e > cfg.max_rel_error for e in errors)),
         "attribution_steps": float(cfg.steps),
+        "attribution_tokens_selected": float(cfg.tokens == "select"),
+        "attribution_weighted_share": float(np.mean(np.concatenate(patch["attr_weight"]) > 0)) if errors else 0.0,
         "attribution_seconds": seconds,
     })  # fmt: skip
     table = pa.table({"name": list(metrics), "value": list(metrics.values())}, schema=schemas.METRICS)

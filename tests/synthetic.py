@@ -83,6 +83,7 @@ def synthetic_tables(n_latents: int = 512, n_docs: int = 200, doc_len: int = 64,
             "kl_patch_base": (kl * rng.uniform(0.0, 0.1, n_tok)).astype(np.float32),
             "kl_patch_bias": (kl * rng.uniform(0.6, 1.0, n_tok)).astype(np.float32),
             "kl_patch_recon": (kl * rng.uniform(0.05, 0.4, n_tok)).astype(np.float32),
+            "attr_weight": np.ones(n_tok, np.float32),
         }
     )
     tokens = as_schema(tokens, schemas.ANALYSIS_TOKENS)

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from diffsae.hooks import decoder_layers, read_residual, replace_residual, run_from
+from diffsae.hooks import decoder_layers, read_residual, replace_residual, residual_at, run_from
 
 V, D, L = 97, 32, 4
 LLAMA_LIKE = dict(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
@@ -91,3 +91,23 @@ def test_run_from_skips_the_lower_blocks_compute() -> None:
     assert ran == [3]  # attention ran in block 3 only
     with pytest.raises(ValueError, match="out of range"), run_from(model, L, h_BTD):
         pass
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_residual_at_stops_after_the_layer(arch: str) -> None:
+    """`residual_at` gives exactly what a full forward's read hook sees, and no block above the layer runs."""
+    torch.manual_seed(1)
+    model = ARCHITECTURES[arch]().eval()
+    ids_BT, mask_BT, pos_BT = _inputs()
+    kw = {"input_ids": ids_BT, "attention_mask": mask_BT, "position_ids": pos_BT}
+    with torch.no_grad(), read_residual(model, 1) as cap:
+        model(**kw, use_cache=False)
+    ran: list[int] = []
+    handles = [b.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(decoder_layers(model))]
+    with torch.no_grad():
+        h_BTD = residual_at(model, 1, **kw)
+    for h in handles:
+        h.remove()
+    assert torch.equal(h_BTD, cap.value)
+    assert ran == [0, 1]
+    assert all(not b._forward_hooks for b in decoder_layers(model))  # the stopping hook is gone
