@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16, help="quadrature points of the new configuration")
+    ap.add_argument("--steps", type=int, nargs="+", default=[16], help="quadrature points of the new configurations")
     ap.add_argument("--rule", default="midpoint", choices=["midpoint", "gauss_legendre"])
     ap.add_argument("--steps-per-forward", type=int, default=None)
     ap.add_argument(
@@ -167,30 +167,39 @@ def main() -> None:
         f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
         f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})"
     )
-    configs = [("full", "midpoint", 16, None), ("upper", "midpoint", 16, None), ("upper", args.rule, args.steps, None)]
-    if args.select:
-        configs.append(("upper", args.rule, args.steps, tuple(args.select)))
-    for path, rule, steps, sel in dict.fromkeys(configs):
+    # (path, rule, steps, selection, reuse extraction's KL): the old path, then today's at 16 midpoint points, then
+    # today's with every --steps of --rule, without and with --select, the base stopping at the layer.
+    configs = [("full", "midpoint", 16, None, False), ("upper", "midpoint", 16, None, False)]
+    for steps in args.steps:
+        configs.append(("upper", args.rule, steps, None, True))
+        if args.select:
+            configs.append(("upper", args.rule, steps, tuple(args.select), True))
+    known: dict[str, torch.Tensor] = {}
+    for path, rule, steps, sel, reuse in configs:
         use_path(path)
         results = {}
         select = None if sel is None else Selection(sel[0], sel[1], list(range(args.batch)))
+        kl_BT = known.get("kl") if reuse else None
 
         def attribute() -> None:
             results["last"] = attribute_batch(base, ft, args.layer, ids_BT, mask_BT, sae, steps=steps,
                                               steps_per_forward=args.steps_per_forward, rule=rule,
-                                              select=select)  # fmt: skip
+                                              select=select, kl_BT=kl_BT)  # fmt: skip
 
         t_attr = timed(attribute, args.repeats, args.device)
         res = results["last"]
+        known.setdefault("kl", torch.from_numpy(np.nan_to_num(res.kl_BT)))  # what extraction stored
         err = np.abs(res.attr_sum_B - res.kl_drop_B) / np.maximum(np.abs(res.kl_drop_B), 1e-6)
         ratios = sorted(t / np.median(t_pair) for t in t_attr)
-        label = f"{path:5s} {rule:14s} {steps:2d}" + ("" if sel is None else f" select {sel[0]:g}/{sel[1]:g}")
+        label = f"{path:5s} {rule:14s} {steps:2d}" + (" kl reused" if reuse else "")
         if sel is not None:
-            label += f" ({np.nansum(res.weight_BT > 0) / np.nansum(res.weight_BT >= 0):.0%} of tokens weighted)"
+            share = np.nansum(res.weight_BT > 0) / np.nansum(res.weight_BT >= 0)
+            label += f" select {sel[0]:g}/{sel[1]:g} ({share:.0%} of tokens weighted)"
         print(
             f"attribution {label}: {n_tokens / np.median(t_attr):8.1f} tokens/s  "
             f"ratio {np.median(ratios):5.1f}x paired (min-max {ratios[0]:.1f}-{ratios[-1]:.1f})  "
-            f"completeness max {err.max():.1e}"
+            f"completeness max {err.max():.1e}",
+            flush=True,
         )
     use_path("upper")
 
