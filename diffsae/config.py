@@ -89,7 +89,7 @@ class ExtractConfig(_Section):
     skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
     runner: Literal["local", "dask", "ray"] = Field(
-        "local", description="Engine that runs the extraction shards: local (in the flow), dask or ray (in parallel)"
+        "local", description="Engine of the extraction and attribution shards: local (in the flow), dask or ray"
     )
     cluster_address: str | None = Field(
         None,
@@ -207,6 +207,7 @@ class AttributionConfig(_Section):
         "focus (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)",
     )
     top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
+    shard_tokens: int = Field(8192, ge=16, description="Tokens per attribution shard (a cached task on extract.runner)")
 
     @field_validator("rank_by", mode="before")
     @classmethod
