@@ -89,7 +89,7 @@ class ExtractConfig(_Section):
     skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
     runner: Literal["local", "dask", "ray"] = Field(
-        "local", description="Engine that runs the extraction shards: local (in the flow), dask or ray (in parallel)"
+        "local", description="Engine of the extraction and attribution shards: local (in the flow), dask or ray"
     )
     cluster_address: str | None = Field(
         None,
@@ -215,6 +215,7 @@ class AttributionConfig(_Section):
     select_sample: float = Field(0.25, gt=0, le=1, description="Selection: probability of drawing each other token")
     select_above: int = Field(50_000, ge=0, description="`auto` selects when the run has more tokens than this")
     select_seed: int = Field(0, description="Seed of the selection's draws (per document, with its doc_id)")
+    shard_tokens: int = Field(8192, ge=16, description="Tokens per attribution shard (a cached task on extract.runner)")
 
     def resolved(self, n_tokens: int) -> "AttributionConfig":
         """`tokens` resolved for a run of `n_tokens` tokens (`auto` -> `all` or `select`), the selection's settings

@@ -1,4 +1,5 @@
-"""Task runners for `extract.runner: dask | ray`: where the extraction shard tasks run when not in the flow itself.
+"""Task runners for `extract.runner: dask | ray`: where the extraction and attribution shard tasks run when not in
+the flow itself.
 
 `task_runner(extract)` is a Prefect task runner (prefect-dask / prefect-ray) on an existing cluster
 (`extract.cluster_address`) or on a local one it starts and stops (`extract.n_workers` processes, one thread each).

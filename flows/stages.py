@@ -9,11 +9,11 @@ One `RunContext` (store, endpoint, run name) is built from the config and handed
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from prefect import flow
 
-from diffsae.config import DataConfig, ModelsConfig, PipelineConfig
+from diffsae.config import DataConfig, ExtractConfig, ModelsConfig, PipelineConfig
 from diffsae.models import model_fingerprint
 from flows.runners import on_cluster
 from storage.context import RunContext
@@ -88,22 +88,9 @@ def run_extract(ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, states: St
     fps = (model_fingerprint(local.base, models.revision), model_fingerprint(local.finetuned, models.revision))
     plan = ex.plan_extraction(ctx, models, data, cfg.extract, fps)
     shard_inputs = ex.ShardInputs(models=models, data=data, extract=cfg.extract, n_shards=len(plan.shards))
-    if cfg.extract.runner != "local":
-        records = _extract_on_cluster(ctx, cfg, plan.shards, shard_inputs, states)
-    else:
-        records = [
-            call_stage(
-                ex.extract_shard,
-                ctx,
-                ex.shard_done(ctx, spec, cfg.extract.verify) is not None,
-                states,
-                "extract",
-                spec=spec,
-                inputs=shard_inputs,
-                key=spec.key,
-            )
-            for spec in plan.shards
-        ]
+    done = [ex.shard_done(ctx, spec, cfg.extract.verify) is not None for spec in plan.shards]
+    calls = [(ok, {"spec": spec, "inputs": shard_inputs, "key": spec.key}) for spec, ok in zip(plan.shards, done)]
+    records = run_shards(ctx, cfg.extract, ex.extract_shard, calls, states, "extract")
     meta = {  # store locations as `<store>/...`: the same content keys the same on any store
         "data": {**data.model_dump(), "path": ctx.portable(data.path)},
         "layer": models.layer,
@@ -129,21 +116,20 @@ def run_extract(ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, states: St
     )
 
 
-def _extract_on_cluster(
-    ctx: RunContext, cfg: PipelineConfig, shards: list[ex.ShardSpec], inputs: ex.ShardInputs, states: States
-) -> list[ex.act.ShardRecord]:
-    """The shard tasks in parallel on `cfg.extract.runner` (Dask or Ray), in shard order.
-
-    Same cache semantics as the local loop: a shard whose file is missing or fails its check is recomputed."""
-    done = [ex.shard_done(ctx, spec, cfg.extract.verify) is not None for spec in shards]
-    with on_cluster(cfg.extract) as runner:
-        futures = [
-            submit_stage(runner, ex.extract_shard, ctx, ok, spec=spec, inputs=inputs, key=spec.key)
-            for spec, ok in zip(shards, done)
-        ]
+def run_shards(
+    ctx: RunContext, extract: ExtractConfig, task: Any, calls: list[tuple[bool, dict[str, Any]]], states: States,
+    name: str,
+) -> list[Any]:  # fmt: skip
+    """Shard tasks (extraction's, attribution's), each `(done, kwargs)`, in shard order: in the flow for
+    `extract.runner: local`, else in parallel on its Dask or Ray cluster. Same cache semantics either way: a shard
+    whose output is not in place is recomputed."""
+    if extract.runner == "local":
+        return [call_stage(task, ctx, done, states, name, **kwargs) for done, kwargs in calls]
+    with on_cluster(extract) as runner:
+        futures = [submit_stage(runner, task, ctx, done, **kwargs) for done, kwargs in calls]
         for future in futures:  # every shard finishes (kept for a resume) before the first failure is raised
             future.wait()
-        return [collect_stage(future, states, "extract") for future in futures]
+        return [collect_stage(future, states, name) for future in futures]
 
 
 @flow(name="train", log_prints=True)
@@ -186,11 +172,7 @@ def run_analyse(
     states: States,
 ) -> Analysis:
     akey = at.attribution_key(cfg.attribution, sae, activations, cfg.extract.skip_first)
-    done = at.attribution_done(ctx, akey) is not None
-    attribution = call_stage(
-        at.attribute_task, ctx, done, states, "attribute", cfg=cfg.attribution, models=inputs.models, sae=sae,
-        activations=activations, skip_first=cfg.extract.skip_first, batch_tokens=cfg.extract.batch_tokens, key=akey,
-    )  # fmt: skip
+    attribution = run_attribution(ctx, cfg, inputs, activations, sae, akey, states)
     rkey = rk.rank_key(cfg.attribution.rank_by, cfg.rank, akey)
     done = rk.rank_done(ctx, rkey) is not None
     ranking = call_stage(
@@ -198,6 +180,32 @@ def run_analyse(
         skip_first=cfg.extract.skip_first, attribution_key=akey, key=rkey,
     )  # fmt: skip
     return Analysis(attribution, ranking)
+
+
+def run_attribution(
+    ctx: RunContext,
+    cfg: PipelineConfig,
+    inputs: Inputs,
+    activations: ex.Activations,
+    sae: tr.SAEResult,
+    key: str,
+    states: States,
+) -> at.AttributionResult:
+    """Stage 3: one task per attribution shard ("attribute", on `extract.runner` like extraction), then the commit
+    that writes the tables and the marker."""
+    plan = at.plan_attribution(ctx, key, cfg.attribution.shard_tokens, cfg.extract.batch_tokens)
+    shard_inputs = at.ShardInputs(
+        cfg=cfg.attribution.resolved(activations.rows), models=inputs.models, sae=sae, activations=activations,
+        skip_first=cfg.extract.skip_first, attribution_key=key, n_shards=len(plan),
+    )  # fmt: skip
+    done = at.shards_done(ctx, plan)
+    calls = [(ok, {"spec": spec, "inputs": shard_inputs, "key": spec.key}) for spec, ok in zip(plan, done)]
+    run_shards(ctx, cfg.extract, at.attribute_shard, calls, states, "attribute")
+    shard_keys = [spec.key for spec in plan]
+    return call_stage(
+        at.commit_attribution, ctx, at.attribution_done(ctx, key, shard_keys) is not None, states,
+        "commit_attribution", inputs=shard_inputs, shard_keys=shard_keys, key=at.commit_key(key, shard_keys),
+    )  # fmt: skip
 
 
 def run_validate(

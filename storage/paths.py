@@ -6,6 +6,8 @@ under `<store>/runs/<run>/<stage>/...`:
     p = RunPaths("s3://bucket/team", "demo")
     p.shard(3)            # s3://bucket/team/runs/demo/activations/shard-00003.parquet
     p.table("latents")    # s3://bucket/team/runs/demo/analysis/latents.parquet
+    p.attribution_part("latent_tokens", 3, "0a1b2c3d4e5f", 0)
+                          # .../analysis/latent_tokens/shard-00003-0a1b2c3d4e5f-000.parquet
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ class RunPaths:
 
     def latent_docs_part(self, index: int) -> str:
         return self.url("analysis", "latent_docs", f"part-{index:05d}.parquet")
+
+    def attribution_part(self, table: str, shard: int, tag: str, part: int) -> str:
+        """A part of `latent_tokens` or `latent_docs` written by attribution shard `shard` under key `tag`."""
+        return self.url("analysis", table, f"shard-{shard:05d}-{tag}-{part:03d}.parquet")
+
+    def attribution_shard(self, shard: int, tag: str | None = None) -> str:
+        """An attribution shard's sidecar (`tag` None: its completion marker) or per-token patched-run KLs."""
+        name = f"shard-{shard:05d}.json" if tag is None else f"shard-{shard:05d}-{tag}.parquet"
+        return self.url("analysis", "attribution_shards", name)
 
     @property
     def dashboards_dir(self) -> str:

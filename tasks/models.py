@@ -2,24 +2,27 @@
 
 Task inputs name models and data by what the user gave (a hub id, a folder) or by their URL on the store (the
 built-in pair, the uploaded prompts); `MODEL_CACHE` turns store URLs into local copies (the run context's mirror)
-and keeps the loaded objects, so the shards, the training stage's KL-gap metric and the attribution stage of one
-process load each model once. `MODEL_CACHE.clear()` frees them (tests, long-lived workers).
+and keeps the loaded objects, so the shards, the training stage's KL-gap metric and the attribution shards of one
+process load each model once (and the attribution shards read the run's documents and SAE once).
+`MODEL_CACHE.clear()` frees them (tests, long-lived workers).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from diffsae.config import ModelsConfig
 from diffsae.data import Doc, data_fingerprint, load_docs
 from diffsae.models import ModelPair, load_pair
 from diffsae.sources import resolve_models
+from storage import activations as act
 from storage.context import RunContext
 from storage.paths import is_s3
 
 
 class ModelCache:
-    """In-process cache of loaded model pairs, tokenizers, token strings and tokenized documents."""
+    """In-process cache of loaded model pairs, tokenizers, token strings, tokenized documents, and a run's stored
+    documents and SAE."""
 
     def __init__(self, max_pairs: int = 2) -> None:
         self.max_pairs = max_pairs
@@ -27,6 +30,9 @@ class ModelCache:
         self._tokenizers: dict[str, Any] = {}
         self._strings: dict[str, list[str]] = {}
         self._docs: dict[tuple[str, str, int, int | None], list[Doc]] = {}  # (sha256, tokenizer, ...)
+        self._run_docs: dict[tuple[str, str], dict[int, Doc]] = {}  # (run root, activations fingerprint)
+        self._run_kls: dict[tuple[str, str], dict[int, Any]] = {}  # the same key: per-document KL arrays
+        self._saes: dict[tuple[str, str], Any] = {}  # (SAE key/weights sha256, device)
         self.pair_loads = 0  # model pairs loaded by this cache (tests: a cached rerun loads none)
         self.pair_hits = 0  # requests served from the cache
 
@@ -35,6 +41,9 @@ class ModelCache:
         self._tokenizers.clear()
         self._strings.clear()
         self._docs.clear()
+        self._run_docs.clear()
+        self._run_kls.clear()
+        self._saes.clear()
 
     def pair(self, ctx: RunContext, models: ModelsConfig) -> ModelPair:
         """Both models (eval mode, on their device) and the finetuned tokenizer."""
@@ -77,6 +86,34 @@ class ModelCache:
         if key not in self._docs:
             self._docs[key] = load_docs(path, self.tokenizer(ctx, models), max_tokens, max_docs)
         return self._docs[key]
+
+    def run_docs(self, ctx: RunContext, fingerprint: str) -> dict[int, Doc]:
+        """doc_id -> document of the run, as its activations stage (`fingerprint`) stored them
+        (`storage.activations.read_docs`), read once per process: every attribution shard needs a few of them.
+        Holds one run's documents at a time."""
+        key = (ctx.paths.root, fingerprint)
+        if key not in self._run_docs:
+            self._run_docs.clear()
+            self._run_docs[key] = {d.doc_id: d for d in act.read_docs(ctx.store, ctx.paths)}
+        return self._run_docs[key]
+
+    def run_kls(self, ctx: RunContext, fingerprint: str) -> dict[int, Any]:
+        """doc_id -> extraction's per-token KL(p_ft ‖ p_base) (`storage.activations.read_doc_kls`), read once per
+        process like `run_docs`: the attribution then stops the base model at the layer."""
+        key = (ctx.paths.root, fingerprint)
+        if key not in self._run_kls:
+            self._run_kls.clear()
+            self._run_kls[key] = act.read_doc_kls(ctx.store, ctx.paths)
+        return self._run_kls[key]
+
+    def sae(self, sae_key: str, weights_sha256: str, device: Any, load: Callable[[], Any]) -> Any:
+        """The SAE of this stage key and weights on `device`, loaded by `load` once per process (a run's attribution
+        shards share it). Holds one SAE at a time."""
+        key = (f"{sae_key}/{weights_sha256}", str(device))
+        if key not in self._saes:
+            self._saes.clear()
+            self._saes[key] = load()
+        return self._saes[key]
 
 
 MODEL_CACHE = ModelCache()

@@ -23,7 +23,8 @@ def test_demo_pair_stage_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -
     cfg = PipelineConfig.from_dict(settings)
     out = pipeline(config=cfg)
     assert out.stages["demo_pair"] == {"Completed": 1}
-    assert all(v == {"Completed": 1} for k, v in out.stages.items() if k not in ("extract", "demo_pair"))
+    assert set(out.stages["extract"]) == set(out.stages["attribute"]) == {"Completed"}  # shard tasks
+    assert all(v == {"Completed": 1} for k, v in out.stages.items() if k not in ("extract", "attribute", "demo_pair"))
     ctx = RunContext.from_config(cfg)
     store = ctx.store
     pairs = store.glob(ctx.paths.cache_dir("demo_pair", "*"))

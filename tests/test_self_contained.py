@@ -80,7 +80,7 @@ def test_second_machine_reruns_attribution_only(
     out = pipeline(config=PipelineConfig.from_dict({**settings, "attribution": {"steps": 3}}))
     st = _states(out)
     assert st["extract"] == st["commit_activations"] == st["train"] == "Cached", st
-    assert st["attribute"] == st["rank"] == st["dashboards"] == "Completed", st
+    assert st["attribute"] == st["commit_attribution"] == st["rank"] == st["dashboards"] == "Completed", st
     metrics = dict(ctx.duck().execute("SELECT name, value FROM metrics").fetchall())
     assert metrics["attribution_steps"] == 3.0
     assert metrics["completeness_max_rel_error"] < 0.5
