@@ -405,7 +405,7 @@ def commit(ctx: RunContext, inputs: ShardInputs, shard_keys: list[str]) -> Attri
         "attribution_docs_over_tolerance": float(sum(e > cfg.max_rel_error for e in errors)),
         "attribution_steps": float(cfg.steps),
         "attribution_tokens_selected": float(cfg.tokens == "select"),
-        "attribution_weighted_share": float(np.mean(np.concatenate(patch["attr_weight"]) > 0)) if errors else 0.0,
+        "attribution_weighted_share": float(np.mean(patch["attr_weight"].to_numpy() > 0)) if patch.num_rows else 0.0,
         "attribution_seconds": seconds,
     })  # fmt: skip
     table = pa.table({"name": list(metrics), "value": list(metrics.values())}, schema=schemas.METRICS)
