@@ -28,19 +28,17 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 from prefect import task
 from tqdm import tqdm
 
-from diffsae.attribution import Selection, attribute_batch, doc_seed, latent_doc_stats, promoted_suppressed
+from diffsae.attribution import latent_doc_stats, promoted_suppressed
 from diffsae.config import AttributionConfig, ModelsConfig
-from diffsae.data import Doc
-from diffsae.extract import pad_batch, plan_batches
-from diffsae.models import ModelPair
+from diffsae.documents import PATCH_COLUMNS, attribute_docs
+from diffsae.extract import plan_batches
 from diffsae.sae import BatchTopKSAE
 from storage import schemas
 from storage.context import RunContext
@@ -51,8 +49,6 @@ from tasks.models import MODEL_CACHE
 from tasks.train import SAEResult
 
 PART_ROWS = 2_000_000  # latent_tokens rows per Parquet part
-NOISE_NATS = 1e-5  # a completeness gap below this is float noise: never worth refining
-PATCH_COLUMNS = ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon", "attr_weight")
 # A shard's per-token file, what the commit builds the tokens table's patched-run KLs from.
 PATCH_SCHEMA = pa.schema(
     [pa.field("doc_id", pa.int64()), pa.field("pos", pa.int32())] + [pa.field(n, pa.float32()) for n in PATCH_COLUMNS]
@@ -116,7 +112,7 @@ def attribution_key(cfg: AttributionConfig, sae: SAEResult, activations: Activat
     actual weights, the activations, the code that writes them; not the shard layout (`shard_tokens`)."""
     resolved = cfg.resolved(activations.rows)
     settings = {**resolved.model_dump(exclude={"rank_by", "shard_tokens"}), "skip_first": skip_first}
-    code = code_version(commit)
+    code = code_version(commit, attribute_docs)
     return stage_key("attribution", write_shard, settings, sae.key, sae.weights_sha256, activations.fingerprint, code)
 
 
@@ -239,63 +235,6 @@ class _Parts:
             self.store.write_parquet(url, parts_table(rows, schema), compression="zstd")
             self.files.append(analysis_name(self.paths, url))
         self.cols, self.docs, self.n = [], [], 0
-
-
-class DocAttribution(NamedTuple):
-    """One document's attribution: per-token KLs (PATCH_COLUMNS -> [n]), its records, its completeness."""
-
-    doc: Doc
-    per_token: dict[str, np.ndarray]
-    records: dict[str, np.ndarray]  # pos, latent_id, activation, kl_attribution
-    rel_error: float  # |Σ attr − (KL(0) − KL(1))| / |KL(0) − KL(1)|
-    steps: int
-
-
-def attribute_docs(
-    pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
-    steps: int, kls: Mapping[int, np.ndarray] | None = None,
-) -> list[DocAttribution]:  # fmt: skip
-    """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
-    than float noise) is attributed again with twice the points, up to `cfg.max_steps`, keeping the better one.
-    kls: extraction's per-token KL by doc_id (`act.read_doc_kls`): the base model then stops at `layer`."""
-    if cfg.tokens not in ("all", "select"):
-        raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
-    ids_BT, mask_BT = pad_batch(docs, pair.tokenizer.pad_token_id or 0, pair.device)
-    select = None
-    if cfg.tokens == "select":
-        seeds = [doc_seed(cfg.select_seed, d.doc_id) for d in docs]
-        select = Selection(cfg.select_top, cfg.select_sample, seeds)
-    kl_BT = None
-    if kls is not None:
-        kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
-        for b, d in enumerate(docs):
-            kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
-    out = attribute_batch(
-        pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
-        kl_BT=kl_BT,
-    )  # fmt: skip
-    drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
-    gap_B = np.abs(got_B - drop_B)
-    rel_B = gap_B / np.maximum(np.abs(drop_B), 1e-6)
-    per_token = (out.kl_BT, out.kl_patch_base_BT, out.kl_patch_bias_BT, out.kl_patch_recon_BT, out.weight_BT)
-    result = []
-    for b, d in enumerate(docs):
-        n, sel = len(d.token_ids), out.batch_idx == b
-        result.append(DocAttribution(
-            d,
-            {name: np.nan_to_num(arr[b, :n]).astype(np.float32) for name, arr in zip(PATCH_COLUMNS, per_token)},
-            {"pos": out.pos[sel], "latent_id": out.latent_id[sel], "activation": out.activation[sel],
-             "kl_attribution": out.attribution[sel]},
-            float(rel_B[b]),
-            steps,
-        ))  # fmt: skip
-    redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
-    if redo and 2 * steps <= cfg.max_steps:
-        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls)
-        for b, f in zip(redo, finer):
-            if f.rel_error < result[b].rel_error:
-                result[b] = f
-    return result
 
 
 def release_marker(ctx: RunContext, key: str, shard_key: str) -> None:

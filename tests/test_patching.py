@@ -74,8 +74,8 @@ def test_documents_missing_completeness_are_refined(pair, sae) -> None:
 
     from diffsae.config import AttributionConfig
     from diffsae.data import Doc
+    from diffsae.documents import attribute_docs
     from diffsae.models import ModelPair
-    from tasks.attribute import attribute_docs
 
     base, ft = pair
     ids_BT, _ = right_padded()

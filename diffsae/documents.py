@@ -1,0 +1,86 @@
+"""Attribute whole documents, batched, and refine those whose completeness misses the tolerance.
+
+Why: `diffsae.attribution.attribute_batch` works on padded tensors; the attribution stage (tasks/attribute.py),
+tests and benches work on documents (`diffsae.data.Doc`). Here a batch of documents is padded, attributed with the
+configured quadrature and token selection (`AttributionConfig`, `tokens` resolved), and cut back per document:
+per-token KLs (PATCH_COLUMNS), the latent records, and the completeness |Σ attr − drop| / |drop|. A document
+above `max_rel_error` is attributed again with twice the points (up to `max_steps`), keeping the better result,
+so a low default number of points never ships a bad number.
+
+    out = attribute_docs(pair, layer, sae, docs, cfg.resolved(n_tokens), skip_first, cfg.steps, kls)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import numpy as np
+import torch
+
+from diffsae.attribution import Selection, attribute_batch, doc_seed
+from diffsae.config import AttributionConfig
+from diffsae.data import Doc
+from diffsae.extract import pad_batch
+from diffsae.models import ModelPair
+from diffsae.sae import BatchTopKSAE
+
+NOISE_NATS = 1e-5  # a completeness gap below this is float noise: never worth refining
+# Per-token columns of a document's attribution (the analysis tokens table's additions, storage/schemas.py).
+PATCH_COLUMNS = ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon", "attr_weight")
+
+
+class DocAttribution(NamedTuple):
+    """One document's attribution: per-token KLs (PATCH_COLUMNS -> [n]), its records, its completeness."""
+
+    doc: Doc
+    per_token: dict[str, np.ndarray]
+    records: dict[str, np.ndarray]  # pos, latent_id, activation, kl_attribution
+    rel_error: float  # |Σ attr − (KL(0) − KL(1))| / |KL(0) − KL(1)|
+    steps: int
+
+
+def attribute_docs(
+    pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
+    steps: int, kls: Mapping[int, np.ndarray] | None = None,
+) -> list[DocAttribution]:  # fmt: skip
+    """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
+    than float noise) is attributed again with twice the points, up to `cfg.max_steps`, keeping the better one.
+    kls: extraction's per-token KL by doc_id (storage.activations.read_doc_kls): the base stops at `layer`."""
+    if cfg.tokens not in ("all", "select"):
+        raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
+    ids_BT, mask_BT = pad_batch(docs, pair.tokenizer.pad_token_id or 0, pair.device)
+    select = None
+    if cfg.tokens == "select":
+        seeds = [doc_seed(cfg.select_seed, d.doc_id) for d in docs]
+        select = Selection(cfg.select_top, cfg.select_sample, seeds)
+    kl_BT = None
+    if kls is not None:
+        kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
+        for b, d in enumerate(docs):
+            kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
+    out = attribute_batch(
+        pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
+        kl_BT=kl_BT,
+    )  # fmt: skip
+    drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
+    gap_B = np.abs(got_B - drop_B)
+    rel_B = gap_B / np.maximum(np.abs(drop_B), 1e-6)
+    per_token = (out.kl_BT, out.kl_patch_base_BT, out.kl_patch_bias_BT, out.kl_patch_recon_BT, out.weight_BT)
+    result = []
+    for b, d in enumerate(docs):
+        n, sel = len(d.token_ids), out.batch_idx == b
+        result.append(DocAttribution(
+            d,
+            {name: np.nan_to_num(arr[b, :n]).astype(np.float32) for name, arr in zip(PATCH_COLUMNS, per_token)},
+            {"pos": out.pos[sel], "latent_id": out.latent_id[sel], "activation": out.activation[sel],
+             "kl_attribution": out.attribution[sel]},
+            float(rel_B[b]),
+            steps,
+        ))  # fmt: skip
+    redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
+    if redo and 2 * steps <= cfg.max_steps:
+        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls)
+        for b, f in zip(redo, finer):
+            if f.rel_error < result[b].rel_error:
+                result[b] = f
+    return result
