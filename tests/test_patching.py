@@ -81,9 +81,10 @@ def test_documents_missing_completeness_are_refined(pair, sae) -> None:
     ids_BT, _ = right_padded()
     docs = [Doc(b, str(b), "", "none", ids_BT[b, :n].tolist(), ["text"] * n) for b, n in enumerate(LENGTHS)]
     mp = ModelPair(base, ft, SimpleNamespace(pad_token_id=0), torch.device("cpu"), "b", "f")
-    coarse = attribute_docs(mp, LAYER, sae, docs, AttributionConfig(steps=2, max_steps=2, tokens="all"), 1, 2)
+    cfg = AttributionConfig(steps=2, max_steps=2, tokens="all", rule="midpoint")
+    coarse = attribute_docs(mp, LAYER, sae, docs, cfg, 1, 2)
     assert [a.steps for a in coarse] == [2, 2, 2] and max(a.rel_error for a in coarse) > 0.05  # no refinement
-    fine = attribute_docs(mp, LAYER, sae, docs, AttributionConfig(steps=2, max_steps=32, tokens="all"), 1, 2)
+    fine = attribute_docs(mp, LAYER, sae, docs, cfg.model_copy(update={"max_steps": 32}), 1, 2)
     assert all(a.rel_error <= 0.01 or a.steps == 32 for a in fine)
     assert all(f.rel_error <= c.rel_error and f.steps >= 4 for f, c in zip(fine, coarse))
     direct = attribute_batch(base, ft, LAYER, ids_BT[:1, :LENGTHS[0]], torch.ones(1, LENGTHS[0], dtype=torch.long),
