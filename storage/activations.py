@@ -295,4 +295,3 @@ def read_doc_kls(store: Store, paths: RunPaths) -> dict[int, np.ndarray]:
     doc_N, kl_N = doc_N[order], toks["kl"].to_numpy().astype(np.float32)[order]
     ids, starts = np.unique(doc_N, return_index=True)
     return {int(d): part for d, part in zip(ids, np.split(kl_N, starts[1:]))}
-
