@@ -45,7 +45,7 @@ def test_kl_grad_hidden_equals_autograd() -> None:
     loss = (kl_per_token(H.head_logits(ft, x_p), H.head_logits(ft, x_q)) * w_BT).sum()
     (want,) = torch.autograd.grad(loss, x_q)
     for chunk in (H.DEFAULT_CHUNK_ELEMS, 1, 7 * 50):
-        got = H.kl_grad_hidden(ft, x_p[None], x_q.detach()[None], w_BT[None], chunk)[0]
+        got = H.kl_grad_hidden(ft, x_p, x_q.detach()[None], w_BT, chunk)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -63,9 +63,9 @@ def test_at_most_chunk_elems_logits_exist_at_once(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(H, "head_logits", lambda m, x: sizes.append(x[..., 0].numel() * V) or real(m, x))
     budget = 2 * B * V  # two positions of every row
     H.kl_from_hidden(ft, x_ft, base, x_base, chunk_elems=budget)
-    H.kl_grad_hidden(ft, x_ft, x_base, torch.ones(B, T), chunk_elems=budget)
+    H.kl_grad_hidden(ft, x_ft, x_base[None], torch.ones(B, T), chunk_elems=budget)
     assert sizes and max(sizes) <= budget
-    assert len(sizes) == 2 * 2 * ((T + 1) // 2)  # p and q per chunk, for the KL and for the gradient
+    assert len(sizes) == 2 * 2 * ((T + 1) // 2)  # p and q per chunk (2 positions of each row, or 2B gathered ones)
 
 
 def test_a_head_that_is_not_the_models_logits_is_refused() -> None:
