@@ -5,7 +5,8 @@
 Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss): the two models loaded and nothing else
 (`load`), one extraction batch of `--tokens` tokens as diffsae does it now (`extract`: logits a chunk of positions at
 a time from the final hidden state, diffsae.head) and as it did before (`extract-full`: both models' [B, T, V] logits,
-then the chunked KL), and one attribution batch (2 × 64 tokens, 4 midpoint steps) through diffsae.attribution.
+then the chunked KL), and one attribution batch (`--attr-tokens`, 64 per document; the product's default rule and
+points) through diffsae.attribution.
 The "finetuned" model is the base with every weight of its upper half perturbed (1e-2 relative noise): memory and
 time do not depend on what the finetune learned. Prints one line per mode and the peak RSS above `load`.
 """
@@ -52,7 +53,7 @@ def _models():  # type: ignore[no-untyped-def]
     return base, ft
 
 
-def child(mode: str, tokens: int) -> dict:
+def child(mode: str, tokens: int, attr_tokens: int) -> dict:
     torch.set_num_threads(1)
     base, ft = _models()
     layer = base.config.num_hidden_layers // 2
@@ -74,11 +75,13 @@ def child(mode: str, tokens: int) -> dict:
                              base(input_ids=ids_BT, attention_mask=mask_BT).logits)  # fmt: skip
     elif mode == "attribute":
         from diffsae.attribution import attribute_batch
+        from diffsae.config import AttributionConfig
         from diffsae.sae import BatchTopKSAE
 
-        ids_BT = torch.randint(10, V, (2, 64), generator=g)
+        ids_BT = torch.randint(10, V, (max(1, attr_tokens // 64), 64), generator=g)
         sae = BatchTopKSAE(d_in=base.config.hidden_size, n_latents=4096, k=32, seed=0)
-        attribute_batch(base, ft, layer, ids_BT, torch.ones_like(ids_BT), sae, steps=4)
+        a = AttributionConfig()  # the product's defaults: rule and points
+        attribute_batch(base, ft, layer, ids_BT, torch.ones_like(ids_BT), sae, steps=a.steps, rule=a.rule)
     seconds = time.perf_counter() - t0
     return {"mode": mode, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -86,23 +89,26 @@ def child(mode: str, tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024, help="extraction batch size in tokens (256 per document)")
+    ap.add_argument("--attr-tokens", type=int, default=128, help="attribution batch size in tokens (64 per document)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tokens)))
+        print(json.dumps(child(args.child, args.tokens, args.attr_tokens)))
         return
     _models()  # dequantize the checkpoint once, outside the measurements
     results: dict[str, list[dict]] = {}
     modes = ["load"] + [m for m in args.modes.split(",") if m in MODES and m != "load"]
     for _ in range(args.repeat):
         for mode in modes:
-            cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens)]
+            cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens),
+                   "--attr-tokens", str(args.attr_tokens)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results.setdefault(mode, []).append(json.loads(out))
     load = statistics.median(r["peak_rss_gb"] for r in results["load"])
-    print(f"Gemma-3-270m, vocabulary 262,144, 1 thread, extraction batch {args.tokens} tokens, median of {args.repeat}")
+    print(f"Gemma-3-270m, vocabulary 262,144, 1 thread, extraction batch {args.tokens} tokens, attribution batch "
+          f"{args.attr_tokens} tokens, median of {args.repeat}")
     for mode in modes:
         rss = [r["peak_rss_gb"] for r in results[mode]]
         sec = [r["seconds"] for r in results[mode]]
