@@ -22,20 +22,15 @@ import time
 
 import numpy as np
 import torch
+from old_path import use_path  # bench/old_path.py: the path before 2026-11-30
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import diffsae.attribution as attribution_module
-import diffsae.patching as patching_module
 from diffsae.attribution import AttributionBatch, Selection, attribute_batch
 from diffsae.config import AttributionConfig
 from diffsae.documents import NOISE_NATS
-from diffsae.head import final_hidden, head_logits
-from diffsae.hooks import read_residual, replace_residual
-from diffsae.kl import DEFAULT_CHUNK_ELEMS
+from diffsae.hooks import read_residual
 from diffsae.sae import BatchTopKSAE
 
-UPPER = patching_module.patched_hidden
-SPARSE_GRAD = attribution_module.kl_grad_hidden
 MAX_REL_ERROR, MAX_STEPS = AttributionConfig().max_rel_error, AttributionConfig().max_steps  # the stage's refinement
 
 
@@ -47,39 +42,6 @@ def completeness(res: AttributionBatch) -> np.ndarray:
 
 def gap(res: AttributionBatch, b: int) -> float:
     return abs(float(res.attr_sum_B[b]) - float(res.kl_drop_B[b]))
-
-
-def full_patched_hidden(model, layer, h_BTD, ids_BT, mask_BT, pos_BT):  # type: ignore[no-untyped-def]
-    """The pre-run_from path: the whole model runs, the output of block `layer` replaced by a hook."""
-    with replace_residual(model, layer, h_BTD):
-        return final_hidden(model, input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT)
-
-
-def dense_kl_grad_hidden(model, x_p_BTD, x_q_CBTD, weight_BT, chunk_elems=DEFAULT_CHUNK_ELEMS):  # type: ignore[no-untyped-def]
-    """The pre-2026-12-01 head gradient: logits and their closed-form gradient at EVERY position (weight 0 or not),
-    a chunk of positions at a time."""
-    grad_CBTD = torch.zeros_like(x_q_CBTD)
-    T, V = x_q_CBTD.shape[-2], int(model.get_output_embeddings().weight.shape[0])
-    t_chunk = max(1, chunk_elems // max(1, x_q_CBTD[..., 0, 0].numel() * V))
-    for t0 in range(0, T, t_chunk):
-        sl = slice(t0, t0 + t_chunk)
-        with torch.no_grad():
-            p = torch.softmax(head_logits(model, x_p_BTD[None, :, sl]).float(), dim=-1)
-        x_leaf = x_q_CBTD[..., sl, :].detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits_q = head_logits(model, x_leaf)
-        with torch.no_grad():
-            dlogits = (torch.softmax(logits_q.float(), dim=-1) - p) * weight_BT[None, :, sl, None].float()
-        (grad_CBTD[..., sl, :],) = torch.autograd.grad(logits_q, x_leaf, grad_outputs=dlogits.to(logits_q.dtype))
-    return grad_CBTD
-
-
-def use_path(name: str) -> None:
-    """`full`: the path before 2026-11-30 (whole model, dense head gradient); `upper`: today's."""
-    fn = UPPER if name == "upper" else full_patched_hidden
-    patching_module.patched_hidden = fn  # type: ignore[assignment]
-    attribution_module.patched_hidden = fn  # type: ignore[assignment]
-    attribution_module.kl_grad_hidden = SPARSE_GRAD if name == "upper" else dense_kl_grad_hidden  # type: ignore
 
 
 def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, LlamaForCausalLM, BatchTopKSAE]:

@@ -8,6 +8,9 @@ forward of the same batches; documents refined; per-document completeness |Σ at
 and, against the first setting (the reference), how the per-latent attribution totals agree (Spearman over latents
 firing in these documents, and the overlap of the top 50 latents by total).
 
+A setting prefixed `full:` (e.g. `full:midpoint:16`) runs the path before 2026-11-30 (bench/old_path.py: whole
+model per patched pass, dense head gradient, extraction's KL not reused), so old and new are timed in one run.
+
 Why: the attribution stage's defaults (`attribution.rule`, `steps`, `tokens`) are chosen on real organisms, not on
 a random pair (bench/attribution.py measures cost at given dimensions; this measures what the points buy).
 
@@ -22,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from old_path import PATHS, use_path  # bench/old_path.py: the path before 2026-11-30
 
 from diffsae.config import AttributionConfig, PipelineConfig
 from diffsae.documents import attribute_docs
@@ -76,13 +80,18 @@ def main() -> None:
 
     ref_total: np.ndarray | None = None
     for setting in args.settings:
-        rule, steps, *rest = setting.split(":")
+        path, *fields = setting.split(":")
+        if path not in PATHS:  # no path prefix: today's
+            path, fields = "upper", [path, *fields]
+        rule, steps, *rest = fields
+        use_path(path)
         totals = np.zeros(sae.W_dec_FD.shape[0])
         errors, refined, t0 = [], 0, time.perf_counter()
         tokens = "select" if rest and rest[0] == "select" else "all"
         acfg = AttributionConfig(rule=rule, steps=int(steps), tokens=tokens)  # type: ignore[arg-type]
+        reuse = kls if path == "upper" else None  # the old stage ran the base to the end for KL(0)
         for batch in batches:  # as the stage does: documents missing 1 % are refined (diffsae.documents)
-            for a in attribute_docs(pair, models.layer, sae, batch, acfg, cfg.extract.skip_first, acfg.steps, kls):
+            for a in attribute_docs(pair, models.layer, sae, batch, acfg, cfg.extract.skip_first, acfg.steps, reuse):
                 errors.append(a.rel_error)
                 refined += a.steps > acfg.steps
                 np.add.at(totals, a.records["latent_id"], a.records["kl_attribution"].astype(np.float64))
