@@ -43,6 +43,7 @@ HEADLINE = (
     ("broad_docs", "Broad: document share at least"),
     ("fvu", "FVU"),
     ("l0", "L0"),
+    ("l0_crossfit", "L0, cross-fitted on held-out documents"),
     ("dead_fraction", "Dead fraction"),
     ("kl_gap_recovered", "KL gap recovered"),
 )

@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
+SAE_SUMMARY = ("fvu", "l0", "l0_crossfit", "dead_fraction", "kl_gap_recovered")  # printed after a run
+
 
 def _add_location(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -54,7 +56,7 @@ def report(cfg: Any, out: Any) -> str:
         f"\nrun '{cfg.run}' on {cfg.store} ({out.seconds:.1f} s)",
         f"stages: {format_states(out.stages)}",
         "diff-SAE (validation): "
-        + ", ".join(f"{k}={getattr(sae, k):.3f}" for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")),
+        + ", ".join(f"{k}={getattr(sae, k):.3f}" for k in SAE_SUMMARY),
     ]
     if ranking.top:
         lines.append(f"\ntop latents by {cfg.attribution.rank_by} (on {', '.join(ranking.roles)} tokens):")

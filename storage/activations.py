@@ -20,6 +20,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffsae.data import Doc
@@ -253,8 +254,6 @@ def iter_diff_chunks(
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
                 t = pf.read_row_group(rg, columns=["doc_id", "in_sae", "diff"])
-                import pyarrow.compute as pc
-
                 keep = pc.and_(t["in_sae"], pc.is_in(t["doc_id"], value_set=allowed))
                 t = t.filter(keep)
                 if t.num_rows == 0:
@@ -263,6 +262,36 @@ def iter_diff_chunks(
                 d = col.type.list_size
                 flat = col.values.to_numpy(zero_copy_only=False)
                 yield flat.reshape(-1, d).astype(np.float32, copy=False)
+
+
+def read_diffs_by_doc(
+    store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Any, max_rows: int, seed: int = 0
+) -> dict[int, np.ndarray]:
+    """float32 [n, D] diff rows (in_sae only) of each document in `doc_ids`, one pass over the shards' row groups;
+    documents are kept whole, in a seeded random order, while the total stays within `max_rows` (at least one)."""
+    allowed = pa.array(np.asarray(doc_ids, dtype=np.int64))
+    parts: dict[int, list[np.ndarray]] = {}
+    for rec in manifest["shards"]:
+        with store.open_read(paths.shard(rec["index"])) as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=["doc_id", "in_sae", "diff"])
+                t = t.filter(pc.and_(t["in_sae"], pc.is_in(t["doc_id"], value_set=allowed)))
+                if t.num_rows == 0:
+                    continue
+                col = t["diff"].combine_chunks()
+                rows = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+                ids = t["doc_id"].to_numpy()
+                for d in np.unique(ids):
+                    parts.setdefault(int(d), []).append(rows[ids == d].astype(np.float32))
+    out: dict[int, np.ndarray] = {}
+    total = 0
+    for d in np.random.default_rng(seed).permutation(sorted(parts)).tolist():
+        x = np.concatenate(parts[d])
+        if out and total + len(x) > max_rows:
+            continue
+        out[d], total = x, total + len(x)
+    return dict(sorted(out.items()))
 
 
 def read_docs(store: Store, paths: RunPaths, doc_ids: Sequence[int] | None = None) -> list[Doc]:

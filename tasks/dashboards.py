@@ -93,7 +93,7 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
         **({"rank_by": rank_by} if rank_by else {}),
         **({"roles": ", ".join(roles)} if roles else {}),
         **({"broad_docs": broad} if broad else {}),
-        **{k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
+        **{k: metrics.get(k) for k in ("fvu", "l0", "l0_crossfit", "dead_fraction", "kl_gap_recovered")},
     }
 
 

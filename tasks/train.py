@@ -7,9 +7,13 @@ calibration documents, which the SAE never trained on (mean L0 = k there; `diffs
 SAE trained for many passes over a small analysis set separates its training tokens' pre-activations and leaves
 many mid-range ones on new tokens (SmolLM2 organism, 100 documents, 266 passes, k = 32: a threshold calibrated on
 the training tokens gives L0 32.0 there and 49.6 on the validation documents; calibrated on 11 held-out documents,
-27.3 and 28.1). Final validation metrics: FVU, L0, dead fraction and kl_gap_recovered = 1 − Σ KL(p_ft ‖
-p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation tokens (forward passes only, on the tokens
-the activations stage stored). `sae/metrics.json`, written last, is the stage's marker.
+27.3 and 28.1). That 28.1 is one draw: the L0 of ~10 documents depends on which documents they are (per-document
+L0 13-70 there), so `l0_crossfit` also measures the calibration on every held-out (calibration + validation)
+document, each half with the threshold calibrated on the other (`diffsae.train.crossfit_l0`; bench/l0_calibration.py
+shows the spread of single splits). Final validation metrics: FVU, L0, dead fraction and
+kl_gap_recovered = 1 − Σ KL(p_ft ‖ p_patch(h_base + d̂)) / Σ KL(p_ft ‖ p_patch(h_base)) over the validation
+tokens (forward passes only, on the tokens the activations stage stored).
+`sae/metrics.json`, written last, is the stage's marker.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from diffsae.config import ModelsConfig, SAEConfig
 from diffsae.patching import kl_gap_recovered
 from diffsae.shuffle import shuffled_batches
 from diffsae.split import split_calibration, split_docs
-from diffsae.train import calibrate_threshold, evaluate, train_sae
+from diffsae.train import calibrate_threshold, crossfit_l0, evaluate, train_sae
 from storage import activations as act
 from storage.context import RunContext
 from storage.mlflow_setup import flat_params
@@ -50,6 +54,7 @@ class SAEResult(NamedTuple):
     key: str
     fvu: float
     l0: float
+    l0_crossfit: float  # 2-fold cross-fitted L0 over calibration + validation documents (NaN: not calibrated)
     dead_fraction: float
     mse: float
     kl_gap_recovered: float
@@ -138,6 +143,12 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             mlflow.log_metric("threshold_ema", float(sae.threshold))
             calibrate_threshold(sae, (torch.from_numpy(np.array(c)) for c in chunks), cfg.k)
             mlflow.log_metric("threshold_calibrated", float(sae.threshold))
+        held = np.union1d(calibration_docs, val_docs)
+        l0_crossfit = float("nan")
+        if cfg.calibration_tokens > 0 and len(held) >= 2:  # does calibration carry over to unseen documents?
+            by_doc = act.read_diffs_by_doc(store, paths, manifest, held, 2 * cfg.calibration_tokens, cfg.seed)
+            if len(by_doc) >= 2:
+                l0_crossfit = crossfit_l0(sae, [torch.from_numpy(x) for x in by_doc.values()], cfg.k, cfg.seed)
         val = evaluate(
             sae,
             (torch.from_numpy(np.array(c)) for c in act.iter_diff_chunks(store, paths, manifest, val_docs)),
@@ -150,6 +161,7 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
         final = {
             "fvu": val.fvu,
             "l0": val.l0,
+            "l0_crossfit": l0_crossfit,
             "dead_fraction": val.dead_fraction,
             "mse": val.mse,
             "kl_gap_recovered": gap,
@@ -158,7 +170,7 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             "train_tokens_seen": result.tokens,
         }
         mlflow.log_metrics({(k if k.startswith(("val_", "train_")) else f"val_{k}"): float(v)
-                            for k, v in final.items()})  # fmt: skip
+                            for k, v in final.items() if not math.isnan(float(v))})  # fmt: skip
         meta = {
             "layer": models.layer,
             "base": models.base,
