@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--store", default=None)
+    ap.add_argument("--run", default=None, help="the run's name, if not the config's")
     ap.add_argument("--docs", default="0:24", help="START:END of the run's documents (in doc_id order)")
     ap.add_argument("--settings", nargs="+", default=["midpoint:16", "gauss_legendre:8", "gauss_legendre:4"])
     ap.add_argument("--batch-tokens", type=int, default=1024)
@@ -53,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    overrides = {"store": args.store} if args.store else {}
+    overrides = {key: v for key, v in (("store", args.store), ("run", args.run)) if v}
     cfg = PipelineConfig.from_yaml(args.config, overrides)
     ctx = RunContext.from_config(cfg)
     demo = demo_pair_done(ctx, demo_key(cfg.demo)) if cfg.uses_demo_pair else None
