@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ from torch import nn
 
 from diffsae.head import kl_grad_hidden
 from diffsae.patching import PAIR_CHUNK, SAELike, frozen, model_device, nan_outside, patched_hidden, patched_runs
+from diffsae.quadrature import KRONROD_MAX_N, Rule, kronrod, quadrature
 
 LOGIT_BUDGET_ELEMS = 1 << 27  # α steps stacked per forward: C · B · T · V at most this (logits are made in chunks)
 
@@ -78,9 +79,7 @@ class AttributionBatch(NamedTuple):
     kl_drop_B: np.ndarray  # float32 [B] Σ_t w_t (KL_t(0) − KL_t(1)) over the analysed tokens (completeness target)
     attr_sum_B: np.ndarray  # float32 [B] Σ attributions of the document
     weight_BT: np.ndarray  # float32 [B, T] w_t, the weight of token t's KL in the attributed objective (NaN: padding)
-
-
-Rule = Literal["midpoint", "gauss_legendre"]
+    steps_B: np.ndarray  # int32 [B] quadrature points behind each document's attributions (2·steps + 1: Kronrod)
 
 
 class Selection(NamedTuple):
@@ -127,22 +126,6 @@ def select_tokens(kl0_BT: torch.Tensor, analysed_BT: torch.Tensor, sel: Selectio
     return w_BT.to(analysed_BT.device)
 
 
-def quadrature(rule: Rule, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes α_j in (0, 1) and weights w_j (Σ w_j = 1) of the path integral ∫₀¹ ∇KL(α) dα ≈ Σ_j w_j ∇KL(α_j).
-
-    midpoint: α_j = (j + ½)/n, w_j = 1/n (exact for linear integrands, error O(n⁻²)); gauss_legendre: the n-point
-    Gauss–Legendre rule mapped to [0, 1] (exact for polynomials of degree 2n − 1; for the smooth KL path it reaches
-    a given completeness with far fewer points)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if rule == "midpoint":
-        return (np.arange(steps) + 0.5) / steps, np.full(steps, 1.0 / steps)
-    if rule == "gauss_legendre":
-        x, w = np.polynomial.legendre.leggauss(steps)
-        return (x + 1.0) / 2.0, w / 2.0
-    raise ValueError(f"unknown quadrature rule {rule!r}: midpoint or gauss_legendre")
-
-
 def attribute_batch(
     base: nn.Module,
     finetuned: nn.Module,
@@ -156,6 +139,8 @@ def attribute_batch(
     rule: Rule = "midpoint",
     select: Selection | None = None,
     kl_BT: torch.Tensor | None = None,
+    max_rel_error: float | None = None,
+    noise_nats: float = 1e-5,
 ) -> AttributionBatch:
     """Integrated-gradients KL attribution of the SAE latents for one batch of documents (module docstring).
 
@@ -164,12 +149,15 @@ def attribute_batch(
     select: attribute only a weighted selection of the tokens' KL (`select_tokens`; None: every analysed token,
     weight 1). Every latent record is still reported; its attribution is then an unbiased estimate.
     kl_BT: KL(p_ft ‖ p_base) per token when known (extraction's `kl`): the base model then runs only up to `layer`.
+    max_rel_error: with the Gauss–Legendre rule, a document whose completeness misses it (by more than `noise_nats`)
+    gets the rule's Kronrod extension (`diffsae.quadrature.kronrod`: steps + 1 more points on its rows only, the
+    steps gradients already made reused), kept where it is closer; `steps_B` says which rule each document got.
     """
     nodes_S, weights_S = quadrature(rule, steps)
     device = model_device(finetuned)
     W_dec_FD = sae.W_dec_FD.detach()
-    sae_device = W_dec_FD.device
     scale = sae.scale.detach().float().to(device)  # scalar or [D]
+    refine = max_rel_error is not None and rule == "gauss_legendre" and steps <= KRONROD_MAX_N
 
     with frozen(base, finetuned):
         r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first, kl_BT)
@@ -182,73 +170,103 @@ def attribute_batch(
         B, T, D = h_ft_BTD.shape
         # w_t: the weight of token t's KL in the attributed objective Σ_t w_t KL_t(α)
         weight_BT = analysed_BT.float() if select is None else select_tokens(per_token["bias"], analysed_BT, select)
-
-        # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j), several α stacked per forward.
         V = int(finetuned.get_output_embeddings().weight.shape[0])
-        chunk = steps_per_forward or max(1, LOGIT_BUDGET_ELEMS // max(1, B * T * V))
-        chunk = min(chunk, steps)
-        alphas_S = torch.tensor(nodes_S, device=device, dtype=torch.float32)  # [S]
-        w_S = torch.tensor(weights_S, device=device, dtype=torch.float32)  # [S]
-        gbar_BTD = torch.zeros_like(h_ft_BTD)
-        for j0 in range(0, steps, chunk):
-            a_C = alphas_S[j0 : j0 + chunk]  # [C]
-            C = a_C.numel()
-            h_CBTD = start_BTD[None] + a_C[:, None, None, None] * delta_BTD[None]  # [C, B, T, D]
-            h_cTD = h_CBTD.reshape(C * B, T, D).detach().requires_grad_(True)  # [C*B, T, D]
-            with torch.enable_grad():
-                x_cTD = patched_hidden(
-                    finetuned,
-                    layer,
-                    h_cTD,
-                    ids_BT.repeat(C, 1),
-                    mask_long_BT.repeat(C, 1),
-                    docpos_BT.repeat(C, 1),
-                )
-            # ∂KL/∂logits = w · (p_patch − p_ft) in closed form, back through the head at the weighted positions
-            # only, a chunk at a time (diffsae.head: no [C, B, T, V] logits, no float32 log-softmax kept),
-            # then one backward through the blocks above `layer` to h.
-            dx_CBTD = kl_grad_hidden(finetuned, x_ft_BTD, x_cTD.view(C, B, T, -1), weight_BT)
-            (grad_cTD,) = torch.autograd.grad(x_cTD, h_cTD, grad_outputs=dx_CBTD.view_as(x_cTD))
-            grad_CBTD = grad_cTD.view(C, B, T, D)
-            if rule == "midpoint":  # equal weights: sum now, divide once (the historical float order)
-                gbar_BTD += grad_CBTD.sum(dim=0)  # [B, T, D]
-            else:
-                gbar_BTD += (w_S[j0 : j0 + C, None, None, None] * grad_CBTD).sum(dim=0)  # [B, T, D]
-            del x_cTD, dx_CBTD, grad_cTD, grad_CBTD, h_cTD
-        if rule == "midpoint":
-            gbar_BTD /= steps
-        del x_ft_BTD
 
-    # attr = −a · (ḡ_s · d_i) on the active pairs only (gather of W_dec rows, chunked over pairs).
+        def gradients(alphas: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
+            """∇_h KL(α) [b, T, D] at each α, for the batch rows `rows`, several α stacked per forward."""
+            b = rows.numel()
+            chunk = min(len(alphas), steps_per_forward or max(1, LOGIT_BUDGET_ELEMS // max(1, b * T * V)))
+            a_S = torch.tensor(alphas, device=device, dtype=torch.float32)  # [S]
+            start, delta, x_ft, w = start_BTD[rows], delta_BTD[rows], x_ft_BTD[rows], weight_BT[rows]
+            ids, mask, pos = ids_BT[rows], mask_long_BT[rows], docpos_BT[rows]
+            out = []
+            for j0 in range(0, len(alphas), chunk):
+                a_C = a_S[j0 : j0 + chunk]  # [C]
+                C = a_C.numel()
+                h_cTD = (start[None] + a_C[:, None, None, None] * delta[None]).reshape(C * b, T, D)
+                h_cTD = h_cTD.detach().requires_grad_(True)  # [C*b, T, D]
+                with torch.enable_grad():
+                    x_cTD = patched_hidden(finetuned, layer, h_cTD, ids.repeat(C, 1), mask.repeat(C, 1),
+                                           pos.repeat(C, 1))  # fmt: skip
+                # ∂KL/∂logits = w · (p_patch − p_ft) in closed form, back through the head at the weighted positions
+                # only, a chunk at a time (diffsae.head: no [C, b, T, V] logits, no float32 log-softmax kept),
+                # then one backward through the blocks above `layer` to h.
+                dx_CBTD = kl_grad_hidden(finetuned, x_ft, x_cTD.view(C, b, T, -1), w)
+                (grad_cTD,) = torch.autograd.grad(x_cTD, h_cTD, grad_outputs=dx_CBTD.view_as(x_cTD))
+                out.extend(grad_cTD.view(C, b, T, D).unbind(0))
+                del x_cTD, dx_CBTD, grad_cTD, h_cTD
+            return out
+
+        # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j).
+        all_rows = torch.arange(B, device=device)
+        grads_S = gradients(nodes_S, all_rows)
+        if rule == "midpoint":  # equal weights: sum, divide once (the historical float order)
+            gbar_BTD = torch.stack(grads_S).sum(dim=0) / steps
+        else:
+            gbar_BTD = sum(float(w) * g for w, g in zip(weights_S, grads_S))  # [B, T, D]
+        if not refine:
+            del grads_S, x_ft_BTD
+
     with torch.no_grad():
-        gbar_ND = gbar_BTD[analysed_BT]  # [N, D]
-        attr_P = torch.empty_like(act_P)
-        for p0 in range(0, tok_P.numel(), PAIR_CHUNK):
-            sl = slice(p0, p0 + PAIR_CHUNK)
-            rows_PD = W_dec_FD[lat_P[sl].to(sae_device)].float().to(device) / scale  # [p, D]
-            attr_P[sl] = -act_P[sl] * (gbar_ND[tok_P[sl]] * rows_PD).sum(dim=-1)  # [p]
-
         b_N, t_N = analysed_BT.nonzero(as_tuple=True)  # [N] row-major, same order as the boolean index above
         batch_P, col_P = b_N[tok_P], t_N[tok_P]  # [P]
-        attr_sum_B = torch.zeros(B, device=device).index_add_(0, batch_P, attr_P)  # [B]
         zero_BT = torch.zeros_like(kl_BT)
         drop_BT = torch.where(analysed_BT, weight_BT * (per_token["bias"] - per_token["recon"]), zero_BT)  # [B, T]
         kl_drop_B = drop_BT.sum(dim=1)  # [B]
+        attr_P = _pair_attributions(gbar_BTD[analysed_BT], tok_P, lat_P, act_P, W_dec_FD, scale, device)
+        attr_sum_B = torch.zeros(B, device=device).index_add_(0, batch_P, attr_P)  # [B]
+        steps_B = torch.full((B,), steps, dtype=torch.int32)
 
-        return AttributionBatch(
-            kl_BT=nan_outside(kl_BT, mask_BT),
-            kl_patch_base_BT=nan_outside(per_token["base"], mask_BT),
-            kl_patch_bias_BT=nan_outside(per_token["bias"], mask_BT),
-            kl_patch_recon_BT=nan_outside(per_token["recon"], mask_BT),
-            batch_idx=batch_P.cpu().numpy().astype(np.int64),
-            pos=docpos_BT[batch_P, col_P].cpu().numpy().astype(np.int32),
-            latent_id=lat_P.cpu().numpy().astype(np.int32),
-            activation=act_P.cpu().numpy().astype(np.float32),
-            attribution=attr_P.cpu().numpy().astype(np.float32),
-            kl_drop_B=kl_drop_B.cpu().numpy().astype(np.float32),
-            attr_sum_B=attr_sum_B.cpu().numpy().astype(np.float32),
-            weight_BT=nan_outside(weight_BT, mask_BT),
-        )
+    if refine:
+        gap_B = (attr_sum_B - kl_drop_B).abs()
+        redo = ((gap_B / kl_drop_B.abs().clamp_min(1e-6) > max_rel_error) & (gap_B > noise_nats)).nonzero().flatten()
+        if redo.numel():
+            _, w_gauss, new_nodes, w_new = kronrod(steps)
+            with frozen(base, finetuned):
+                new_grads = gradients(new_nodes, redo)
+            with torch.no_grad():
+                gbar_K = sum(float(w) * g[redo] for w, g in zip(w_gauss, grads_S))
+                gbar_K = gbar_K + sum(float(w) * g for w, g in zip(w_new, new_grads))  # [r, T, D]
+                gbar_try = gbar_BTD.clone()
+                gbar_try[redo] = gbar_K
+                attr_K = _pair_attributions(gbar_try[analysed_BT], tok_P, lat_P, act_P, W_dec_FD, scale, device)
+                sum_K = torch.zeros(B, device=device).index_add_(0, batch_P, attr_K)  # [B]
+                better_B = torch.zeros(B, dtype=torch.bool, device=device)
+                better_B[redo] = (sum_K - kl_drop_B).abs()[redo] < gap_B[redo]
+                attr_P = torch.where(better_B[batch_P], attr_K, attr_P)
+                attr_sum_B = torch.where(better_B, sum_K, attr_sum_B)
+                steps_B[better_B.cpu()] = 2 * steps + 1
+        del grads_S, x_ft_BTD
+
+    return AttributionBatch(
+        kl_BT=nan_outside(kl_BT, mask_BT),
+        kl_patch_base_BT=nan_outside(per_token["base"], mask_BT),
+        kl_patch_bias_BT=nan_outside(per_token["bias"], mask_BT),
+        kl_patch_recon_BT=nan_outside(per_token["recon"], mask_BT),
+        batch_idx=batch_P.cpu().numpy().astype(np.int64),
+        pos=docpos_BT[batch_P, col_P].cpu().numpy().astype(np.int32),
+        latent_id=lat_P.cpu().numpy().astype(np.int32),
+        activation=act_P.cpu().numpy().astype(np.float32),
+        attribution=attr_P.cpu().numpy().astype(np.float32),
+        kl_drop_B=kl_drop_B.cpu().numpy().astype(np.float32),
+        attr_sum_B=attr_sum_B.cpu().numpy().astype(np.float32),
+        weight_BT=nan_outside(weight_BT, mask_BT),
+        steps_B=steps_B.numpy(),
+    )
+
+
+@torch.no_grad()
+def _pair_attributions(
+    gbar_ND: torch.Tensor, tok_P: torch.Tensor, lat_P: torch.Tensor, act_P: torch.Tensor, W_dec_FD: torch.Tensor,
+    scale: torch.Tensor, device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """attr = −a · (ḡ_s · d_i) on the active pairs only (gather of W_dec rows, chunked over pairs) [P]."""
+    attr_P = torch.empty_like(act_P)
+    for p0 in range(0, tok_P.numel(), PAIR_CHUNK):
+        sl = slice(p0, p0 + PAIR_CHUNK)
+        rows_PD = W_dec_FD[lat_P[sl].to(W_dec_FD.device)].float().to(device) / scale  # [p, D]
+        attr_P[sl] = -act_P[sl] * (gbar_ND[tok_P[sl]] * rows_PD).sum(dim=-1)  # [p]
+    return attr_P
 
 
 def _final_norm_gain(model: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:

@@ -4,8 +4,10 @@ Why: `diffsae.attribution.attribute_batch` works on padded tensors; the attribut
 tests and benches work on documents (`diffsae.data.Doc`). Here a batch of documents is padded, attributed with the
 configured quadrature and token selection (`AttributionConfig`, `tokens` resolved), and cut back per document:
 per-token KLs (PATCH_COLUMNS), the latent records, and the completeness |Σ attr − drop| / |drop|. A document
-above `max_rel_error` is attributed again with twice the points (up to `max_steps`), keeping the better result,
-so a low default number of points never ships a bad number.
+above `max_rel_error` first gets the Gauss rule's Kronrod extension inside the batch (n + 1 more points on its rows,
+the n gradients already made reused: `attribute_batch(max_rel_error=...)`); one still above it is attributed again
+with twice the points (up to `max_steps`), keeping the better result, so a low default number of points never
+ships a bad number.
 
     out = attribute_docs(pair, layer, sae, docs, cfg.resolved(n_tokens), skip_first, cfg.steps, kls)
 """
@@ -58,9 +60,10 @@ def attribute_docs(
         kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
         for b, d in enumerate(docs):
             kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
+    kronrod_ok = 2 * steps + 1 <= cfg.max_steps  # in-batch refinement: the Gauss rule's Kronrod extension
     out = attribute_batch(
         pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
-        kl_BT=kl_BT,
+        kl_BT=kl_BT, max_rel_error=cfg.max_rel_error if kronrod_ok else None, noise_nats=NOISE_NATS,
     )  # fmt: skip
     drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
     gap_B = np.abs(got_B - drop_B)
@@ -75,7 +78,7 @@ def attribute_docs(
             {"pos": out.pos[sel], "latent_id": out.latent_id[sel], "activation": out.activation[sel],
              "kl_attribution": out.attribution[sel]},
             float(rel_B[b]),
-            steps,
+            int(out.steps_B[b]),
         ))  # fmt: skip
     redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
     if redo and 2 * steps <= cfg.max_steps:

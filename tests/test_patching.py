@@ -90,3 +90,48 @@ def test_documents_missing_completeness_are_refined(pair, sae) -> None:
     direct = attribute_batch(base, ft, LAYER, ids_BT[:1, :LENGTHS[0]], torch.ones(1, LENGTHS[0], dtype=torch.long),
                              sae, steps=fine[0].steps)  # fmt: skip
     np.testing.assert_allclose(fine[0].records["kl_attribution"], direct.attribution, rtol=1e-5, atol=1e-7)
+
+
+# QUADPACK's 15-point Kronrod extension of the 7-point Gauss rule on [-1, 1] (qk15: xgk, wgk), the upper half.
+QK15_X = [0.991455371120813, 0.949107912342759, 0.864864423359769, 0.741531185599394, 0.586087235467691,
+          0.405845151377397, 0.207784955007898, 0.0]  # fmt: skip
+QK15_W = [0.022935322010529, 0.063092092629979, 0.104790010322250, 0.140653259715525, 0.169004726639267,
+          0.190350578064785, 0.204432940075298, 0.209482141084728]  # fmt: skip
+
+
+def test_kronrod_extension_matches_quadpack_and_is_exact() -> None:
+    """The (2n + 1)-point Kronrod rule holds the n Gauss nodes, reproduces QUADPACK's qk15 for n = 7 and integrates
+    polynomials of degree 3n + 1 exactly (3n + 2 for odd n), with positive weights inside (0, 1)."""
+    from diffsae.quadrature import kronrod, quadrature
+
+    x, w = quadrature("gauss_kronrod", 7)
+    np.testing.assert_allclose(2 * x[7:] - 1, QK15_X[::-1], atol=1e-14)
+    np.testing.assert_allclose(2 * w[7:], QK15_W[::-1], atol=1e-14)
+    for n in (1, 2, 4, 5, 8, 16):
+        gauss, w_g, new, w_new = kronrod(n)
+        np.testing.assert_allclose(gauss, quadrature("gauss_legendre", n)[0], atol=1e-15)
+        x, w = np.concatenate([gauss, new]), np.concatenate([w_g, w_new])
+        assert len(new) == n + 1 and (w > 0).all() and ((0 < x) & (x < 1)).all()
+        for deg in range(3 * n + 2 + n % 2):
+            assert (w * x**deg).sum() == pytest.approx(1 / (deg + 1), rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="Kronrod extension"):
+        kronrod(17)
+
+
+def test_kronrod_refinement_in_batch_equals_the_kronrod_rule(pair, sae) -> None:
+    """A document missing max_rel_error gets the Kronrod extension in the batch: its attributions equal the
+    (2n + 1)-point rule run from scratch, the others' equal the plain Gauss rule, and completeness improves."""
+    base, ft = pair
+    ids_BT, mask_BT = right_padded()
+    gl = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=3, rule="gauss_legendre")
+    errors = completeness_errors(gl)
+    tol = float(np.sort(errors)[1]) * 0.999  # the two worst documents miss it, the best one passes
+    ref = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=3, rule="gauss_kronrod")
+    got = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=3, rule="gauss_legendre", max_rel_error=tol)
+    redo = errors > tol
+    assert redo.sum() == 2 and list(got.steps_B) == [7 if r else 3 for r in redo]
+    assert (completeness_errors(got)[redo] < errors[redo]).all()
+    for b in range(len(LENGTHS)):
+        want = ref if redo[b] else gl
+        np.testing.assert_allclose(got.attribution[got.batch_idx == b], want.attribution[want.batch_idx == b],
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
