@@ -199,7 +199,7 @@ def resolve_score(rank_by: str) -> str:
 class AttributionConfig(_Section):
     steps: int = Field(4, ge=1, description="Quadrature points of the integrated-gradients path")
     rule: Literal["midpoint", "gauss_legendre"] = Field("gauss_legendre", description="Quadrature rule of the path")
-    max_rel_error: float = Field(0.01, gt=0, description="Documents missing this completeness get twice the points")
+    max_rel_error: float = Field(0.01, gt=0, description="Documents missing it get more points: Kronrod, then doubled")
     max_steps: int = Field(64, ge=1, description="Refinement stops at this many points (the error is reported)")
     rank_by: RankBy = Field(
         "mean",
