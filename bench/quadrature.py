@@ -3,8 +3,9 @@
 What: on `--docs` documents of a finished run (its pair, its SAE, its activations on the store), each attribution
 setting (`--settings`, e.g. `midpoint:16 gauss_legendre:4 gauss_legendre:4:select`) attributes the same documents
 in batches of `--batch-tokens` tokens as the stage does (`diffsae.documents.attribute_docs`: extraction's KL reused,
-documents missing 1 % refined with twice the points), and prints: seconds per token and the ratio to a paired
-forward of the same batches; documents refined; per-document completeness |Σ attr − drop| / |drop| (median, max);
+documents missing 1 % refined: the Kronrod extension, then twice the points), and prints: seconds per token and
+the ratio to a paired forward of the same batches; documents refined; per-document completeness |Σ attr − drop| /
+|drop| (median, max);
 and, against the first setting (the reference), how the per-latent attribution totals agree (Spearman over latents
 firing in these documents, and the overlap of the top 50 latents by total).
 

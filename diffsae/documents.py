@@ -46,7 +46,8 @@ def attribute_docs(
     steps: int, kls: Mapping[int, np.ndarray] | None = None,
 ) -> list[DocAttribution]:  # fmt: skip
     """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
-    than float noise) is attributed again with twice the points, up to `cfg.max_steps`, keeping the better one.
+    than float noise) first gets the Kronrod extension inside the batch, and if it still misses it is attributed
+    again with twice the points, up to `cfg.max_steps`, keeping the better one.
     kls: extraction's per-token KL by doc_id (storage.activations.read_doc_kls): the base stops at `layer`."""
     if cfg.tokens not in ("all", "select"):
         raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
