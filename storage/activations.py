@@ -237,14 +237,11 @@ def read_manifest(store: Store, paths: RunPaths) -> dict[str, Any] | None:
         return None
 
 
-def iter_diff_chunks(
-    store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Any, order_seed: int | None = None
-) -> Iterator[np.ndarray]:
-    """Yield float32 [n, D] diff rows (in_sae only, doc_id in `doc_ids`), one row group at a time.
-
-    `doc_ids` is a numpy array of allowed doc ids (the train or validation split). With `order_seed` the shards are
-    visited in a seeded random order, so a shuffle buffer downstream mixes shards.
-    """
+def _diff_row_groups(
+    store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Any, order_seed: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(doc_id [n], float32 diff [n, D]) of the in_sae rows of documents in `doc_ids`, one row group at a time; with
+    `order_seed` the shards are visited in a seeded random order."""
     shards = list(manifest["shards"])
     if order_seed is not None:
         np.random.default_rng(order_seed).shuffle(shards)
@@ -261,7 +258,19 @@ def iter_diff_chunks(
                 col = t["diff"].combine_chunks()
                 d = col.type.list_size
                 flat = col.values.to_numpy(zero_copy_only=False)
-                yield flat.reshape(-1, d).astype(np.float32, copy=False)
+                yield t["doc_id"].to_numpy(), flat.reshape(-1, d).astype(np.float32, copy=False)
+
+
+def iter_diff_chunks(
+    store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Any, order_seed: int | None = None
+) -> Iterator[np.ndarray]:
+    """Yield float32 [n, D] diff rows (in_sae only, doc_id in `doc_ids`), one row group at a time.
+
+    `doc_ids` is a numpy array of allowed doc ids (the train or validation split). With `order_seed` the shards are
+    visited in a seeded random order, so a shuffle buffer downstream mixes shards.
+    """
+    for _, rows in _diff_row_groups(store, paths, manifest, doc_ids, order_seed):
+        yield rows
 
 
 def read_diffs_by_doc(
@@ -269,21 +278,10 @@ def read_diffs_by_doc(
 ) -> dict[int, np.ndarray]:
     """float32 [n, D] diff rows (in_sae only) of each document in `doc_ids`, one pass over the shards' row groups;
     documents are kept whole, in a seeded random order, while the total stays within `max_rows` (at least one)."""
-    allowed = pa.array(np.asarray(doc_ids, dtype=np.int64))
     parts: dict[int, list[np.ndarray]] = {}
-    for rec in manifest["shards"]:
-        with store.open_read(paths.shard(rec["index"])) as f:
-            pf = pq.ParquetFile(f)
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["doc_id", "in_sae", "diff"])
-                t = t.filter(pc.and_(t["in_sae"], pc.is_in(t["doc_id"], value_set=allowed)))
-                if t.num_rows == 0:
-                    continue
-                col = t["diff"].combine_chunks()
-                rows = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
-                ids = t["doc_id"].to_numpy()
-                for d in np.unique(ids):
-                    parts.setdefault(int(d), []).append(rows[ids == d].astype(np.float32))
+    for ids, rows in _diff_row_groups(store, paths, manifest, doc_ids, None):
+        for d in np.unique(ids):
+            parts.setdefault(int(d), []).append(rows[ids == d])
     out: dict[int, np.ndarray] = {}
     total = 0
     for d in np.random.default_rng(seed).permutation(sorted(parts)).tolist():
