@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -172,14 +172,13 @@ def attribute_batch(
         weight_BT = analysed_BT.float() if select is None else select_tokens(per_token["bias"], analysed_BT, select)
         V = int(finetuned.get_output_embeddings().weight.shape[0])
 
-        def gradients(alphas: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
-            """∇_h KL(α) [b, T, D] at each α, for the batch rows `rows`, several α stacked per forward."""
+        def gradients(alphas: np.ndarray, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+            """∇_h KL(α) [b, T, D] at each α in turn, for the batch rows `rows`, several α stacked per forward."""
             b = rows.numel()
             chunk = min(len(alphas), steps_per_forward or max(1, LOGIT_BUDGET_ELEMS // max(1, b * T * V)))
             a_S = torch.tensor(alphas, device=device, dtype=torch.float32)  # [S]
             start, delta, x_ft, w = start_BTD[rows], delta_BTD[rows], x_ft_BTD[rows], weight_BT[rows]
             ids, mask, pos = ids_BT[rows], mask_long_BT[rows], docpos_BT[rows]
-            out = []
             for j0 in range(0, len(alphas), chunk):
                 a_C = a_S[j0 : j0 + chunk]  # [C]
                 C = a_C.numel()
@@ -193,19 +192,20 @@ def attribute_batch(
                 # then one backward through the blocks above `layer` to h.
                 dx_CBTD = kl_grad_hidden(finetuned, x_ft, x_cTD.view(C, b, T, -1), w)
                 (grad_cTD,) = torch.autograd.grad(x_cTD, h_cTD, grad_outputs=dx_CBTD.view_as(x_cTD))
-                out.extend(grad_cTD.view(C, b, T, D).unbind(0))
-                del x_cTD, dx_CBTD, grad_cTD, h_cTD
-            return out
+                del x_cTD, dx_CBTD, h_cTD
+                yield from grad_cTD.view(C, b, T, D).unbind(0)
 
-        # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j).
-        all_rows = torch.arange(B, device=device)
-        grads_S = gradients(nodes_S, all_rows)
-        if rule == "midpoint":  # equal weights: sum, divide once (the historical float order)
-            gbar_BTD = torch.stack(grads_S).sum(dim=0) / steps
-        else:
-            gbar_BTD = sum(float(w) * g for w, g in zip(weights_S, grads_S))  # [B, T, D]
+        # Integrated gradients: ḡ = Σ_j w_j ∇_h KL(α_j); the per-node gradients are kept only for a refinement.
+        gbar_BTD = torch.zeros_like(h_ft_BTD)
+        grads_S: list[torch.Tensor] = []
+        for w, g in zip(weights_S, gradients(nodes_S, torch.arange(B, device=device))):
+            gbar_BTD += g if rule == "midpoint" else float(w) * g  # midpoint: sum, divide once
+            if refine:
+                grads_S.append(g)
+        if rule == "midpoint":
+            gbar_BTD /= steps
         if not refine:
-            del grads_S, x_ft_BTD
+            del x_ft_BTD
 
     with torch.no_grad():
         b_N, t_N = analysed_BT.nonzero(as_tuple=True)  # [N] row-major, same order as the boolean index above
@@ -223,7 +223,7 @@ def attribute_batch(
         if redo.numel():
             _, w_gauss, new_nodes, w_new = kronrod(steps)
             with frozen(base, finetuned):
-                new_grads = gradients(new_nodes, redo)
+                new_grads = list(gradients(new_nodes, redo))
             with torch.no_grad():
                 gbar_K = sum(float(w) * g[redo] for w, g in zip(w_gauss, grads_S))
                 gbar_K = gbar_K + sum(float(w) * g for w, g in zip(w_new, new_grads))  # [r, T, D]
