@@ -72,15 +72,11 @@ def main() -> None:
     splits = sae_splits(n_docs, cfg.sae)
     held = heldout_docs(n_docs, cfg.sae)
 
-    pre: dict[int, torch.Tensor] = {}  # held-out doc -> post-ReLU pre-activations [n, F]
-    norm: dict[int, float] = {}  # held-out doc -> mean diff norm of its tokens (the stratification covariate)
-    with torch.no_grad():
-        for d in held:
-            rows = list(act.iter_diff_chunks(ctx.store, ctx.paths, manifest, np.array([d])))
-            if rows:
-                x = np.concatenate(rows)
-                pre[int(d)] = sae.pre_acts(torch.from_numpy(x)).relu()
-                norm[int(d)] = float(np.linalg.norm(x, axis=1).mean())
+    # the held-out documents' diffs as the training stage reads them for `l0_crossfit` (its row cap and seed)
+    by_doc = act.read_diffs_by_doc(ctx.store, ctx.paths, manifest, held, 2 * cfg.sae.calibration_tokens, cfg.sae.seed)
+    with torch.no_grad():  # post-ReLU pre-activations [n, F], and each document's mean diff norm (stratification)
+        pre = {d: sae.pre_acts(torch.from_numpy(x)).relu() for d, x in by_doc.items()}
+    norm = {d: float(np.linalg.norm(x, axis=1).mean()) for d, x in by_doc.items()}
     docs = np.array(sorted(pre))
     n_tok = {d: pre[d].shape[0] for d in docs}
 
@@ -98,17 +94,11 @@ def main() -> None:
           f"{len(val)} docs: L0 {l0(cal, cut):.1f} / {l0(val, cut):.1f}; stored threshold gives "
           f"{l0(val, float(sae.threshold)):.1f} on validation")  # fmt: skip
 
-    by_doc = act.read_diffs_by_doc(ctx.store, ctx.paths, manifest, held, 2 * cfg.sae.calibration_tokens, cfg.sae.seed)
     docs_x = [torch.from_numpy(x) for x in by_doc.values()]
     print(f"the stage's cross-fitted L0 (diffsae.train.crossfit_l0, seed {cfg.sae.seed}): "
           f"{crossfit_l0(sae, docs_x, k, cfg.sae.seed):.1f}")  # fmt: skip
     rng = np.random.default_rng(args.seed)
-    cv = []
-    for _ in range(args.repeats):  # 2-fold cross-fitting: each half measured with the other half's threshold
-        perm = rng.permutation(docs)
-        a, b = perm[: len(docs) // 2], perm[len(docs) // 2 :]
-        hits = sum(int((pre[d] > calibrated(b)).sum()) for d in a) + sum(int((pre[d] > calibrated(a)).sum()) for d in b)
-        cv.append(hits / sum(n_tok.values()) / k)
+    cv = [crossfit_l0(sae, docs_x, k, args.seed + i) / k for i in range(args.repeats)]  # other random halvings
     r = np.array(cv)
     lo, mid, hi = np.percentile(r, [5, 50, 95])
     print(f"2-fold cross-fitted over random halves: L0/k median {mid:.3f} (5-95 % {lo:.3f}-{hi:.3f}), within 10 % in "

@@ -287,7 +287,7 @@ def crossfit_l0(sae: BatchTopKSAE, docs: list[Tensor], k: int, seed: int) -> flo
 
     Why: the mean L0 of one validation split of ~10 documents varies with which documents it holds far more than
     with the threshold (per-document L0 ranges 13-70 for k = 32 on the SmolLM2 organism; `bench/l0_calibration.py`:
-    5-95 % range 0.71-1.49 k over random 12/12 splits), so it cannot tell whether calibration carries over to unseen
+    5-95 % range 0.71-1.46 k over random 12/12 splits), so it cannot tell whether calibration carries over to unseen
     documents; the cross-fitted mean uses every held-out document for both roles, once each, and can."""
     if len(docs) < 2:
         raise ValueError("cross-fitting needs at least two documents")
