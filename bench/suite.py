@@ -63,6 +63,31 @@ def orders(results: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
+def worst_null(null: list[dict[str, Any]], order: str) -> int:
+    """The most trigger labels one null run's top 10 claims under `order` (0 without null runs)."""
+    return max((sum(bool(x["recovered_v2"]) for x in r["recovery"] if x["score"] == order) for r in null), default=0)
+
+
+def choose(results: list[dict[str, Any]]) -> str:
+    """The pre-registered selection rule (docs/EVALUATION.md, 2026-12-02): among the orders with at most 1 claimed
+    label on every null run and at most 1 placebo false alarm per run on average, the most behaviours recovered
+    (v2), then the lower median best rank, then `mean` (the standing default), then the name."""
+    audit = [r for r in results if r["mix"] != "null"]
+    null = [r for r in results if r["mix"] == "null"]
+    best: list[tuple[Any, ...]] = []
+    for order in orders(results):
+        if order in ("random", "frequency", "firing_kl"):  # baselines are yardsticks, not candidates
+            continue
+        placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
+        if worst_null(null, order) > 1 or (placebo and statistics.mean(placebo) > 1):
+            continue
+        rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
+        ranks = [x["best_rank_v2"] if x["best_rank_v2"] is not None else float("inf") for x in rows]
+        got = sum(bool(x["recovered_v2"]) for x in rows)
+        best.append((-got, statistics.median(ranks) if ranks else float("inf"), order != "mean", order))
+    return min(best)[-1] if best else "-"
+
+
 def report(results: list[dict[str, Any]]) -> str:
     audit = [r for r in results if r["mix"] != "null"]
     null = [r for r in results if r["mix"] == "null"]
@@ -71,7 +96,7 @@ def report(results: list[dict[str, Any]]) -> str:
         f"null runs: {', '.join(r['name'] for r in null) or '-'}",
         "",
         "| order | behaviours recovered (v2) | median best rank (v2) | null: labels claimed in top 10 "
-        "| placebo false alarms (mean per run) |",
+        "(most on one null run) | placebo false alarms (mean per run) |",
         "|---|---|---|---|---|",
     ]
     for order in orders(results):
@@ -85,10 +110,20 @@ def report(results: list[dict[str, Any]]) -> str:
             median = f"{statistics.median(ranks):g}" if ranks else "-"
         claimed = [x for r in null for x in r["recovery"] if x["score"] == order]
         fa_null = (f"{sum(x['expected_v2'] or 0 for x in claimed):.2f} expected" if order == "random"
-                   else str(sum(bool(x["recovered_v2"]) for x in claimed)))  # fmt: skip
+                   else f"{sum(bool(x['recovered_v2']) for x in claimed)} ({worst_null(null, order)})")  # fmt: skip
         placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
         fa = f"{statistics.mean(placebo):.2f}" if placebo else "-"
         lines.append(f"| {order} | {got} | {median} | {fa_null} | {fa} |")
+    chosen = choose(results)
+    lines += ["", f"chosen by the pre-registered rule: {chosen}", ""]
+    for order in dict.fromkeys(["mean", chosen, "groups"]):
+        per_run = []
+        for r in audit:
+            rows = sorted((x for x in r["recovery"] if x["score"] == order), key=lambda x: x["behaviour"])
+            ranks = "/".join(str(x["best_rank_v2"]) if x["recovered_v2"] else f"({x['best_rank_v2']})" for x in rows)
+            per_run.append(f"{r['name']} {ranks}")
+        head = f"best ranks, {order} (behaviours alphabetical; in brackets: not recovered): "
+        lines.append(head + "; ".join(per_run))
     lines += ["", "| run | FVU / L0 / dead / KL gap rec. | seconds |", "|---|---|---|"]
     for r in results:
         s = r["sae"]

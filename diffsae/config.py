@@ -166,13 +166,13 @@ class SAEConfig(_Section):
 
 # Latent scores (defined and documented in storage/sql/rank_latents.sql): each is a `score_<name>` and a
 # `rank_<name>` column of the latents table; `attribution.rank_by` picks the one that defines `rank`.
-Score = Literal["total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus"]
+Score = Literal["total", "mean", "peak_token", "peak_doc", "concentration", "top_docs", "focus", "fusion"]
 SCORES: tuple[str, ...] = get_args(Score)
 # Every accepted `rank_by`: a score, `score_<name>`, or a statistics column equal to a score (SCORE_ALIASES).
 RankBy = Literal[
     Score,
     "score_total", "score_mean", "score_peak_token", "score_peak_doc", "score_concentration", "score_top_docs",
-    "score_focus",
+    "score_focus", "score_fusion",
     "kl_attr_sum", "kl_attr_mean", "kl_attr_max",
 ]  # fmt: skip
 SCORE_ALIASES: dict[str, str] = {
@@ -204,7 +204,7 @@ class AttributionConfig(_Section):
     rank_by: RankBy = Field(
         "mean",
         description="Latent score that defines `rank`: total, mean, peak_token, peak_doc, concentration, top_docs, "
-        "focus (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)",
+        "focus, fusion (or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max)",
     )
     top_promoted: int = Field(10, ge=1, description="Promoted/suppressed tokens kept per latent")
     tokens: Literal["all", "select", "auto"] = Field(

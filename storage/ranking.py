@@ -51,6 +51,7 @@ class RankParams(NamedTuple):
     min_support: int = 5  # firing tokens a latent needs for score_mean
     top_n: int = 5  # documents whose mass score_concentration keeps
     top_m: int = 3  # documents score_top_docs averages
+    rrf_k: int = 60  # score_fusion's rank offset (Cormack et al. 2009's value: the top ranks do not dominate)
     roles: tuple[str, ...] | None = None  # token roles scored (None: every token); the pipeline passes rank.roles
     broad_docs: float | None = None  # document share that makes a latent broad (None: none is); rank.broad_docs
 
@@ -189,6 +190,7 @@ def rank_latents(
         "min_support": params.min_support,
         "top_n": params.top_n,
         "top_m": params.top_m,
+        "rrf_k": params.rrf_k,
     }
     dirs = None if latent_dirs is None else latent_dirs.select(["latent_id", "promoted", "suppressed"])
     with registered(con, latent_dirs=dirs) as names:

@@ -62,7 +62,8 @@ dashboards: {top_latents: 20}
         (
             "attribution: {rank_by: nonsense}",
             r"^.*c.yaml: attribution.rank_by: .*unknown rank_by 'nonsense': choose one of total, mean, peak_token, "
-            r"peak_doc, concentration, top_docs, focus \(or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max\)$",
+            r"peak_doc, concentration, top_docs, focus, fusion "
+            r"\(or score_<name>, kl_attr_sum, kl_attr_mean, kl_attr_max\)$",
         ),
     ],
 )

@@ -108,7 +108,11 @@ EXPECTED_ORDER = {
     "concentration": [5, 30, 20, 10, 40],  # 4, 4, 3, 1.79, 0.1
     "top_docs": [5, 30, 20, 10, 40],  # 1.33, 1.33, 1.0, 0.5, 0.03 (positive parts)
     "focus": [5, 30, 20, 10, 40],  # 4, 4, 1.91, 0.5, 0.1
+    # Σ 1/(60 + rank) over mean, peak_token, concentration: 5 (4,2,1) 0.048147 just above 20 (1,3,3) 0.048139
+    "fusion": [5, 20, 30, 10, 40],
 }
+# (rank_mean, rank_peak_token, rank_concentration) per latent, read off the orders above
+FUSED_FROM = {5: (4, 2, 1), 10: (2, 4, 4), 20: (1, 3, 3), 30: (5, 1, 2), 40: (3, 5, 5)}
 
 
 def test_statistics_and_scores_by_hand(base_run: RunPaths) -> None:
@@ -127,6 +131,18 @@ def test_statistics_and_scores_by_hand(base_run: RunPaths) -> None:
                 assert row[key] is None, (lid, key)
             else:
                 assert row[key] == pytest.approx(value, rel=1e-6), (lid, key, row[key])
+
+
+def test_fusion_score_by_hand(base_run: RunPaths) -> None:
+    """score_fusion is the reciprocal rank fusion of three ranks; a different offset can change the order."""
+    con = connect(RunContext.create(base_run.store, base_run.run))
+    got = by_id(rank_latents(con, "fusion"))
+    for lid, ranks in FUSED_FROM.items():
+        assert got[lid]["score_fusion"] == pytest.approx(sum(1 / (60 + r) for r in ranks), rel=1e-12), lid
+    # offset 0: 5 -> 1/4 + 1/2 + 1 = 1.75, 30 -> 1/5 + 1 + 1/2 = 1.7, 20 -> 1 + 1/3 + 1/3 = 1.67, 10 -> 1.0, 40 -> 0.73
+    small = by_id(rank_latents(con, "fusion", params=RankParams(rrf_k=0)))
+    assert [lid for lid in sorted(small, key=lambda i: small[i]["rank"])] == [5, 30, 20, 10, 40]
+    assert small[30]["score_fusion"] == pytest.approx(1.7)
 
 
 def test_every_score_ranks_by_hand(base_run: RunPaths) -> None:

@@ -8,7 +8,8 @@
 --   name, validated in Python;
 --   $n_tokens analysed tokens (frequency denominator); $n_docs documents; $broad_docs the broad share (> 1: none);
 --   $min_support firing tokens needed by score_mean;
---   $top_n documents kept by score_concentration; $top_m (<= $top_n) documents averaged by score_top_docs.
+--   $top_n documents kept by score_concentration; $top_m (<= $top_n) documents averaged by score_top_docs;
+--   $rrf_k the rank offset of score_fusion.
 -- Statistics and scores read the analysed tokens only. With S_d = the latent's attribution summed over document d,
 -- s_d = max(S_d, 0), P = sum_d s_d (pos_mass):
 --   score_total         sum of attribution over firing tokens                        (= kl_attr_sum)
@@ -19,6 +20,9 @@
 --   score_top_docs      mean of the $top_m largest s_d, missing documents count 0 (a one-document spike gets 1/m)
 --   score_focus         exp(sum_d (s_d/P) ln s_d): the mass-weighted geometric mean of s_d, = P / exp(H) where H is
 --                       the entropy of the document shares s_d/P (exp(H) = effective number of documents)
+--   score_fusion        reciprocal rank fusion (Cormack, Clarke & Buettcher 2009) of three scores that fail
+--                       differently: 1/($rrf_k + rank_mean) + 1/($rrf_k + rank_peak_token)
+--                       + 1/($rrf_k + rank_concentration); a latent near the top of any one of them stays high
 -- Narrow and broad (issue 15 part 4): doc_share = share of documents where the latent fires on analysed tokens,
 -- doc_share_all = the same on any token. A latent is NARROW when it fires on analysed tokens and doc_share <
 -- $broad_docs: only narrow latents get rank_<score> (1 for the best, NULL scores last, ties by latent_id) and
@@ -27,7 +31,7 @@
 -- be both (narrow on the analysed tokens, broad through the others) or neither (fires only on unanalysed tokens
 -- of a few documents); every latent that fires anywhere has a row.
 -- Cost: one aggregation over the (latent, document) rows (latent_docs, which the attribution stage writes; with a
--- role filter, latent_tokens joined to the analysed tokens first), 8 window ranks over the latents (bench/rank.py).
+-- role filter, latent_tokens joined to the analysed tokens first), 9 window ranks over the latents (bench/rank.py).
 WITH per_latent AS (
     SELECT
         latent_id,
@@ -72,7 +76,8 @@ scored AS (
         peak_doc AS score_peak_doc,
         CASE WHEN pos_mass > 0 THEN list_sum(top_docs_desc) ^ 2 / pos_mass ELSE 0 END AS score_concentration,
         coalesce(list_sum(top_docs_desc[1:$top_m]), 0) / $top_m AS score_top_docs,
-        CASE WHEN pos_mass > 0 THEN exp(pos_xlogx / pos_mass) ELSE 0 END AS score_focus
+        CASE WHEN pos_mass > 0 THEN exp(pos_xlogx / pos_mass) ELSE 0 END AS score_focus,
+        NULL::DOUBLE AS score_fusion  -- set in `fused`, from the ranks below
     FROM everywhere AS e LEFT JOIN per_latent AS p ON p.latent_id = e.latent_id
 ),
 ranked AS (
@@ -92,9 +97,26 @@ ranked AS (
             END AS rank_top_docs,
         CASE WHEN narrow THEN row_number() OVER (ORDER BY narrow DESC, score_focus DESC NULLS LAST, latent_id) END
             AS rank_focus,
+        NULL::BIGINT AS rank_fusion,  -- set in `fused_ranked`
         CASE WHEN broad THEN row_number() OVER (ORDER BY broad DESC, pos_mass_all DESC, latent_id) END
             AS rank_broad
     FROM scored
+),
+fused AS (
+    SELECT * REPLACE (
+        CASE WHEN rank_mean IS NOT NULL THEN
+            1.0::DOUBLE / ($rrf_k + rank_mean) + 1.0::DOUBLE / ($rrf_k + rank_peak_token)
+            + 1.0::DOUBLE / ($rrf_k + rank_concentration)
+        END AS score_fusion
+    )
+    FROM ranked
+),
+fused_ranked AS (
+    SELECT * REPLACE (
+        CASE WHEN score_fusion IS NOT NULL THEN row_number() OVER (ORDER BY score_fusion DESC NULLS LAST, latent_id)
+        END AS rank_fusion
+    )
+    FROM fused
 )
 SELECT
     r.*,
@@ -103,7 +125,7 @@ SELECT
     dom.dominant_share,
     dirs.promoted,
     dirs.suppressed
-FROM ranked AS r
+FROM fused_ranked AS r
 LEFT JOIN ({{dominant}}) AS dom ON dom.latent_id = r.latent_id
 LEFT JOIN {{latent_dirs}} AS dirs ON dirs.latent_id = r.latent_id
 ORDER BY rank NULLS LAST, r.rank_broad NULLS LAST, r.latent_id
