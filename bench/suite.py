@@ -31,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
+from flows.server import owned_api_server  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 
 
@@ -144,17 +145,23 @@ def main() -> None:
     out_dir = Path(args.store) / "suite"
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = [(s, m, w, k) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks]
-    for seed, mix, width, k in [] if args.report else grid:
+    if not args.report:
+        with owned_api_server():  # Prefect's temporary server dies with this process, however it ends
+            run_grid(args.store, out_dir, grid)
+    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("*.json")), key=lambda r: r["name"])
+    print(report(results))
+
+
+def run_grid(store: str, out_dir: Path, grid: list[tuple[int, str, int, int]]) -> None:
+    for seed, mix, width, k in grid:
         path = out_dir / f"{mix}-s{seed}-F{width}-k{k}.json"
         if path.exists():
             continue
-        res = run_one(args.store, seed, mix, width, k)
+        res = run_one(store, seed, mix, width, k)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, path)
         print(f"== {path.name}: {res['sae']} ({res['seconds']:.0f} s)", flush=True)
-    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("*.json")), key=lambda r: r["name"])
-    print(report(results))
 
 
 if __name__ == "__main__":
