@@ -157,7 +157,8 @@ class CrossCoderTrainer:
         centred = x_s_BMD - x_s_BMD.mean(dim=0)
         fvu = float(err_BMD.detach().pow(2).sum() / centred.detach().pow(2).sum().clamp_min(1e-30))
         l0 = float((acts_BF > 0).sum()) / x_BMD.shape[0]
-        return {"loss": float(loss), "mse": float(mse), "auxk_loss": float(auxk), "fvu": fvu, "l0": l0,
+        return {"loss": float(loss.detach()), "mse": float(mse.detach()), "auxk_loss": float(auxk.detach()), "fvu": fvu,
+                "l0": l0,
                 "dead_fraction": float(dead_F.float().mean())}  # fmt: skip
 
     def _auxk(self, pre_BF: Tensor, err_BMD: Tensor, dead_F: Tensor) -> Tensor:
