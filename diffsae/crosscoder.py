@@ -114,6 +114,38 @@ class CrossCoder(nn.Module):
         return W[:, FT] / self.scale_M[FT] - W[:, BASE] / self.scale_M[BASE]
 
 
+@torch.no_grad()
+def calibrate_threshold(cc: CrossCoder, batches: list[Tensor], k: int) -> float:
+    """Set the inference threshold so that the mean L0 over `batches` of pairs x_BMD is k (at most): the (N·k)-th
+    largest decoder-weighted activation (as diffsae.train.calibrate_threshold does for the diff-SAE)."""
+    norm_F = cc.decoder_norms_FM().sum(dim=1)
+    v = torch.cat([(cc.pre_acts(cc.scaled(x)).relu() * norm_F).flatten() for x in batches])
+    n_keep = k * sum(x.shape[0] for x in batches)
+    t = float(v.topk(min(n_keep + 1, v.numel())).values[-1]) if n_keep < v.numel() else 0.0
+    cc.threshold.fill_(max(t, 0.0))
+    return float(cc.threshold)
+
+
+class DiffView(nn.Module):
+    """A crosscoder seen in the diff space, where attribution, ranking and validation work (`diffsae.patching`'s
+    SAELike): W_dec_FD = its diff directions, b_dec_D = b_ft / scale_ft − b_base / scale_base, scale 1, so that
+    Σ_i a_i W_dec_FD[i] + b_dec_D = x̂_ft − x̂_base; activations come from both residuals (`encode_pair`)."""
+
+    def __init__(self, cc: CrossCoder):
+        super().__init__()
+        self.cc = cc
+        s_M = cc.scale_M.detach()
+        self.register_buffer("W_dec_FD", cc.diff_directions_FD())
+        self.register_buffer("b_dec_D", (cc.b_dec_MD[FT] / s_M[FT] - cc.b_dec_MD[BASE] / s_M[BASE]).detach())
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def encode_pair(self, x_NMD: Tensor) -> Tensor:
+        return self.cc.encode(x_NMD)
+
+    def encode(self, diff_ND: Tensor) -> Tensor:
+        raise TypeError("a crosscoder reads both residuals: call encode_pair(x_NMD)")
+
+
 class CrossCoderTrainer:
     """One training run: the crosscoder, Adam, dead-latent counters and the threshold EMA."""
 

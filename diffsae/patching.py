@@ -140,7 +140,11 @@ def patched_runs(
         # SAE activations of the diff at the analysed tokens, as sparse (token, latent, activation) pairs.
         diff_ND = (h_ft_BTD - h_base_BTD)[analysed_BT]  # [N, D], N = analysed tokens
         N, D = diff_ND.shape
-        acts_NF = sae.encode(diff_ND.to(sae_device, W_dec_FD.dtype)).float()
+        if hasattr(sae, "encode_pair"):  # a dictionary that reads both residuals (diffsae.crosscoder.DiffView)
+            pair_NMD = torch.stack([h_base_BTD[analysed_BT], h_ft_BTD[analysed_BT]], dim=1).to(sae_device)
+            acts_NF = sae.encode_pair(pair_NMD).float()
+        else:
+            acts_NF = sae.encode(diff_ND.to(sae_device, W_dec_FD.dtype)).float()
         tok_P, lat_P = acts_NF.nonzero(as_tuple=True)  # [P], [P]
         act_P = acts_NF[tok_P, lat_P]  # [P]
         del acts_NF
