@@ -92,7 +92,7 @@ def test_step_matches_naive(dead_tokens: int) -> None:
     for name, t in tr.cc.named_parameters():
         torch.testing.assert_close(t.detach().double(), want["params"][name], rtol=1e-5, atol=1e-6, msg=name)
     # the threshold after one step is the smallest kept decoder-weighted activation (bias-corrected EMA of one value)
-    smallest = min(float(want["pre"][b][f]) * want["norms"][f] for b, f in want["kept"])
+    smallest = min(float(want["pre"][b][f].detach()) * want["norms"][f] for b, f in want["kept"])
     assert float(tr.cc.threshold) == pytest.approx(smallest, rel=1e-5)
 
 
