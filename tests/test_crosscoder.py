@@ -55,7 +55,7 @@ def naive_step(params: dict[str, torch.Tensor], scale_M: torch.Tensor, x_BMD: to
         num = den = 0.0
         mean = [sum(e[b][m] for b in range(B)) / B for m in range(2)]
         for b in range(B):
-            top = sorted(dead, key=lambda f: -float(pre[b][f]))[:aux_k]
+            top = sorted(dead, key=lambda f: -float(pre[b][f].detach()))[:aux_k]
             for m in range(2):
                 e_hat = sum(torch.relu(pre[b][f]) * p["W_dec_FMD"][f, m] for f in top)
                 num = num + (e[b][m] - e_hat).pow(2).sum()
