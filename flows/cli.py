@@ -58,6 +58,16 @@ def report(cfg: Any, out: Any) -> str:
         "diff-SAE (validation): "
         + ", ".join(f"{k}={getattr(sae, k):.3f}" for k in SAE_SUMMARY),
     ]
+    if ranking.groups:
+        lines.append(f"\ntop latent groups (the default list: latents of the {cfg.attribution.rank_by} ranking that "
+                     "fire on nearly the same documents, merged; a group ranks where its leader does):")
+        lines.append(f"{'rank':>4}  {'leader':>6}  {'size':>4}  {'total KL attr':>13}  dominant behaviour  members")
+        for g in ranking.groups:
+            more = f" ... ({g['n_members']})" if g["n_members"] > len(g["members"][:6]) else ""
+            lines.append(
+                f"{g['group_rank']:>4}  {g['group_id']:>6}  {g['n_members']:>4}  {g['kl_attr_sum']:>13.5f}  "
+                f"{(g.get('dominant_behaviour') or '-'):<18}  {', '.join(map(str, g['members'][:6]))}{more}"
+            )
     if ranking.top:
         lines.append(f"\ntop latents by {cfg.attribution.rank_by} (on {', '.join(ranking.roles)} tokens):")
         lines.append(f"{'rank':>4}  {'latent':>6}  {'total KL attr':>13}  dominant behaviour")

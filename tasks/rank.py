@@ -42,6 +42,10 @@ class RankingResult(NamedTuple):
     broad_docs: float  # rank.broad_docs
     n_broad: int  # latents with a rank_broad
     broad: list[dict[str, Any]]  # the first TOP_REPORTED broad latents: rank_broad, latent_id, doc_share_all, ...
+    # The default list (issue 15, chosen on the organism benchmark's selection set): the first TOP_REPORTED latent
+    # groups, group_rank, group_id (its leader), n_members, members (rank order), kl_attr_sum (of the members)[,
+    # dominant_behaviour of the leader]
+    groups: list[dict[str, Any]] = []
 
 
 def rank_key(rank_by: str, cfg: RankConfig, attribution_key: str) -> str:
@@ -88,9 +92,30 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
         broad_docs=cfg.broad_docs,
         n_broad=int(pc.sum(pc.is_valid(latents["rank_broad"])).as_py() or 0),
         broad=broad_top(latents),
+        groups=groups_top(groups, latents),
     )
     write_marker(store, paths.marker("ranking"), out)  # last: marks the stage complete
     return out
+
+
+def groups_top(groups: pa.Table, latents: pa.Table) -> list[dict[str, Any]]:
+    """The first TOP_REPORTED latent groups: leader, members in rank order, summed attribution, leader's behaviour."""
+    attr = dict(zip(latents["latent_id"].to_pylist(), latents["kl_attr_sum"].to_pylist()))
+    dom = dict(zip(latents["latent_id"].to_pylist(), latents["dominant_behaviour"].to_pylist())) \
+        if "dominant_behaviour" in latents.column_names else None  # fmt: skip
+    out: dict[int, dict[str, Any]] = {}
+    for r in sorted(groups.to_pylist(), key=lambda r: (r["group_rank"], r["rank"])):
+        if r["group_rank"] > TOP_REPORTED:
+            continue
+        new = {"group_rank": r["group_rank"], "group_id": r["group_id"], "n_members": r["n_members"], "members": [],
+               "kl_attr_sum": 0.0}  # fmt: skip
+        g = out.setdefault(r["group_rank"], new)
+        if len(g["members"]) < 20:  # the first 20 members; n_members counts them all
+            g["members"].append(r["latent_id"])
+        g["kl_attr_sum"] += attr.get(r["latent_id"]) or 0.0
+        if dom is not None:
+            g["dominant_behaviour"] = dom.get(r["group_id"])
+    return [out[k] for k in sorted(out)]
 
 
 def broad_top(latents: pa.Table) -> list[dict[str, Any]]:

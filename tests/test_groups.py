@@ -14,6 +14,7 @@ from storage.paths import RunPaths
 from storage.ranking import rank_latents
 from storage.recovery import false_alarms, recovery
 from storage.store import Store
+from tasks.rank import groups_top
 from tests.synthetic import arrow_table
 
 DOCS = {  # latent -> (documents it fires in, attribution per document)
@@ -84,3 +85,16 @@ def test_groups_as_one_entry_in_recovery_and_false_alarms(con) -> None:
     fa = {r["score"]: r["false_alarms"] for r in false_alarms(con, latents, groups=g, n_labels=1, rate=1.0,
                                                                   draws=1, top_k=4).to_pylist()}  # fmt: skip
     assert fa["groups"] == 1 and fa["total"] == 0  # latent 5 ranks 7th alone, its group 4th
+
+
+def test_groups_summary_by_hand(con) -> None:
+    """The rank stage's default list (tasks/rank.py groups_top): leader, members in rank order, summed attribution
+    (4.0 + 2.0 + 1.4 for group 1) and the leader's dominant behaviour."""
+
+    latents = rank_latents(con, "total")
+    top = groups_top(latent_groups(con, latents), latents)
+    assert [(g["group_rank"], g["group_id"], g["n_members"], g["members"]) for g in top] == [
+        (1, 1, 3, [1, 2, 7]), (2, 3, 2, [3, 4]), (3, 8, 1, [8]), (4, 5, 1, [5]),
+    ]  # fmt: skip
+    assert [g["kl_attr_sum"] for g in top] == pytest.approx([7.4, 3.0, 1.0, 0.4])
+    assert top[0]["dominant_behaviour"] == "alpha" and top[1]["dominant_behaviour"] == "none"

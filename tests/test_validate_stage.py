@@ -66,6 +66,8 @@ def test_validation_stage(tiny_pair: Path, tmp_path: Path) -> None:
 
     text = report(PipelineConfig.from_dict(tiny_config(tiny_pair, store)), first)
     assert "causal validation" in text and text.count("finetuned: ") == 3
+    assert first.ranking.groups and first.ranking.groups[0]["group_id"] == ranks[0]  # the best latent leads group 1
+    assert text.index("top latent groups (the default list") < text.index("top latents by")
 
     again = _run(tiny_pair, store)
     assert _states(again)["validate"] == "Cached" and _states(again)["dashboards"] == "Cached"
