@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from diffsae.train import l0_cut
+
 BASE, FT = 0, 1
 
 
@@ -71,6 +73,10 @@ class CrossCoder(nn.Module):
         """‖W_dec_FMD[:, m]‖ per latent and model [F, 2]."""
         return self.W_dec_FMD.norm(dim=2)
 
+    def weighted(self, relu_BF: Tensor) -> Tensor:
+        """v_BF = relu(pre) · Σ_m ‖W_dec[:, m]‖: the decoder-weighted activations the top-k and threshold compare."""
+        return relu_BF * self.decoder_norms_FM().sum(dim=1)
+
     def scaled(self, x_BMD: Tensor) -> Tensor:
         return x_BMD.to(self.W_enc_MDF.dtype) * self.scale_M[None, :, None]
 
@@ -81,8 +87,7 @@ class CrossCoder(nn.Module):
     def encode(self, x_BMD: Tensor) -> Tensor:
         """Inference encoder: relu(pre) where relu(pre) · n_F > threshold; acts [B, F] (scaled units)."""
         relu_BF = self.pre_acts(self.scaled(x_BMD)).relu()
-        v_BF = relu_BF * self.decoder_norms_FM().sum(dim=1)
-        return relu_BF.masked_fill(v_BF <= self.threshold.clamp_min(0.0), 0.0)
+        return relu_BF.masked_fill(self.weighted(relu_BF) <= self.threshold.clamp_min(0.0), 0.0)
 
     def decode_scaled(self, acts_BF: Tensor) -> Tensor:
         """x̂_s_BMD in scaled units."""
@@ -102,7 +107,7 @@ class CrossCoder(nn.Module):
         pre_BF = self.pre_acts(x_s_BMD)
         relu_BF = pre_BF.relu()
         with torch.no_grad():
-            v_flat = (relu_BF * self.decoder_norms_FM().sum(dim=1)).reshape(-1)
+            v_flat = self.weighted(relu_BF).reshape(-1)
             n_keep = min(self.k * x_BMD.shape[0], int((v_flat > 0).sum()))
             keep = torch.zeros_like(v_flat, dtype=torch.bool)
             keep[v_flat.topk(n_keep, sorted=False).indices] = True
@@ -116,12 +121,9 @@ class CrossCoder(nn.Module):
 
 @torch.no_grad()
 def calibrate_threshold(cc: CrossCoder, batches: list[Tensor], k: int) -> float:
-    """Set the inference threshold so that the mean L0 over `batches` of pairs x_BMD is k (at most): the (N·k)-th
-    largest decoder-weighted activation (as diffsae.train.calibrate_threshold does for the diff-SAE)."""
-    norm_F = cc.decoder_norms_FM().sum(dim=1)
-    v = torch.cat([(cc.pre_acts(cc.scaled(x)).relu() * norm_F).flatten() for x in batches])
-    n_keep = k * sum(x.shape[0] for x in batches)
-    t = float(v.topk(min(n_keep + 1, v.numel())).values[-1]) if n_keep < v.numel() else 0.0
+    """Set the inference threshold so that the mean L0 over `batches` of pairs x_BMD is k (at most): the cut of
+    `diffsae.train.l0_cut` over the decoder-weighted activations (as the diff-SAE's calibration does)."""
+    t = l0_cut(lambda x: cc.weighted(cc.pre_acts(cc.scaled(x)).relu()), list(batches), cc.n_latents, k)
     cc.threshold.fill_(max(t, 0.0))
     return float(cc.threshold)
 
@@ -172,7 +174,7 @@ class CrossCoderTrainer:
         self.tokens_since_fired_F[fired_F] = 0
         dead_F = self.tokens_since_fired_F >= self.dead_tokens
         with torch.no_grad():  # the smallest kept decoder-weighted activation, with the norms that selected it
-            kept = (acts_BF * cc.decoder_norms_FM().sum(dim=1))[acts_BF > 0]
+            kept = cc.weighted(acts_BF)[acts_BF > 0]
             min_kept = float(kept.min()) if kept.numel() else None
         err_BMD = x_s_BMD - cc.decode_scaled(acts_BF)
         mse = err_BMD.pow(2).sum(dim=(1, 2)).mean()

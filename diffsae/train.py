@@ -261,21 +261,26 @@ def calibrate_threshold(sae: BatchTopKSAE, batches: Iterable[Tensor], k: int, ch
     ties. Exact, in memory O(N * c): each token keeps its top c values (c = 4k, doubled until no token has a
     dropped value above the cut). Returns the threshold (scaled units)."""
     xs = [x for b in batches for x in b.to(sae.W_dec_FD.device, torch.float32).split(chunk_tokens)]
+    sae.threshold.fill_(max(l0_cut(lambda x: sae.pre_acts(x).relu(), xs, sae.n_latents, k), 0.0))
+    return float(sae.threshold)
+
+
+def l0_cut(values: Callable[[Tensor], Tensor], xs: list[Tensor], n_latents: int, k: int) -> float:
+    """The (k * N + 1)-th largest of `values(x)` ([n, n_latents] per chunk x) over the N tokens of the chunks `xs`:
+    exactly k * N values lie strictly above it (the inference encoders keep values > threshold). Exact, in memory
+    O(N * c): each token keeps its top c values (c = 4k, doubled until no token has a dropped value above the cut)."""
     n_tokens = sum(x.shape[0] for x in xs)
     if n_tokens == 0:
         raise ValueError("no calibration tokens")
     n_keep = k * n_tokens
-    c = min(sae.n_latents, 4 * k)
+    c = min(n_latents, 4 * k)
     while True:
-        top_Nc = torch.cat([sae.pre_acts(x).relu().topk(c, dim=1).values for x in xs])  # [N, c], descending
-        # the (k*N + 1)-th largest value: exactly k*N values lie strictly above it (encode keeps pre > threshold)
+        top_Nc = torch.cat([values(x).topk(c, dim=1).values for x in xs])  # [N, c], descending
         flat = top_Nc.flatten()
         cut = float(flat.kthvalue(flat.numel() - n_keep).values) if n_keep < flat.numel() else 0.0
-        if c == sae.n_latents or float(top_Nc[:, -1].max()) <= cut:
-            break  # every value above the cut was kept
-        c = min(sae.n_latents, 2 * c)
-    sae.threshold.fill_(max(cut, 0.0))
-    return float(sae.threshold)
+        if c == n_latents or float(top_Nc[:, -1].max()) <= cut:
+            return cut  # every value above the cut was kept
+        c = min(n_latents, 2 * c)
 
 
 @torch.no_grad()
