@@ -31,8 +31,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 from diffsae import crosscoder as xc  # noqa: E402
 from diffsae.config import PipelineConfig  # noqa: E402
-from diffsae.extract import pad_batch, plan_batches  # noqa: E402
-from diffsae.hooks import read_residual  # noqa: E402
+from diffsae.extract import extract_docs  # noqa: E402
 from diffsae.models import load_pair  # noqa: E402
 from diffsae.patching import kl_gap_recovered  # noqa: E402
 from diffsae.split import sae_splits  # noqa: E402
@@ -43,22 +42,17 @@ from tasks.models import local_models  # noqa: E402
 from tasks.pair import DemoPair, demo_key, demo_pair_url, resolved_inputs  # noqa: E402
 
 
-@torch.no_grad()
 def residuals(pair, layer: int, docs, skip_first: int) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Per document: [n, 2, D] (base, finetuned) at the positions the pipeline analyses (>= skip_first)."""
-    pad = pair.tokenizer.pad_token_id or 0
-    out = {}
-    for idx in plan_batches([len(d.token_ids) for d in docs], 2048):
-        ids, mask = pad_batch([docs[i] for i in idx], pad, pair.device)
-        hs = []
-        for model in (pair.base, pair.finetuned):
-            with read_residual(model, layer) as cap:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            hs.append(cap.value.float())
-        h = torch.stack(hs, dim=2)  # [B, T, 2, D]
-        for b, i in enumerate(idx):
-            out[docs[i].doc_id] = h[b, skip_first : len(docs[i].token_ids)].cpu()
-    return out
+    """Per document: [n, 2, D] (base, finetuned) at the positions the pipeline analyses (>= skip_first), from
+    extraction's own paired forward (`diffsae.extract.extract_docs`, float32, raw activations kept)."""
+    out: dict[int, list[torch.Tensor]] = {}
+    for b in extract_docs(pair.base, pair.finetuned, layer, docs, 2048, pair.device, store_dtype="float32",
+                          skip_first=skip_first, save_raw=True, pad_id=pair.tokenizer.pad_token_id or 0):  # fmt: skip
+        keep = b.in_sae_N
+        h = torch.from_numpy(np.stack([b.base_ND[keep], b.ft_ND[keep]], axis=1))  # [n, 2, D]
+        for doc in np.unique(b.doc_id_N[keep]):
+            out.setdefault(int(doc), []).append(h[b.doc_id_N[keep] == doc])
+    return {doc: torch.cat(parts) for doc, parts in out.items()}
 
 
 def main() -> None:

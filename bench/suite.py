@@ -69,6 +69,20 @@ def worst_null(null: list[dict[str, Any]], order: str) -> int:
     return max((sum(bool(x["recovered_v2"]) for x in r["recovery"] if x["score"] == order) for r in null), default=0)
 
 
+def recovered(audit: list[dict[str, Any]], order: str) -> tuple[int, int, float | None]:
+    """(behaviours recovered under v2, behaviours, median best rank, never captured counted as infinite; None
+    without rows) of `order` over the audit runs."""
+    rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
+    ranks = [x["best_rank_v2"] if x["best_rank_v2"] is not None else float("inf") for x in rows]
+    return sum(bool(x["recovered_v2"]) for x in rows), len(rows), statistics.median(ranks) if ranks else None
+
+
+def mean_placebo(results: list[dict[str, Any]], order: str) -> float | None:
+    """Placebo false alarms of `order`, mean per (run, draw) row; None without rows."""
+    placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
+    return statistics.mean(placebo) if placebo else None
+
+
 def choose(results: list[dict[str, Any]]) -> str:
     """The pre-registered selection rule (docs/EVALUATION.md, 2026-12-02): among the orders with at most 1 claimed
     label on every null run and at most 1 placebo false alarm per run on average, the most behaviours recovered
@@ -79,13 +93,11 @@ def choose(results: list[dict[str, Any]]) -> str:
     for order in orders(results):
         if order in ("random", "frequency", "firing_kl"):  # baselines are yardsticks, not candidates
             continue
-        placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
-        if worst_null(null, order) > 1 or (placebo and statistics.mean(placebo) > 1):
+        placebo = mean_placebo(results, order)
+        if worst_null(null, order) > 1 or (placebo is not None and placebo > 1):
             continue
-        rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
-        ranks = [x["best_rank_v2"] if x["best_rank_v2"] is not None else float("inf") for x in rows]
-        got = sum(bool(x["recovered_v2"]) for x in rows)
-        best.append((-got, statistics.median(ranks) if ranks else float("inf"), order != "mean", order))
+        got, _, median = recovered(audit, order)
+        best.append((-got, median if median is not None else float("inf"), order != "mean", order))
     return min(best)[-1] if best else "-"
 
 
@@ -101,19 +113,18 @@ def report(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|",
     ]
     for order in orders(results):
-        rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
         if order == "random":
+            rows = [x for r in audit for x in r["recovery"] if x["score"] == order]
             got = f"{sum(x['expected_v2'] or 0 for x in rows):.2f} expected / {len(rows)}"
             median = "-"
         else:
-            got = f"{sum(bool(x['recovered_v2']) for x in rows)} / {len(rows)}"
-            ranks = [x["best_rank_v2"] if x["best_rank_v2"] is not None else float("inf") for x in rows]
-            median = f"{statistics.median(ranks):g}" if ranks else "-"
+            n_got, n_rows, med = recovered(audit, order)
+            got, median = f"{n_got} / {n_rows}", "-" if med is None else f"{med:g}"
         claimed = [x for r in null for x in r["recovery"] if x["score"] == order]
         fa_null = (f"{sum(x['expected_v2'] or 0 for x in claimed):.2f} expected" if order == "random"
                    else f"{sum(bool(x['recovered_v2']) for x in claimed)} ({worst_null(null, order)})")  # fmt: skip
-        placebo = [a["false_alarms"] for r in results for a in r["false_alarms"] if a["score"] == order]
-        fa = f"{statistics.mean(placebo):.2f}" if placebo else "-"
+        placebo = mean_placebo(results, order)
+        fa = "-" if placebo is None else f"{placebo:.2f}"
         lines.append(f"| {order} | {got} | {median} | {fa_null} | {fa} |")
     chosen = choose(results)
     lines += ["", f"chosen by the pre-registered rule: {chosen}", ""]
