@@ -31,7 +31,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 from diffsae import crosscoder as xc  # noqa: E402
 from diffsae.config import PipelineConfig  # noqa: E402
-from diffsae.extract import extract_docs  # noqa: E402
+from diffsae.methods import pair_residuals  # noqa: E402
 from diffsae.models import load_pair  # noqa: E402
 from diffsae.patching import kl_gap_recovered  # noqa: E402
 from diffsae.split import sae_splits  # noqa: E402
@@ -40,19 +40,6 @@ from storage import activations as act  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 from tasks.models import local_models  # noqa: E402
 from tasks.pair import DemoPair, demo_key, demo_pair_url, resolved_inputs  # noqa: E402
-
-
-def residuals(pair, layer: int, docs, skip_first: int) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Per document: [n, 2, D] (base, finetuned) at the positions the pipeline analyses (>= skip_first), from
-    extraction's own paired forward (`diffsae.extract.extract_docs`, float32, raw activations kept)."""
-    out: dict[int, list[torch.Tensor]] = {}
-    for b in extract_docs(pair.base, pair.finetuned, layer, docs, 2048, pair.device, store_dtype="float32",
-                          skip_first=skip_first, save_raw=True, pad_id=pair.tokenizer.pad_token_id or 0):  # fmt: skip
-        keep = b.in_sae_N
-        h = torch.from_numpy(np.stack([b.base_ND[keep], b.ft_ND[keep]], axis=1))  # [n, 2, D]
-        for doc in np.unique(b.doc_id_N[keep]):
-            out.setdefault(int(doc), []).append(h[b.doc_id_N[keep] == doc])
-    return {doc: torch.cat(parts) for doc, parts in out.items()}
 
 
 def main() -> None:
@@ -78,7 +65,8 @@ def main() -> None:
     if not docs:
         raise SystemExit(f"no finished activations stage for run {name} in {args.store}")
     layer, skip = cfg.models.layer, cfg.extract.skip_first
-    h = residuals(pair, layer, docs, skip)
+    pad = pair.tokenizer.pad_token_id or 0
+    h = pair_residuals(pair.base, pair.finetuned, layer, docs, 2048, pair.device, skip, pad)
     splits = sae_splits(len(docs), cfg.sae)
     fit = torch.cat([h[int(d)] for d in splits["fit"]])  # [N, 2, D]
     cal = [h[int(d)] for d in splits["calibration"]]
@@ -113,7 +101,6 @@ def main() -> None:
         sae_hat = sae.decode(sae_acts)
         cc_hat = cc.decode(cc_acts)
     centred = (diff - diff.mean(dim=0)).pow(2).sum()
-    pad = pair.tokenizer.pad_token_id or 0
     rows = []
     for label, dictionary, acts, hat, secs in (
         ("diff-SAE", sae, sae_acts, sae_hat, t_sae),

@@ -12,6 +12,7 @@ are used; `models.layer` is the analysed layer either way.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
+Method = Literal["diff_sae", "crosscoder", "adl"]  # diffsae/methods.py
 
 
 def local_cache_dir() -> Path:
@@ -307,6 +309,10 @@ class ValidationConfig(_Section):
         return sorted(set(float(s) for s in v) | {0.0})
 
 
+class ADLConfig(_Section):
+    first: int = Field(5, ge=1, description="Positions averaged per document (from extract.skip_first on)")
+
+
 class PipelineConfig(_Section):
     run: str = Field("demo", description="Run name; all outputs of a run live under <store>/runs/<run>/")
     store: str = Field("./diffsae-data", description="Artifact store: local folder or s3://bucket/prefix")
@@ -318,7 +324,11 @@ class PipelineConfig(_Section):
     data: DataConfig | None = Field(None, description="Prompts (omit: the built-in pair's held-out prompts)")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="Built-in pair settings (used without models)")
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Activation extraction")
-    sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training")
+    methods: list[Method] = Field(
+        ["diff_sae"], min_length=1, description="Methods run on the same activations (first: the run's main results)"
+    )
+    sae: SAEConfig = Field(default_factory=SAEConfig, description="Diff-SAE training (the crosscoder's too)")
+    adl: ADLConfig = Field(default_factory=ADLConfig, description="Activation-difference lens (method adl)")
     attribution: AttributionConfig = Field(default_factory=AttributionConfig, description="KL attribution")
     rank: RankConfig = Field(default_factory=RankConfig, description="Narrow ranking and broad changes")
     validation: ValidationConfig = Field(
@@ -329,10 +339,15 @@ class PipelineConfig(_Section):
     @field_validator("run")
     @classmethod
     def _run_name(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
             raise ValueError(f"run must be 1-64 chars of letters, digits, '.', '_', '-', got {v!r}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods must not repeat, got {v}")
         return v
 
     @field_validator("store")

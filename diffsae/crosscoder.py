@@ -32,14 +32,19 @@ near 0, the latent is specific to the finetune; near 1, the base carries it too.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffsae.train import l0_cut
 
 BASE, FT = 0, 1
+ARCHITECTURE = "batchtopk_crosscoder"
+_CORE_KEYS = ("architecture", "d_in", "n_latents", "k", "threshold")
 
 
 class CrossCoder(nn.Module):
@@ -112,6 +117,30 @@ class CrossCoder(nn.Module):
             keep = torch.zeros_like(v_flat, dtype=torch.bool)
             keep[v_flat.topk(n_keep, sorted=False).indices] = True
         return x_s_BMD, pre_BF, relu_BF * keep.view_as(relu_BF)
+
+    def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write `sae.safetensors` and `cfg.json` (architecture, sizes, threshold + `metadata`), as the diff-SAE."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if set(metadata or {}) & set(_CORE_KEYS):
+            raise ValueError(f"metadata must not override {sorted(set(metadata or {}) & set(_CORE_KEYS))}")
+        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
+        save_file(tensors, str(out / "sae.safetensors"))
+        cfg = {"architecture": ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+               "threshold": float(self.threshold), **(metadata or {})}  # fmt: skip
+        (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
+        src = Path(directory)
+        cfg = json.loads((src / "cfg.json").read_text())
+        if cfg.get("architecture") != ARCHITECTURE:
+            raise ValueError(f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {ARCHITECTURE!r}")
+        cc = cls(int(cfg["d_in"]), int(cfg["n_latents"]), int(cfg["k"]))
+        cc.load_state_dict(load_file(str(src / "sae.safetensors"), device="cpu"))
+        cc.metadata = {key: value for key, value in cfg.items() if key not in _CORE_KEYS}  # type: ignore[assignment]
+        return cc.to(device)
 
     def diff_directions_FD(self) -> Tensor:
         """Each latent's direction in the diff space (finetuned − base decoder), original units [F, D]."""
@@ -206,6 +235,27 @@ class CrossCoderTrainer:
         num = (err_BMD - err_hat_BMD).pow(2).sum(dim=(1, 2)).mean()
         den = (err_BMD - err_BMD.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
         return (num / den).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+
+
+def train_crosscoder(
+    fit_NMD: Tensor, n_latents: int, k: int, batch_size: int, n_steps: int, lr: float, seed: int = 0,
+    auxk_alpha: float = 1 / 32, dead_tokens: int = 10_000_000,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> CrossCoderTrainer:  # fmt: skip
+    """`n_steps` steps on batches of `fit_NMD` rows drawn epoch by epoch in a seeded random order (every row once
+    per epoch); the scales and b_dec start from the first 8,192 rows. Returns the trainer (its `.cc`)."""
+    gen = torch.Generator().manual_seed(seed)
+    tr = CrossCoderTrainer(fit_NMD.shape[2], n_latents, k, fit_NMD[:8192], lr=lr, auxk_alpha=auxk_alpha,
+                           dead_tokens=dead_tokens, seed=seed)  # fmt: skip
+    order = torch.empty(0, dtype=torch.long)
+    for step in range(n_steps):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(fit_NMD), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        metrics = tr.step(fit_NMD[idx])
+        if on_step is not None:
+            on_step(step, metrics)
+    return tr
 
 
 class LatentScaling:

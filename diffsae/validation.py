@@ -48,6 +48,7 @@ from torch import nn
 from diffsae.extract import plan_batches
 from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, replace_residual
+from diffsae.methods import encode_tokens
 from diffsae.patching import SAELike, frozen, model_device
 
 # edit(h_BTD, h_partner_BTD or None, keep_BT) -> new h_BTD: an intervention on the residual at layer L.
@@ -61,12 +62,12 @@ def decoder_rows(sae: SAELike, latent_ids: Sequence[int], device: torch.device) 
     return sae.W_dec_FD.detach()[idx_K].float().to(device) / scale  # [K, D]
 
 
-def group_acts(sae: SAELike, diff_ND: torch.Tensor, latent_ids: Sequence[int]) -> torch.Tensor:
-    """The group's SAE activations [N, K] (scaled units) of diff rows in original units."""
-    W = sae.W_dec_FD
-    acts_NF = sae.encode(diff_ND.to(W.device, W.dtype)).float()
+def group_acts(sae: SAELike, h_ft_ND: torch.Tensor, h_base_ND: torch.Tensor, latent_ids: Sequence[int]) -> torch.Tensor:
+    """The group's activations [N, K] (scaled units) at tokens with residuals h_ft, h_base (original units): of the
+    diff, or of both residuals for a dictionary that reads both (`diffsae.methods.encode_tokens`)."""
+    acts_NF = encode_tokens(sae, h_ft_ND, h_base_ND).float()
     idx_K = torch.as_tensor(list(latent_ids), dtype=torch.long, device=acts_NF.device)
-    return acts_NF[:, idx_K].to(diff_ND.device)  # [N, K]
+    return acts_NF[:, idx_K].to(h_ft_ND.device)  # [N, K]
 
 
 def ablate(
@@ -76,7 +77,7 @@ def ablate(
     h_BTD, hb_BTD = h_ft_BTD.float(), h_base_BTD.float().to(h_ft_BTD.device)
     rows_KD = decoder_rows(sae, latent_ids, h_BTD.device)
     acts_BTK = torch.zeros(*h_BTD.shape[:2], rows_KD.shape[0], device=h_BTD.device)
-    acts_BTK[keep_BT] = group_acts(sae, (h_BTD - hb_BTD)[keep_BT], latent_ids)
+    acts_BTK[keep_BT] = group_acts(sae, h_BTD[keep_BT], hb_BTD[keep_BT], latent_ids)
     return h_BTD - acts_BTK @ rows_KD, acts_BTK  # [B,T,K]@[K,D] -> [B,T,D]
 
 

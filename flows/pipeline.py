@@ -1,5 +1,6 @@
 """The end-to-end diffsae flow: model pair -> activations -> diff-SAE -> attribution + ranking -> validation ->
-dashboards.
+dashboards; with `methods: [diff_sae, crosscoder, adl]` the stages after the activations run once per method, each
+under its own prefix, then one comparison of the methods.
 
 Takes the whole config as one typed parameter (the Prefect UI renders it as a form). Every stage is keyed on its
 config section, its upstream results and its source, with its output and marker on the run's store: a rerun with
@@ -19,6 +20,7 @@ from prefect import flow
 from diffsae.config import PipelineConfig
 from flows import stages
 from tasks.attribute import AttributionResult
+from tasks.compare import CompareResult
 from tasks.dashboards import SiteResult
 from tasks.extract import Activations
 from tasks.rank import RankingResult
@@ -35,6 +37,8 @@ class PipelineResult(NamedTuple):
     validation: ValidationResult
     dashboards: SiteResult
     seconds: float
+    methods: dict[str, stages.MethodResult] = {}  # every method of `config.methods` (the fields above: the first)
+    comparison: CompareResult | None = None  # runs of more than one method
 
 
 @flow(name="diffsae-pipeline", log_prints=True)
@@ -45,12 +49,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     with stages.locked(config) as ctx:
         inputs = stages.resolve_inputs(ctx, config, states)
         activations = stages.run_extract(ctx, config, inputs, states)
-        sae = stages.run_train(ctx, config, inputs, activations, states)
-        analysis = stages.run_analyse(ctx, config, inputs, activations, sae, states)
-        validation = stages.run_validate(ctx, config, inputs, analysis, states)
-        site = stages.run_dashboards(ctx, config, analysis, validation, states)
+        methods = {m: stages.run_method(ctx.for_method(m), config, inputs, activations, states) for m in config.methods}
+        comparison = stages.run_compare(ctx, methods, states) if len(methods) > 1 else None
+    sae, (attribution, ranking), validation, site = methods[config.methods[0]]
+    seconds = time.perf_counter() - t0
     return PipelineResult(
-        states, activations, sae, analysis.attribution, analysis.ranking, validation, site, time.perf_counter() - t0
+        states, activations, sae, attribution, ranking, validation, site, seconds, methods, comparison
     )
 
 

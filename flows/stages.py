@@ -18,9 +18,12 @@ from diffsae.models import model_fingerprint
 from flows.runners import on_cluster
 from storage.context import RunContext
 from storage.lock import RunLock
+from storage.paths import DEFAULT_METHOD
 from tasks import attribute as at
+from tasks import compare as cp
 from tasks import dashboards as db
 from tasks import extract as ex
+from tasks import methods as mt
 from tasks import pair as pr
 from tasks import rank as rk
 from tasks import train as tr
@@ -44,6 +47,15 @@ class Inputs(NamedTuple):
 class Analysis(NamedTuple):
     attribution: at.AttributionResult
     ranking: rk.RankingResult
+
+
+class MethodResult(NamedTuple):
+    """Stages 2-6 of one method, each under the method's prefix (storage/paths.py)."""
+
+    sae: tr.SAEResult
+    analysis: Analysis
+    validation: vl.ValidationResult
+    dashboards: db.SiteResult
 
 
 @contextmanager
@@ -144,6 +156,20 @@ def train_flow(config: PipelineConfig) -> tuple[tr.SAEResult, States]:
 def run_train(
     ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, activations: ex.Activations, states: States
 ) -> tr.SAEResult:
+    """Stage 2 for `ctx.method`: the diff-SAE, the crosscoder or the ADL direction (tasks/methods.py)."""
+    if ctx.method == "crosscoder":
+        key = mt.crosscoder_key(cfg.sae, activations, cfg.extract.skip_first)
+        return call_stage(
+            mt.train_crosscoder_task, ctx, tr.sae_done(ctx, key) is not None, states, "train", cfg=cfg.sae,
+            activations=activations, models=inputs.models, batch_tokens=cfg.extract.batch_tokens,
+            skip_first=cfg.extract.skip_first, key=key,
+        )  # fmt: skip
+    if ctx.method == "adl":
+        key = mt.adl_key(cfg.adl, cfg.sae, activations)
+        return call_stage(
+            mt.fit_adl_task, ctx, tr.sae_done(ctx, key) is not None, states, "train", cfg=cfg.adl, sae_cfg=cfg.sae,
+            activations=activations, models=inputs.models, key=key,
+        )  # fmt: skip
     key = tr.sae_key(cfg.sae, activations)
     done = tr.sae_done(ctx, key) is not None
     return call_stage(
@@ -245,3 +271,26 @@ def run_dashboards(
         validation_key=validation.key, key=key,
     )  # fmt: skip
 
+
+
+def run_method(
+    ctx: RunContext, cfg: PipelineConfig, inputs: Inputs, activations: ex.Activations, states: States
+) -> MethodResult:
+    """Stages 2-6 for `ctx.method` on the shared activations. Its stages are counted in `states` under their own
+    names for the default method and as `<method>:<stage>` for the others."""
+    own: States = {}
+    sae = run_train(ctx, cfg, inputs, activations, own)
+    analysis = run_analyse(ctx, cfg, inputs, activations, sae, own)
+    validation = run_validate(ctx, cfg, inputs, analysis, own)
+    site = run_dashboards(ctx, cfg, analysis, validation, own)
+    prefix = "" if ctx.method == DEFAULT_METHOD else f"{ctx.method}:"
+    states.update({prefix + name: counts for name, counts in own.items()})
+    return MethodResult(sae, analysis, validation, site)
+
+
+def run_compare(ctx: RunContext, results: dict[str, MethodResult], states: States) -> cp.CompareResult:
+    """The methods side by side (`methods` table, methods/index.html); only for runs of more than one method."""
+    pairs = {m: (r.sae, r.analysis.ranking) for m, r in results.items()}
+    key = cp.compare_key(pairs)
+    done = cp.compare_done(ctx, key) is not None
+    return call_stage(cp.compare_task, ctx, done, states, "compare", results=pairs, key=key)

@@ -12,13 +12,13 @@ same store from it. Credentials are never part of it: `credentials` says where t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from diffsae.config import local_cache_dir
 from storage import duck
 from storage.mlflow_setup import experiment
-from storage.paths import RunPaths, is_s3, normalize_root
+from storage.paths import DEFAULT_METHOD, RunPaths, is_s3, normalize_root
 from storage.store import Store, s3_endpoint
 
 _STORES: dict[tuple[str, str | None], Store] = {}  # one Store (and S3 connection pool) per process and root
@@ -30,6 +30,7 @@ class RunContext:
     run: str  # run name: outputs live under <store_url>/runs/<run>/
     endpoint_url: str | None = None  # S3 endpoint, resolved once (None: local store, or the default AWS endpoint)
     credentials: Literal["env"] = "env"  # S3 credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE
+    method: str = DEFAULT_METHOD  # the method whose stage outputs `paths` points at (storage/paths.py)
 
     @classmethod
     def create(cls, store: str, run: str, endpoint_url: str | None = None) -> "RunContext":
@@ -47,7 +48,11 @@ class RunContext:
 
     @property
     def paths(self) -> RunPaths:
-        return RunPaths(self.store_url, self.run)
+        return RunPaths(self.store_url, self.run, self.method)
+
+    def for_method(self, method: str) -> "RunContext":
+        """The same run, seen from `method`'s stage outputs (its `sae/`, `analysis/`, `dashboards/`)."""
+        return replace(self, method=method)
 
     @property
     def store(self) -> Store:

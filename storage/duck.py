@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, get_args
 from urllib.parse import urlparse
 
 import duckdb
 
-from storage.paths import RunPaths, is_s3
+from diffsae.config import Method
+from storage.paths import RunPaths, is_s3, join
 from storage.schemas import TABLES
 from storage.store import s3_endpoint
 
@@ -112,6 +113,23 @@ def existing_tables(con: duckdb.DuckDBPyConnection, paths: RunPaths) -> dict[str
     return found
 
 
+def method_views(con: duckdb.DuckDBPyConnection, paths: RunPaths) -> dict[str, dict[str, str]]:
+    """method -> {table: URL} of the run's other methods that have tables of their own (`crosscoder.latents`)."""
+    out: dict[str, dict[str, str]] = {}
+    default_cfg = RunPaths(paths.store, paths.run).url("sae", "cfg.json")
+    found: set[str] = set()
+    for pattern in (join(paths.methods_root, "*", "sae", "cfg.json"), f"{default_cfg[:-1]}[{default_cfg[-1]}]"):
+        found |= {r[0] for r in con.execute("SELECT file FROM glob(?)", [pattern]).fetchall()}
+    for method in get_args(Method):
+        other = RunPaths(paths.store, paths.run, method)
+        if method == paths.method or other.url("sae", "cfg.json") not in found:
+            continue
+        views = {n: u for n, u in existing_tables(con, other).items() if u != paths.table(n)}  # not the shared ones
+        if views:
+            out[method] = views
+    return out
+
+
 def view_sql(name: str, url: str) -> str:
     return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({sql_str(url)})"
 
@@ -134,6 +152,10 @@ def connect(
         setup_s3(con, paths.store_root, s3 or S3Settings.from_env(ctx.endpoint_url))
     for name, url in existing_tables(con, paths).items():
         con.execute(view_sql(name, url))
+    for schema, views in method_views(con, paths).items():  # the run's other methods: <method>.<table>
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        for name, url in views.items():
+            con.execute(view_sql(f"{schema}.{name}", url))
     if harden_connection:
         harden(con, paths.root)
     return con

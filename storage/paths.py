@@ -1,13 +1,17 @@
 """Every path of the artifact store, built in one place.
 
 A store is a local folder or `s3://bucket/prefix`; the two differ only by the root URL. All outputs of a run live
-under `<store>/runs/<run>/<stage>/...`:
+under `<store>/runs/<run>/<stage>/...`; the stages a method owns (`sae`, `analysis`, `dashboards`) live under
+`<store>/runs/<run>/methods/<method>/<stage>/...` for every method but the default `diff_sae`, whose outputs stay
+where they were before methods existed (the activations, the lock and the cache are shared by every method):
 
     p = RunPaths("s3://bucket/team", "demo")
     p.shard(3)            # s3://bucket/team/runs/demo/activations/shard-00003.parquet
     p.table("latents")    # s3://bucket/team/runs/demo/analysis/latents.parquet
     p.attribution_part("latent_tokens", 3, "0a1b2c3d4e5f", 0)
                           # .../analysis/latent_tokens/shard-00003-0a1b2c3d4e5f-000.parquet
+    RunPaths("s3://bucket/team", "demo", "crosscoder").table("latents")
+                          # s3://bucket/team/runs/demo/methods/crosscoder/analysis/latents.parquet
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ MARKERS: dict[str, str] = {
     "validation": "analysis/validation.json",
     "dashboards": "dashboards/site.json",
 }
+
+
+DEFAULT_METHOD = "diff_sae"
+METHOD_STAGES = frozenset({"sae", "analysis", "dashboards"})  # folders each method has its own copy of
 
 
 def normalize_root(store: str) -> str:
@@ -51,6 +59,7 @@ def join(*parts: str) -> str:
 class RunPaths:
     store: str
     run: str
+    method: str = DEFAULT_METHOD  # whose `sae/`, `analysis/` and `dashboards/` the paths point at
 
     @property
     def store_root(self) -> str:
@@ -60,7 +69,15 @@ class RunPaths:
     def root(self) -> str:
         return join(self.store_root, "runs", self.run)
 
+    @property
+    def methods_root(self) -> str:
+        """Folder of the non-default methods' own stages (and the methods comparison)."""
+        return join(self.root, "methods")
+
     def url(self, *parts: str) -> str:
+        """A URL under the run; a method's own stage folders under its prefix (module docstring)."""
+        if self.method != DEFAULT_METHOD and parts and parts[0].strip("/").split("/", 1)[0] in METHOD_STAGES:
+            return join(self.methods_root, self.method, *parts)
         return join(self.root, *parts)
 
     def stage(self, stage: str) -> str:

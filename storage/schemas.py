@@ -160,6 +160,29 @@ VALIDATION_GENERATIONS = _schema(
     ("scale", pa.float64()), ("text", pa.string()),
 )  # fmt: skip
 
+# ---------------------------------------------------------------- method `crosscoder` (methods/crosscoder/sae/)
+
+# One row per crosscoder latent: Latent Scaling ratios base / finetuned over the fit tokens (ν^ε, ν^r; near 0: the
+# latent is specific to the finetune; NaN: it never fired there), its decoder norms per model (diffsae/crosscoder.py).
+LATENT_SCALING = _schema(
+    ("latent", pa.int64()), ("nu_error", pa.float64()), ("nu_recon", pa.float64()), ("fit_tokens_fired", pa.int64()),
+    ("norm_base", pa.float64()), ("norm_ft", pa.float64()), ("norm_ratio", pa.float64()),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- methods comparison (methods/)
+
+# One row per method of the run (tasks/compare.py): its dictionary's validation figures (sae/metrics.json; KL gap
+# recovered, FVU and L0 on the validation documents) and its ranking's: entries that fire, behaviours recovered v2 by
+# the default list (groups; NULL without labels) out of the labelled behaviours.
+METHODS = _schema(
+    ("method", pa.string()), ("architecture", pa.string()), ("n_latents", pa.int64()), ("k", pa.int64()),
+    ("kl_gap_recovered", pa.float64()), ("fvu", pa.float64()), ("l0", pa.float64()),
+    ("dead_fraction", pa.float64()), ("n_ranked", pa.int64()), ("recovered_v2", pa.int64()),
+    ("n_behaviours", pa.int64()), ("sae_key", pa.string()), ("ranking_key", pa.string()),
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------- where each table lives
 
 
@@ -183,6 +206,8 @@ TABLES: dict[str, Table] = {
     "validation_generations": Table(
         "analysis/validation_generations.parquet", "one (validated latent, prompt, variant): its greedy answer"
     ),
+    "latent_scaling": Table("sae/latent_scaling.parquet", "one crosscoder latent: latent-scaling ratios, norms"),
+    "methods": Table("methods/methods.parquet", "one method of the run: dictionary and ranking figures"),
     "activations": Table("activations/shard-*.parquet", "one token: the activation difference"),
     "activation_docs": Table("activations/docs.parquet", "one document"),
     "activation_tokens": Table("activations/tokens.parquet", "one token"),

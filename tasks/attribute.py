@@ -39,7 +39,7 @@ from diffsae.attribution import latent_doc_stats, promoted_suppressed
 from diffsae.config import AttributionConfig, ModelsConfig
 from diffsae.documents import PATCH_COLUMNS, attribute_docs
 from diffsae.extract import plan_batches
-from diffsae.sae import BatchTopKSAE
+from diffsae.methods import load_dictionary
 from storage import schemas
 from storage.context import RunContext
 from storage.paths import RunPaths
@@ -190,11 +190,13 @@ def shards_done(ctx: RunContext, shards: list[AttributionShard]) -> list[bool]:
     return [shard_done(ctx, spec, names) is not None for spec in shards]
 
 
-def load_sae(ctx: RunContext, device: object) -> BatchTopKSAE:
+def load_sae(ctx: RunContext, device: object) -> Any:
+    """The run method's dictionary (`ctx.method`: a diff-SAE, a crosscoder seen in the diff space, or the ADL
+    direction) as an SAELike (diffsae/methods.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx.store.get_file(ctx.paths.url("sae", "sae.safetensors"), f"{tmp}/sae.safetensors")
         ctx.store.get_file(ctx.paths.url("sae", "cfg.json"), f"{tmp}/cfg.json")
-        return BatchTopKSAE.load(tmp, device=device).eval()
+        return load_dictionary(tmp, device=device).eval()
 
 
 def parts_table(rows: list[dict[str, np.ndarray]], schema: pa.Schema) -> pa.Table:

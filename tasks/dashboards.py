@@ -71,6 +71,12 @@ def load_site_tables(ctx: RunContext, cfg: DashboardsConfig) -> SiteTables:
     )
 
 
+DICTIONARIES = {  # cfg.json architecture -> the dashboards' name of the method's dictionary (diffsae/methods.py)
+    "batchtopk": "BatchTopK diff-SAE", "batchtopk_crosscoder": "BatchTopK crosscoder (diff of its decoders)",
+    "direction": "ADL direction (mean diff over the first positions)",
+}  # fmt: skip
+
+
 def summary_for(ctx: RunContext) -> dict[str, Any]:
     """The site's header: models, layer, SAE (its width in `n_latents`), rank_by and the validation metrics."""
     store, paths = ctx.store, ctx.paths
@@ -88,7 +94,8 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
         "base_model": cfg.get("base"),
         "finetuned_model": cfg.get("finetuned"),
         "layer": cfg.get("layer"),
-        "sae": f"BatchTopK, {cfg['n_latents']} latents, k={cfg['k']}, lr={lr:.2g}, batch={sae.get('batch_size')}",
+        "sae": f"{DICTIONARIES.get(cfg.get('architecture'), 'BatchTopK')}, {cfg['n_latents']} latents, "
+        f"k={cfg['k']}, lr={lr:.2g}, batch={sae.get('batch_size')}",
         "n_latents": int(cfg["n_latents"]),
         **({"rank_by": rank_by} if rank_by else {}),
         **({"roles": ", ".join(roles)} if roles else {}),

@@ -64,15 +64,18 @@ def prompt_tokens(doc: Doc, first_pos: int) -> list[int]:
 
 def _targets(ctx: RunContext, cfg: ValidationConfig, skip_first: int) -> tuple[list[dict[str, Any]], dict[int, Any]]:
     """The latents to validate (latent_id, rank, typical activation) and their top documents (doc_id, first
-    firing position), best attribution first."""
+    firing position), best attribution first. The top by narrow rank, then broad ones (rank NULL) by rank_broad when
+    fewer narrow latents fire (a one-direction method's single entry fires nearly everywhere: it is broad)."""
     con = ctx.duck()
     ld = "latent_docs" if "latent_docs" in duck.view_names(con) else (
         "(SELECT latent_id, doc_id, sum(kl_attribution) AS attr_sum FROM latent_tokens GROUP BY ALL)")  # fmt: skip
     q, top, n = float(cfg.activation_quantile), int(cfg.top), int(cfg.n_docs)
     latents = con.execute(f"""
-        WITH top AS (SELECT latent_id, rank FROM latents ORDER BY rank LIMIT {top})
+        WITH top AS (SELECT latent_id, rank, rank_broad FROM latents
+                     ORDER BY rank NULLS LAST, rank_broad NULLS LAST, latent_id LIMIT {top})
         SELECT t.latent_id, t.rank, quantile_cont(lt.activation, {q}) AS typical
-        FROM top AS t JOIN latent_tokens AS lt USING (latent_id) GROUP BY ALL ORDER BY t.rank""").fetchall()
+        FROM top AS t JOIN latent_tokens AS lt USING (latent_id) GROUP BY t.latent_id, t.rank, t.rank_broad
+        ORDER BY t.rank NULLS LAST, t.rank_broad NULLS LAST, t.latent_id""").fetchall()
     ids = ",".join(str(int(r[0])) for r in latents) or "NULL"
     rows = con.execute(f"""
         WITH d AS (SELECT latent_id, doc_id, attr_sum FROM {ld} WHERE latent_id IN ({ids})
@@ -83,7 +86,8 @@ def _targets(ctx: RunContext, cfg: ValidationConfig, skip_first: int) -> tuple[l
     docs: dict[int, list[tuple[int, int]]] = {}
     for lid, doc_id, first_pos, _ in rows:
         docs.setdefault(int(lid), []).append((int(doc_id), int(first_pos)))
-    return [{"latent_id": int(a), "rank": int(b), "typical": float(c)} for a, b, c in latents], docs
+    out = [{"latent_id": int(a), "rank": None if b is None else int(b), "typical": float(c)} for a, b, c in latents]
+    return out, docs
 
 
 def validate(
