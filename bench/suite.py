@@ -35,24 +35,28 @@ from flows.server import owned_api_server  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 
 
-def run_one(store: str, seed: int, mix: str, width: int, k: int) -> dict[str, Any]:
+def run_one(store: str, seed: int, mix: str, width: int, k: int, methods: list[str]) -> dict[str, Any]:
     from diffsae.config import PipelineConfig
     from flows.pipeline import pipeline
 
     name = f"{mix}-s{seed}-F{width}-k{k}"
     cfg = PipelineConfig.from_dict({
         "run": name, "store": store, "demo": {"seed": seed, "mix": mix}, "sae": {"n_latents": width, "k": k},
-        "validation": {"top": 0}, "dashboards": {"top_latents": 10},
+        "validation": {"top": 0}, "dashboards": {"top_latents": 10}, "methods": methods,
     })  # fmt: skip
     t0 = time.perf_counter()
     out = pipeline(config=cfg)
-    con = RunContext.create(store, name).duck()
-    alarms = con.execute("SELECT * FROM false_alarms").to_arrow_table().to_pylist()
-    return {
-        "name": name, "seed": seed, "mix": mix, "width": width, "k": k, "seconds": time.perf_counter() - t0,
-        "sae": {m: float(getattr(out.sae, m)) for m in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
-        "recovery": out.ranking.recovery, "false_alarms": alarms,
-    }  # fmt: skip
+    per_method = {}
+    for method, res in out.methods.items():
+        con = RunContext.create(store, name).for_method(method).duck()
+        per_method[method] = {
+            "seconds": res.seconds, "recovery": res.analysis.ranking.recovery,
+            "sae": {m: float(getattr(res.sae, m)) for m in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
+            "false_alarms": con.execute("SELECT * FROM false_alarms").to_arrow_table().to_pylist(),
+        }  # fmt: skip
+    first = per_method[methods[0]]
+    return {"name": name, "seed": seed, "mix": mix, "width": width, "k": k, "seconds": time.perf_counter() - t0,
+            **first, "methods": per_method}  # fmt: skip
 
 
 def orders(results: list[dict[str, Any]]) -> list[str]:
@@ -151,24 +155,50 @@ def main() -> None:
     ap.add_argument("--mixes", nargs="+", default=["audit", "null"], choices=["audit", "null"])
     ap.add_argument("--widths", type=int, nargs="+", default=[2048])
     ap.add_argument("--ks", type=int, nargs="+", default=[32])
+    ap.add_argument("--methods", nargs="+", default=["diff_sae"], choices=["diff_sae", "crosscoder", "adl"])
     ap.add_argument("--report", action="store_true", help="only print the tables of the saved results")
     args = ap.parse_args()
-    out_dir = Path(args.store) / "suite"
+    out_dir = Path(args.store) / ("suite" if args.methods == ["diff_sae"] else "suite-" + "+".join(args.methods))
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = [(s, m, w, k) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks]
     if not args.report:
         with owned_api_server():  # Prefect's temporary server dies with this process, however it ends
-            run_grid(args.store, out_dir, grid)
+            run_grid(args.store, out_dir, grid, args.methods)
     results = sorted((json.loads(p.read_text()) for p in out_dir.glob("*.json")), key=lambda r: r["name"])
     print(report(results))
+    if args.methods != ["diff_sae"]:
+        print("\n" + method_table(results, args.methods))
 
 
-def run_grid(store: str, out_dir: Path, grid: list[tuple[int, str, int, int]]) -> None:
+def method_table(results: list[dict[str, Any]], methods: list[str]) -> str:
+    """Per method, over the runs: KL gap recovered (mean, validation documents), behaviours recovered v2 by its
+    default list (groups) on the audit runs, labels claimed on the null runs (most on one), placebo false alarms,
+    wall time of its stages per run (mean)."""
+    lines = ["| method | KL gap recovered (mean, min-max) | behaviours recovered v2 (groups) | median best rank | "
+             "null: labels claimed (most on one run) | placebo false alarms | seconds per run |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m in methods:
+        runs = [{**r, **r["methods"][m]} for r in results if m in r.get("methods", {})]
+        gaps = [r["sae"]["kl_gap_recovered"] for r in runs]
+        audit = [r for r in runs if r["mix"] != "null"]
+        null = [r for r in runs if r["mix"] == "null"]
+        got, n, med = recovered(audit, "groups")
+        claimed = sum(bool(x["recovered_v2"]) for r in null for x in r["recovery"] if x["score"] == "groups")
+        placebo = mean_placebo(runs, "groups")
+        lines.append(
+            f"| {m} | {statistics.mean(gaps):.3f} ({min(gaps):.3f}-{max(gaps):.3f}) | {got} / {n} | "
+            f"{'-' if med is None else f'{med:g}'} | {claimed} ({worst_null(null, 'groups')}) | "
+            f"{'-' if placebo is None else f'{placebo:.2f}'} | {statistics.mean(r['seconds'] for r in runs):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_grid(store: str, out_dir: Path, grid: list[tuple[int, str, int, int]], methods: list[str]) -> None:
     for seed, mix, width, k in grid:
         path = out_dir / f"{mix}-s{seed}-F{width}-k{k}.json"
         if path.exists():
             continue
-        res = run_one(store, seed, mix, width, k)
+        res = run_one(store, seed, mix, width, k, methods)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, path)

@@ -8,7 +8,7 @@ geometry drawn by the templates. Offline: relative links, two local assets, a CS
     result = render_to_dir(tables, summary, DashboardsConfig(top_latents=50), "out/dashboards")
     # or: render_site(tables, summary, lambda path, data, ctype: s3.put(path, data, ctype), cfg)
 
-Summary keys shown first when present (else looked up by name in `metrics`): run, base_model, finetuned_model,
+Summary keys shown first when present (else looked up by name in `metrics`): run, method, base_model, finetuned_model,
 models, layer, sae, rank_by, fvu, l0, dead_fraction, kl_gap_recovered; any other keys follow, except n_latents (the
 SAE width: the "Latents" row shows it with the counts of latents that fire and never fire). rank_by (a score name)
 is also the score the recovery table's selector opens on.
@@ -33,6 +33,7 @@ ASSETS = ("app.js", "style.css")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 HEADLINE = (
     ("run", "Run"),
+    ("method", "Method"),
     ("base_model", "Base model"),
     ("finetuned_model", "Finetuned model"),
     ("models", "Models"),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, get_args
+
+from diffsae.config import Method
 
 SAE_SUMMARY = ("fvu", "l0", "l0_crossfit", "dead_fraction", "kl_gap_recovered")  # printed after a run
 
@@ -95,13 +97,22 @@ def report(cfg: Any, out: Any) -> str:
         lines.append("\ncausal validation (KL removed by ablating the latent: on its firing tokens / elsewhere; "
                      "greedy answers changed; strongest coherent steering scale):")
         for v in validation.top:
-            lines.append(f"{v['rank']:>4}  {v['latent_id']:>6}  KL removed {_pct(v['kl_removed_on_firing'])} / "
+            lines.append(f"{v['rank'] or '-':>4}  {v['latent_id']:>6}  KL removed {_pct(v['kl_removed_on_firing'])} / "
                          f"{_pct(v['kl_removed_elsewhere'])}, answers changed {_pct(v['generations_changed'])}, "
                          f"steer x{v['best_steering_scale']:g} (changed {_pct(v['steering_changed'])})")
             if v.get("prompt") is not None:
                 lines.append(f"        prompt:    {_clip(v['prompt'], tail=True)}")
                 lines.append(f"        finetuned: {_clip(v['finetuned'])}")
                 lines.append(f"        ablated:   {_clip(v['ablated'])}")
+    comparison = getattr(out, "comparison", None)
+    if comparison is not None:
+        lines.append("\nmethods side by side (validation documents; behaviours recovered v2 by each default list):")
+        lines.append(f"{'method':<11}  {'entries':>7}  {'KL gap':>6}  {'FVU':>6}  {'L0':>6}  recovered")
+        for r in comparison.rows:
+            got = f"{r['recovered_v2']} / {r['n_behaviours']}" if r["n_behaviours"] else "-"
+            lines.append(f"{r['method']:<11}  {r['n_latents']:>7}  {r['kl_gap_recovered']:>6.3f}  {r['fvu']:>6.3f}  "
+                         f"{r['l0']:>6.2f}  {got}")  # fmt: skip
+        lines.append(f"methods page: {comparison.index}")
     lines.append(f"\ndashboards: {out.dashboards.index}")
     return "\n".join(lines)
 
@@ -153,8 +164,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ctx = RunContext.from_config(cfg)
     ctx.store.check()
-    try:
-        print(evaluate_run(ctx))
+    try:  # every method of the run that has a ranking (the first alone when it is the only one)
+        found = [m for m in get_args(Method) if ctx.store.exists(ctx.for_method(m).paths.table("latents"))]
+        if args.method:
+            found = [args.method]
+        for m in found or [ctx.method]:
+            if len(found) > 1:
+                print(f"== method {m} ==")
+            print(evaluate_run(ctx.for_method(m)))
     except FileNotFoundError as e:
         print(f"diffsae: error: {e}", file=sys.stderr)
         return 2
@@ -279,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="Planted-behaviour recovery per latent score (needs `behaviour` labels)")
     _add_location(p)
+    p.add_argument("--method", choices=get_args(Method), default=None, help="Only this method (default: every one)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="Export a finished run: its SAE for SAELens, or Neuronpedia batch JSON")

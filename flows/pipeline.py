@@ -51,7 +51,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         activations = stages.run_extract(ctx, config, inputs, states)
         methods = {m: stages.run_method(ctx.for_method(m), config, inputs, activations, states) for m in config.methods}
         comparison = stages.run_compare(ctx, methods, states) if len(methods) > 1 else None
-    sae, (attribution, ranking), validation, site = methods[config.methods[0]]
+    sae, (attribution, ranking), validation, site, _ = methods[config.methods[0]]
     seconds = time.perf_counter() - t0
     return PipelineResult(
         states, activations, sae, attribution, ranking, validation, site, seconds, methods, comparison

@@ -8,6 +8,7 @@ One `RunContext` (store, endpoint, run name) is built from the config and handed
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
@@ -56,6 +57,7 @@ class MethodResult(NamedTuple):
     analysis: Analysis
     validation: vl.ValidationResult
     dashboards: db.SiteResult
+    seconds: float  # wall time of the method's stages in this flow run (cached stages cost ~0)
 
 
 @contextmanager
@@ -279,13 +281,14 @@ def run_method(
     """Stages 2-6 for `ctx.method` on the shared activations. Its stages are counted in `states` under their own
     names for the default method and as `<method>:<stage>` for the others."""
     own: States = {}
+    t0 = time.perf_counter()
     sae = run_train(ctx, cfg, inputs, activations, own)
     analysis = run_analyse(ctx, cfg, inputs, activations, sae, own)
     validation = run_validate(ctx, cfg, inputs, analysis, own)
     site = run_dashboards(ctx, cfg, analysis, validation, own)
     prefix = "" if ctx.method == DEFAULT_METHOD else f"{ctx.method}:"
     states.update({prefix + name: counts for name, counts in own.items()})
-    return MethodResult(sae, analysis, validation, site)
+    return MethodResult(sae, analysis, validation, site, time.perf_counter() - t0)
 
 
 def run_compare(ctx: RunContext, results: dict[str, MethodResult], states: States) -> cp.CompareResult:

@@ -165,8 +165,9 @@ VALIDATION_GENERATIONS = _schema(
 # One row per crosscoder latent: Latent Scaling ratios base / finetuned over the fit tokens (ν^ε, ν^r; near 0: the
 # latent is specific to the finetune; NaN: it never fired there), its decoder norms per model (diffsae/crosscoder.py).
 LATENT_SCALING = _schema(
-    ("latent", pa.int64()), ("nu_error", pa.float64()), ("nu_recon", pa.float64()), ("fit_tokens_fired", pa.int64()),
-    ("norm_base", pa.float64()), ("norm_ft", pa.float64()), ("norm_ratio", pa.float64()),
+    ("latent_id", pa.int32()), ("nu_error", pa.float64()), ("nu_recon", pa.float64()),
+    ("fit_tokens_fired", pa.int64()), ("norm_base", pa.float64()), ("norm_ft", pa.float64()),
+    ("norm_ratio", pa.float64()),
 )  # fmt: skip
 
 

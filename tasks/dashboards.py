@@ -91,6 +91,7 @@ def summary_for(ctx: RunContext) -> dict[str, Any]:
     rank_by, roles, broad = marker.get("rank_by"), marker.get("roles"), marker.get("broad_docs")
     return {
         "run": paths.run,
+        "method": paths.method,
         "base_model": cfg.get("base"),
         "finetuned_model": cfg.get("finetuned"),
         "layer": cfg.get("layer"),

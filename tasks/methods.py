@@ -135,7 +135,7 @@ def latent_scaling_table(cc: xc.CrossCoder, fit_NMD: torch.Tensor, chunk: int = 
     norms = cc.decoder_norms_FM().detach()
     ratio = norms[:, xc.BASE] / norms[:, xc.FT].clamp_min(1e-30)
     return pa.table({
-        "latent": np.arange(cc.n_latents, dtype=np.int64), "nu_error": r.nu_error.numpy(),
+        "latent_id": np.arange(cc.n_latents, dtype=np.int32), "nu_error": r.nu_error.numpy(),
         "nu_recon": r.nu_recon.numpy(), "fit_tokens_fired": r.count.numpy().astype(np.int64),
         "norm_base": norms[:, xc.BASE].double().numpy(), "norm_ft": norms[:, xc.FT].double().numpy(),
         "norm_ratio": ratio.double().numpy(),

@@ -79,8 +79,10 @@ def test_methods_config_errors() -> None:
 
 
 @pytest.mark.slow
-def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path) -> None:
+def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main as cli_main
     from flows.pipeline import pipeline
+    from storage.sql_cli import main as sql_main
 
     store = str(tmp_path / "store")
     base = tiny_config(tiny_pair, store, sae={"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 2},
@@ -124,6 +126,13 @@ def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path) -> None
     for link in ("../dashboards/index.html", "crosscoder/dashboards/index.html", "adl/dashboards/index.html"):
         assert f'href="{link}"' in page
         assert (Path(out.comparison.index).parent / link).is_file()
+
+    assert sql_main(["sql", "SELECT count(*) AS n FROM crosscoder.latents", "--store", store, "--run", "t",
+                     "--format", "csv"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.split() == ["n", str(n_cc)]
+    assert cli_main(["eval", "--store", store, "--run", "t"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"== method {m} ==" in printed for m in ("diff_sae", "crosscoder", "adl")), printed
 
     again = pipeline(config=PipelineConfig.from_dict({**base, "methods": ["diff_sae", "crosscoder", "adl"]}))
     assert all(set(v) == {"Cached"} for v in again.stages.values()), again.stages
