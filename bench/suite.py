@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from flows.server import owned_api_server  # noqa: E402
+from storage import duck  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 
 
@@ -49,10 +50,11 @@ def run_one(store: str, seed: int, mix: str, width: int, k: int, methods: list[s
     per_method = {}
     for method, res in out.methods.items():
         con = RunContext.create(store, name).for_method(method).duck()
+        alarms = "false_alarms" if "false_alarms" in duck.view_names(con) else None  # none: no narrow entry (ADL)
         per_method[method] = {
             "seconds": res.seconds, "recovery": res.analysis.ranking.recovery,
             "sae": {m: float(getattr(res.sae, m)) for m in ("fvu", "l0", "dead_fraction", "kl_gap_recovered")},
-            "false_alarms": con.execute("SELECT * FROM false_alarms").to_arrow_table().to_pylist(),
+            "false_alarms": con.execute(f"SELECT * FROM {alarms}").to_arrow_table().to_pylist() if alarms else [],
         }  # fmt: skip
     first = per_method[methods[0]]
     return {"name": name, "seed": seed, "mix": mix, "width": width, "k": k, "seconds": time.perf_counter() - t0,

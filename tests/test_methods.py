@@ -4,6 +4,8 @@ methods to a finished run recomputes only theirs."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import duckdb
@@ -79,7 +81,7 @@ def test_methods_config_errors() -> None:
 
 
 @pytest.mark.slow
-def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path) -> None:
     from flows.cli import main as cli_main
     from flows.pipeline import pipeline
     from storage.sql_cli import main as sql_main
@@ -127,11 +129,15 @@ def test_three_methods_on_the_tiny_pair(tiny_pair: Path, tmp_path: Path, capsys:
         assert f'href="{link}"' in page
         assert (Path(out.comparison.index).parent / link).is_file()
 
-    assert sql_main(["sql", "SELECT count(*) AS n FROM crosscoder.latents", "--store", store, "--run", "t",
-                     "--format", "csv"]) == 0  # fmt: skip
-    assert capsys.readouterr().out.split() == ["n", str(n_cc)]
-    assert cli_main(["eval", "--store", store, "--run", "t"]) == 0
-    printed = capsys.readouterr().out
+    buf = io.StringIO()  # not capsys: Prefect's console handler would write to it after it is closed
+    with contextlib.redirect_stdout(buf):
+        assert sql_main(["sql", "SELECT count(*) AS n FROM crosscoder.latents", "--store", store, "--run", "t",
+                         "--format", "csv"]) == 0  # fmt: skip
+    assert buf.getvalue().split() == ["n", str(n_cc)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_main(["eval", "--store", store, "--run", "t"]) == 0
+    printed = buf.getvalue()
     assert all(f"== method {m} ==" in printed for m in ("diff_sae", "crosscoder", "adl")), printed
 
     again = pipeline(config=PipelineConfig.from_dict({**base, "methods": ["diff_sae", "crosscoder", "adl"]}))
