@@ -10,6 +10,7 @@ written. (The CLI lives with the flows because it starts them; the core package 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, Callable, get_args
 
@@ -41,7 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg)
     from flows.pipeline import pipeline
     from flows.server import owned_api_server
+    from tasks.common import interrupt_handler
 
+    signal.signal(signal.SIGINT, interrupt_handler)  # a Ctrl-C is never lost on the way out (tasks/common.py)
     with owned_api_server():  # without PREFECT_API_URL: a temporary Prefect server that dies with us, even by SIGKILL
         out = pipeline(config=cfg)
     print(report(cfg, out))

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import os
+import threading
 from typing import Any, Callable, NamedTuple, TypeVar
 
 from prefect.cache_policies import CacheKeyFnPolicy
@@ -120,6 +121,23 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 IO_RETRY = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "retry_condition_fn": retry_on_io}
 
 
+_INTERRUPTED = threading.Event()
+
+
+def interrupt_handler(signum: int, frame: Any) -> None:
+    """SIGINT handler for `diffsae run`: remember the interrupt, then raise KeyboardInterrupt as Python's default
+    handler does. Remembered because the exception can be lost on its way out (seen: a Ctrl-C that landed while fast
+    extraction shards ran left no trace and the run went on to train); the next stage boundary re-raises it."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a Ctrl-C that `interrupt_handler` saw (a no-op unless it is installed and was hit)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 def configured(task: Any, ctx: RunContext, done: bool, results_url: str | None = None) -> Any:
     """The task bound to the run's result storage (or `results_url`, for store-wide stages); forced to recompute
     when its output is not on the store."""
@@ -145,7 +163,9 @@ def call_stage(
     `done`: the stage's marker holds the key (else Prefect must recompute, whatever record it holds);
     `results_url`: where its cache records live, when not the run's (a store-wide stage's records are shared by
     every run on the store)."""
+    raise_if_interrupted()
     state = configured(task, ctx, done, results_url)(ctx=ctx, return_state=True, **kwargs)
+    raise_if_interrupted()
     counts = states.setdefault(name, {})
     counts[state.name] = counts.get(state.name, 0) + 1
     return state.result()
@@ -165,6 +185,7 @@ def collect_stage(future: Any, states: dict[str, dict[str, int]], name: str) -> 
     """Wait for a submitted stage task, count its final state in `states[name]` as `call_stage` does, return its
     result (raises the task's exception when it failed)."""
     future.wait()
+    raise_if_interrupted()
     state = future.state
     if not state.is_final():
         future.result()  # the run never reached a final state (e.g. a worker could not unpickle it): raise why

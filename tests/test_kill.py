@@ -224,3 +224,19 @@ def test_completed_run_leaves_no_process(tiny_pair: Path, tmp_path: Path) -> Non
         assert not left, "processes left behind by a completed `diffsae run`:\n" + "\n".join(left)
     finally:
         _cleanup(proc, list(seen))
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_at_the_next_stage() -> None:
+    """`diffsae run`'s SIGINT handler remembers the interrupt: if the KeyboardInterrupt it raises is lost on its way
+    out (once in ~4 runs of the Ctrl-C test above, while fast extraction shards ran, the run went on to train), the
+    next stage boundary raises it again, before the stage runs."""
+    from tasks import common
+
+    common.raise_if_interrupted()  # not interrupted: nothing happens
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.interrupt_handler(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            common.call_stage(None, None, False, {}, "train")  # type: ignore[arg-type]  # never reaches the task
+    finally:
+        common._INTERRUPTED.clear()
