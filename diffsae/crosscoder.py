@@ -32,14 +32,13 @@ near 0, the latent is specific to the finetune; near 1, the base carries it too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from diffsae.sae import read_dictionary, write_dictionary
 from diffsae.train import l0_cut
 
 BASE, FT = 0, 1
@@ -120,25 +119,15 @@ class CrossCoder(nn.Module):
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write `sae.safetensors` and `cfg.json` (architecture, sizes, threshold + `metadata`), as the diff-SAE."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        if set(metadata or {}) & set(_CORE_KEYS):
-            raise ValueError(f"metadata must not override {sorted(set(metadata or {}) & set(_CORE_KEYS))}")
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        save_file(tensors, str(out / "sae.safetensors"))
-        cfg = {"architecture": ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
-               "threshold": float(self.threshold), **(metadata or {})}  # fmt: skip
-        (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
+        core = {"architecture": ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+                "threshold": float(self.threshold)}  # fmt: skip
+        return write_dictionary(directory, self.state_dict(), core, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
-        src = Path(directory)
-        cfg = json.loads((src / "cfg.json").read_text())
-        if cfg.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {ARCHITECTURE!r}")
+        cfg, tensors = read_dictionary(directory, ARCHITECTURE)
         cc = cls(int(cfg["d_in"]), int(cfg["n_latents"]), int(cfg["k"]))
-        cc.load_state_dict(load_file(str(src / "sae.safetensors"), device="cpu"))
+        cc.load_state_dict(tensors)
         cc.metadata = {key: value for key, value in cfg.items() if key not in _CORE_KEYS}  # type: ignore[assignment]
         return cc.to(device)
 

@@ -26,14 +26,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffsae import crosscoder as xc
 from diffsae.data import Doc
 from diffsae.extract import extract_docs
 from diffsae.sae import ARCHITECTURE as SAE_ARCHITECTURE
-from diffsae.sae import BatchTopKSAE
+from diffsae.sae import BatchTopKSAE, read_dictionary, write_dictionary
 
 METHODS = ("diff_sae", "crosscoder", "adl")
 DIRECTION_ARCHITECTURE = "direction"
@@ -62,19 +61,13 @@ class DirectionDict(nn.Module):
         return acts_NF @ self.W_dec_FD
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"W_dec_FD": self.W_dec_FD.detach().contiguous().cpu()}, str(out / "sae.safetensors"))
-        cfg = {"architecture": DIRECTION_ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": 1,
-               **(metadata or {})}  # fmt: skip
-        (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
+        core = {"architecture": DIRECTION_ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": 1}
+        return write_dictionary(directory, {"W_dec_FD": self.W_dec_FD}, core, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "DirectionDict":
-        src = Path(directory)
-        cfg = json.loads((src / "cfg.json").read_text())
-        out = cls(load_file(str(src / "sae.safetensors"), device="cpu")["W_dec_FD"])
+        cfg, tensors = read_dictionary(directory, DIRECTION_ARCHITECTURE)
+        out = cls(tensors["W_dec_FD"])
         out.metadata = {k: v for k, v in cfg.items() if k not in ("architecture", "d_in", "n_latents", "k")}
         return out.to(device)
 

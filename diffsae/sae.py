@@ -243,32 +243,38 @@ class BatchTopKSAE(nn.Module):
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write `sae.safetensors` and `cfg.json` (architecture, sizes, threshold, scale + `metadata`)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        clash = sorted(set(metadata or {}) & set(_CORE_KEYS))
-        if clash:
-            raise ValueError(f"metadata must not override {clash}")
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(out / "sae.safetensors"))
-        cfg = {
-            "architecture": ARCHITECTURE,
-            "d_in": self.d_in,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "threshold": float(self.threshold),
-            "scale": float(self.scale),
-            **(metadata or {}),
-        }
-        (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
+        core = {"architecture": ARCHITECTURE, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+                "threshold": float(self.threshold), "scale": float(self.scale)}  # fmt: skip
+        return write_dictionary(directory, self.state_dict(), core, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "BatchTopKSAE":
-        src = Path(directory)
-        cfg = json.loads((src / "cfg.json").read_text())
-        if cfg.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {ARCHITECTURE!r}")
+        cfg, tensors = read_dictionary(directory, ARCHITECTURE)
         sae = cls(int(cfg["d_in"]), int(cfg["n_latents"]), int(cfg["k"]))
-        sae.load_state_dict(load_file(str(src / "sae.safetensors"), device="cpu"))
+        sae.load_state_dict(tensors)
         sae.metadata = {key: value for key, value in cfg.items() if key not in _CORE_KEYS}
         return sae.to(device)
+
+
+def write_dictionary(
+    directory: str | Path, tensors: dict[str, Tensor], core: dict[str, Any], metadata: dict[str, Any] | None
+) -> Path:
+    """The files every method's dictionary is saved as (diffsae/methods.py): `sae.safetensors` (`tensors`) and
+    `cfg.json` (`core`: architecture, sizes, ... then `metadata`, which must not override a core key)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    clash = sorted(set(metadata or {}) & set(core))
+    if clash:
+        raise ValueError(f"metadata must not override {clash}")
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(out / "sae.safetensors"))
+    (out / "cfg.json").write_text(json.dumps({**core, **(metadata or {})}, indent=2) + "\n")
+    return out
+
+
+def read_dictionary(directory: str | Path, architecture: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(cfg.json, the tensors on the CPU) of a dictionary saved by `write_dictionary`; its architecture is checked."""
+    src = Path(directory)
+    cfg = json.loads((src / "cfg.json").read_text())
+    if cfg.get("architecture") != architecture:
+        raise ValueError(f"{src / 'cfg.json'}: architecture {cfg.get('architecture')!r}, want {architecture!r}")
+    return cfg, load_file(str(src / "sae.safetensors"), device="cpu")

@@ -168,9 +168,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ctx = RunContext.from_config(cfg)
     ctx.store.check()
     try:  # every method of the run that has a ranking (the first alone when it is the only one)
-        found = [m for m in get_args(Method) if ctx.store.exists(ctx.for_method(m).paths.table("latents"))]
-        if args.method:
-            found = [args.method]
+        found = [args.method] if args.method else [
+            m for m in get_args(Method) if ctx.store.exists(ctx.for_method(m).paths.table("latents"))
+        ]
         for m in found or [ctx.method]:
             if len(found) > 1:
                 print(f"== method {m} ==")

@@ -1,7 +1,8 @@
 """Stage 2 for the other methods (issue 17): the BatchTopK crosscoder and the activation-difference lens, trained on
-the run's activations and published like the diff-SAE -- `sae/` (weights, cfg.json, metrics.json last) under the
-method's own prefix (`methods/<method>/`, storage/paths.py) with the same `SAEResult`, so the attribution, ranking,
-validation and dashboards stages run on them unchanged (diffsae/methods.py has the contract).
+the run's activations and published like the diff-SAE (`tasks.train.publish`): `sae/` (weights, cfg.json,
+metrics.json last) under the method's own prefix (`methods/<method>/`, storage/paths.py) with the same
+`SAEResult`, so the attribution, ranking, validation and dashboards stages run on them unchanged (diffsae/methods.py
+has the contract).
 
 Both use the diff-SAE's document split (`diffsae.split.sae_splits` with the `sae` section's seed and fractions): they
 train on the same `fit` documents, calibrate on the same calibration documents and are measured on the same
@@ -19,8 +20,6 @@ validation documents, so recovery v2's held-out documents are held out for every
 from __future__ import annotations
 
 import math
-import tempfile
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -38,10 +37,10 @@ from storage import activations as act
 from storage.context import RunContext
 from storage.mlflow_setup import flat_params
 from storage.schemas import LATENT_SCALING
-from tasks.common import IO_RETRY, STAGE_CACHE, stage_key, write_marker
+from tasks.common import IO_RETRY, STAGE_CACHE, stage_key
 from tasks.extract import Activations, read_manifest
 from tasks.models import MODEL_CACHE
-from tasks.train import KL_GAP_BATCH_TOKENS, SAEResult, sae_done
+from tasks.train import KL_GAP_BATCH_TOKENS, SAEResult, publish, sae_done
 
 LOG_EVERY = 10  # crosscoder training steps between MLflow metric logs
 
@@ -65,23 +64,6 @@ def _metrics(diff_ND: torch.Tensor, acts_NF: torch.Tensor, recon_ND: torch.Tenso
         "dead_fraction": float(((acts_NF > 0).sum(dim=0) == 0).float().mean()),
         "mse": float(err) / max(1, diff_ND.numel()),
     }
-
-
-def _publish(ctx: RunContext, dictionary: Any, meta: dict[str, Any], final: dict[str, float], key: str,
-             run_id: str, extra: dict[str, pa.Table] | None = None) -> SAEResult:  # fmt: skip
-    """Save the dictionary to MLflow and `sae/` on the store (extra tables too), metrics.json last."""
-    store, paths = ctx.store, ctx.paths
-    with tempfile.TemporaryDirectory() as tmp:
-        dictionary.save(tmp, metadata=meta)
-        mlflow.log_artifacts(tmp, artifact_path="sae")
-        store.put_file(f"{tmp}/sae.safetensors", paths.url("sae", "sae.safetensors"))
-        store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
-        sha = act.file_sha256(f"{tmp}/sae.safetensors")
-    for name, table in (extra or {}).items():
-        store.write_parquet(paths.url("sae", f"{name}.parquet"), table)
-    out = SAEResult(key=key, weights_sha256=sha, mlflow_run_id=run_id, l0_crossfit=float("nan"), **final)
-    write_marker(store, paths.marker("sae"), out)  # last: marks the stage's output complete
-    return out
 
 
 def train_crosscoder(
@@ -121,12 +103,12 @@ def train_crosscoder(
         view = xc.DiffView(cc.to(pair.device))
         final["kl_gap_recovered"] = kl_gap_recovered(pair.base, pair.finetuned, models.layer, view, val_docs, pad,
                                                      KL_GAP_BATCH_TOKENS)  # fmt: skip
-        final.update(val_tokens=len(val), train_steps=tr.steps, train_tokens_seen=tr.steps * cfg.batch_size)
-        mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items() if not k.startswith(("val_", "train_"))})
+        final.update(val_tokens=len(val), train_steps=tr.steps, train_tokens_seen=tr.steps * cfg.batch_size,
+                     l0_crossfit=float("nan"))  # fmt: skip
         scaling = latent_scaling_table(cc.cpu(), fit)
         meta = {"method": "crosscoder", "layer": models.layer, "base": models.base, "finetuned": models.finetuned,
                 "activations_fingerprint": activations.fingerprint, "sae_config": cfg.model_dump()}  # fmt: skip
-        return _publish(ctx, cc.cpu(), meta, final, key, mrun.info.run_id, {"latent_scaling": scaling})
+        return publish(ctx, cc.cpu(), meta, final, key, mrun.info.run_id, {"latent_scaling": scaling})
 
 
 def latent_scaling_table(cc: xc.CrossCoder, fit_NMD: torch.Tensor, chunk: int = 4096) -> pa.Table:
@@ -178,14 +160,14 @@ def fit_adl(
         gap = kl_gap_recovered(pair.base, pair.finetuned, models.layer, dd.to(pair.device), val_docs, pad,
                                KL_GAP_BATCH_TOKENS)  # fmt: skip
         seen = sum(min(len(x), cfg.first) for x in fit.values())
-        final.update(kl_gap_recovered=gap, val_tokens=len(val), train_steps=0, train_tokens_seen=seen)
-        mlflow.log_metrics({f"val_{k}": float(v) for k, v in final.items() if not k.startswith(("val_", "train_"))})
+        final.update(kl_gap_recovered=gap, val_tokens=len(val), train_steps=0, train_tokens_seen=seen,
+                     l0_crossfit=float("nan"))  # fmt: skip
         promoted, suppressed = adl_tokens(delta_D.to(pair.device), pair.finetuned, pair.tokenizer, 20)
         meta = {"method": "adl", "layer": models.layer, "base": models.base, "finetuned": models.finetuned,
                 "activations_fingerprint": activations.fingerprint, "sae_config": sae_cfg.model_dump(),
                 "adl_config": cfg.model_dump(), "delta_norm": float(delta_D.norm()),
                 "promoted": promoted, "suppressed": suppressed}  # fmt: skip
-        return _publish(ctx, dd.cpu(), meta, final, key, mrun.info.run_id)
+        return publish(ctx, dd.cpu(), meta, final, key, mrun.info.run_id)
 
 
 @task(name="fit-adl", cache_policy=STAGE_CACHE, **IO_RETRY)

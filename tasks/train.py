@@ -169,8 +169,6 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             "train_steps": result.steps,
             "train_tokens_seen": result.tokens,
         }
-        mlflow.log_metrics({(k if k.startswith(("val_", "train_")) else f"val_{k}"): float(v)
-                            for k, v in final.items() if not math.isnan(float(v))})  # fmt: skip
         meta = {
             "layer": models.layer,
             "base": models.base,
@@ -178,13 +176,28 @@ def train(ctx: RunContext, cfg: SAEConfig, activations: Activations, models: Mod
             "activations_fingerprint": activations.fingerprint,
             "sae_config": cfg.model_dump(),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            sae.cpu().save(tmp, metadata=meta)
-            mlflow.log_artifacts(tmp, artifact_path="sae")
-            store.put_file(f"{tmp}/sae.safetensors", paths.url("sae", "sae.safetensors"))
-            store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
-            sha = act.file_sha256(f"{tmp}/sae.safetensors")
-    out = SAEResult(key=key, weights_sha256=sha, mlflow_run_id=mrun.info.run_id, **final)
+        return publish(ctx, sae.cpu(), meta, final, key, mrun.info.run_id)
+
+
+def publish(
+    ctx: RunContext, dictionary: Any, meta: dict[str, Any], final: dict[str, float], key: str, run_id: str,
+    extra: dict[str, pa.Table] | None = None,
+) -> SAEResult:  # fmt: skip
+    """Any method's trained dictionary (tasks/methods.py too): its final metrics to the active MLflow run, the
+    dictionary (`save(dir, metadata)`) to MLflow's artifacts and `sae/` on the store with the `extra` tables, then
+    `sae/metrics.json`, last: the stage's marker. `final` holds every SAEResult metric."""
+    store, paths = ctx.store, ctx.paths
+    mlflow.log_metrics({(k if k.startswith(("val_", "train_")) else f"val_{k}"): float(v)
+                        for k, v in final.items() if not math.isnan(float(v))})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        dictionary.save(tmp, metadata=meta)
+        mlflow.log_artifacts(tmp, artifact_path="sae")
+        store.put_file(f"{tmp}/sae.safetensors", paths.url("sae", "sae.safetensors"))
+        store.put_file(f"{tmp}/cfg.json", paths.url("sae", "cfg.json"))
+        sha = act.file_sha256(f"{tmp}/sae.safetensors")
+    for name, table in (extra or {}).items():
+        store.write_parquet(paths.url("sae", f"{name}.parquet"), table)
+    out = SAEResult(key=key, weights_sha256=sha, mlflow_run_id=run_id, **final)
     write_marker(store, paths.marker("sae"), out)  # last: marks the stage's output complete
     return out
 
