@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, nargs="+", default=[16], help="quadrature points of the new configurations")
     ap.add_argument("--rule", default="midpoint", choices=["midpoint", "gauss_legendre"])
+    ap.add_argument(
+        "--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+        help="gradient passes' precision of the new configurations (attribution.precision)",
+    )  # fmt: skip
     ap.add_argument("--steps-per-forward", type=int, default=None)
     ap.add_argument(
         "--select",
@@ -142,15 +146,17 @@ def main() -> None:
         f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
         f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})"
     )
-    # (path, rule, steps, selection, reuse extraction's KL): the old path, then today's at 16 midpoint points, then
-    # today's with every --steps of --rule, without and with --select, the base stopping at the layer.
-    configs = [("full", "midpoint", 16, None, False), ("upper", "midpoint", 16, None, False)]
+    # (path, rule, steps, selection, reuse extraction's KL, precision): the old path, then today's at 16 midpoint
+    # points, then today's with every --steps of --rule and every --precision, without and with --select, the base
+    # stopping at the layer.
+    configs = [("full", "midpoint", 16, None, False, "float32"), ("upper", "midpoint", 16, None, False, "float32")]
     for steps in args.steps:
-        configs.append(("upper", args.rule, steps, None, True))
-        if args.select:
-            configs.append(("upper", args.rule, steps, tuple(args.select), True))
+        for precision in args.precision:
+            configs.append(("upper", args.rule, steps, None, True, precision))
+            if args.select:
+                configs.append(("upper", args.rule, steps, tuple(args.select), True, precision))
     known: dict[str, torch.Tensor] = {}
-    for path, rule, steps, sel, reuse in configs:
+    for path, rule, steps, sel, reuse, precision in configs:
         use_path(path)
         results = {}
         select = None if sel is None else Selection(sel[0], sel[1], list(range(args.batch)))
@@ -158,12 +164,12 @@ def main() -> None:
 
         def attribute() -> None:
             # today's stage (diffsae.documents): documents missing 1 % get the Kronrod extension in the batch, and
-            # those still missing it are attributed again with twice the points
+            # those still missing it are attributed again with twice the points, in float32
             kronrod = MAX_REL_ERROR if reuse and 2 * steps + 1 <= MAX_STEPS else None
             results["last"] = attribute_batch(base, ft, args.layer, ids_BT, mask_BT, sae, steps=steps,
                                               steps_per_forward=args.steps_per_forward, rule=rule,
                                               select=select, kl_BT=kl_BT, max_rel_error=kronrod,
-                                              noise_nats=NOISE_NATS)  # fmt: skip
+                                              noise_nats=NOISE_NATS, precision=precision)  # fmt: skip
             if reuse:
                 results["final"], results["refined"] = refine(results["last"], steps)
 
@@ -190,7 +196,7 @@ def main() -> None:
         known.setdefault("kl", torch.from_numpy(np.nan_to_num(res.kl_BT)))  # what extraction stored
         err = completeness(res)
         ratios = sorted(t / np.median(t_pair) for t in t_attr)
-        label = f"{path:5s} {rule:14s} {steps:2d}" + (" kl reused, refined" if reuse else "")
+        label = f"{path:5s} {rule:14s} {steps:2d} {precision:8s}" + (" kl reused, refined" if reuse else "")
         if sel is not None:
             share = np.nansum(res.weight_BT > 0) / np.nansum(res.weight_BT >= 0)
             label += f" select {sel[0]:g}/{sel[1]:g} ({share:.0%} of tokens weighted)"

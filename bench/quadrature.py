@@ -1,7 +1,8 @@
 """Quadrature points and token selection on a finished run's real pair: completeness, time and agreement.
 
 What: on `--docs` documents of a finished run (its pair, its SAE, its activations on the store), each attribution
-setting (`--settings`, e.g. `midpoint:16 gauss_legendre:4 gauss_legendre:4:select`) attributes the same documents
+setting (`--settings`, e.g. `midpoint:16 gauss_legendre:4 gauss_legendre:4:select gauss_legendre:4:bfloat16`: rule,
+points, then `select` and/or `bfloat16` gradient passes) attributes the same documents
 in batches of `--batch-tokens` tokens as the stage does (`diffsae.documents.attribute_docs`: extraction's KL reused,
 documents missing 1 % refined: the Kronrod extension, then twice the points), and prints: seconds per token and
 the ratio to a paired forward of the same batches; documents refined; per-document completeness |Σ attr − drop| /
@@ -89,8 +90,9 @@ def main() -> None:
         use_path(path)
         totals = np.zeros(sae.W_dec_FD.shape[0])
         errors, refined, t0 = [], 0, time.perf_counter()
-        tokens = "select" if rest and rest[0] == "select" else "all"
-        acfg = AttributionConfig(rule=rule, steps=int(steps), tokens=tokens)  # type: ignore[arg-type]
+        tokens = "select" if "select" in rest else "all"
+        precision = "bfloat16" if "bfloat16" in rest else "float32"
+        acfg = AttributionConfig(rule=rule, steps=int(steps), tokens=tokens, precision=precision)  # type: ignore[arg-type]
         reuse = kls if path == "upper" else None  # the old stage ran the base to the end for KL(0)
         for batch in batches:  # as the stage does: documents missing 1 % are refined (diffsae.documents)
             for a in attribute_docs(pair, models.layer, sae, batch, acfg, cfg.extract.skip_first, acfg.steps, reuse):

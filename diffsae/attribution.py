@@ -58,7 +58,17 @@ import torch
 from torch import nn
 
 from diffsae.head import kl_grad_hidden
-from diffsae.patching import PAIR_CHUNK, SAELike, frozen, model_device, nan_outside, patched_hidden, patched_runs
+from diffsae.patching import (
+    PAIR_CHUNK,
+    Precision,
+    SAELike,
+    autocast,
+    frozen,
+    model_device,
+    nan_outside,
+    patched_hidden,
+    patched_runs,
+)
 from diffsae.quadrature import KRONROD_MAX_N, Rule, kronrod, quadrature
 
 LOGIT_BUDGET_ELEMS = 1 << 27  # α steps stacked per forward: C · B · T · V at most this (logits are made in chunks)
@@ -141,6 +151,7 @@ def attribute_batch(
     kl_BT: torch.Tensor | None = None,
     max_rel_error: float | None = None,
     noise_nats: float = 1e-5,
+    precision: Precision = "float32",
 ) -> AttributionBatch:
     """Integrated-gradients KL attribution of the SAE latents for one batch of documents (module docstring).
 
@@ -149,6 +160,9 @@ def attribute_batch(
     select: attribute only a weighted selection of the tokens' KL (`select_tokens`; None: every analysed token,
     weight 1). Every latent record is still reported; its attribution is then an unbiased estimate.
     kl_BT: KL(p_ft ‖ p_base) per token when known (extraction's `kl`): the base model then runs only up to `layer`.
+    precision: the matmul precision of the blocks above `layer` in the gradient passes (`bfloat16`: autocast; the
+    residual stream, the head and its gradient stay float32, and the KL columns and the completeness target are
+    always float32, so completeness measures the rounding too).
     max_rel_error: with the Gauss–Legendre rule, a document whose completeness misses it (by more than `noise_nats`)
     gets the rule's Kronrod extension (`diffsae.quadrature.kronrod`: steps + 1 more points on its rows only, the
     steps gradients already made reused), kept where it is closer; `steps_B` says which rule each document got.
@@ -184,9 +198,9 @@ def attribute_batch(
                 C = a_C.numel()
                 h_cTD = (start[None] + a_C[:, None, None, None] * delta[None]).reshape(C * b, T, D)
                 h_cTD = h_cTD.detach().requires_grad_(True)  # [C*b, T, D]
-                with torch.enable_grad():
+                with torch.enable_grad(), autocast(device, precision):
                     x_cTD = patched_hidden(finetuned, layer, h_cTD, ids.repeat(C, 1), mask.repeat(C, 1),
-                                           pos.repeat(C, 1))  # fmt: skip
+                                           pos.repeat(C, 1)).float()  # fmt: skip
                 # ∂KL/∂logits = w · (p_patch − p_ft) in closed form, back through the head at the weighted positions
                 # only, a chunk at a time (diffsae.head: no [C, b, T, V] logits, no float32 log-softmax kept),
                 # then one backward through the blocks above `layer` to h.

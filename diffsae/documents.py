@@ -6,8 +6,8 @@ configured quadrature and token selection (`AttributionConfig`, `tokens` resolve
 per-token KLs (PATCH_COLUMNS), the latent records, and the completeness |Σ attr − drop| / |drop|. A document
 above `max_rel_error` first gets the Gauss rule's Kronrod extension inside the batch (n + 1 more points on its rows,
 the n gradients already made reused: `attribute_batch(max_rel_error=...)`); one still above it is attributed again
-with twice the points (up to `max_steps`), keeping the better result, so a low default number of points never
-ships a bad number.
+with twice the points (up to `max_steps`) and in float32, keeping the better result, so a low default number of
+points or bfloat16 gradient passes (`precision`) never ship a bad number.
 
     out = attribute_docs(pair, layer, sae, docs, cfg.resolved(n_tokens), skip_first, cfg.steps, kls)
 """
@@ -24,11 +24,19 @@ from diffsae.config import AttributionConfig
 from diffsae.data import Doc
 from diffsae.extract import pad_batch
 from diffsae.models import ModelPair
+from diffsae.patching import Precision, fast_bfloat16
 from diffsae.sae import BatchTopKSAE
 
 NOISE_NATS = 1e-5  # a completeness gap below this is float noise: never worth refining
 # Per-token columns of a document's attribution (the analysis tokens table's additions, storage/schemas.py).
 PATCH_COLUMNS = ("kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon", "attr_weight")
+
+
+def gradient_precision(cfg: AttributionConfig, device: torch.device) -> Precision:
+    """`cfg.precision`, with `auto` resolved: bfloat16 where `device` multiplies it natively, else float32."""
+    if cfg.precision == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    return cfg.precision
 
 
 class DocAttribution(NamedTuple):
@@ -43,12 +51,13 @@ class DocAttribution(NamedTuple):
 
 def attribute_docs(
     pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
-    steps: int, kls: Mapping[int, np.ndarray] | None = None,
+    steps: int, kls: Mapping[int, np.ndarray] | None = None, precision: Precision | None = None,
 ) -> list[DocAttribution]:  # fmt: skip
     """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
     than float noise) first gets the Kronrod extension inside the batch, and if it still misses it is attributed
     again with twice the points, up to `cfg.max_steps`, keeping the better one.
-    kls: extraction's per-token KL by doc_id (storage.activations.read_doc_kls): the base stops at `layer`."""
+    kls: extraction's per-token KL by doc_id (storage.activations.read_doc_kls): the base stops at `layer`.
+    precision: of the gradient passes (None: `cfg.precision`, `auto` resolved by `gradient_precision`)."""
     if cfg.tokens not in ("all", "select"):
         raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
     ids_BT, mask_BT = pad_batch(docs, pair.tokenizer.pad_token_id or 0, pair.device)
@@ -65,6 +74,7 @@ def attribute_docs(
     out = attribute_batch(
         pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
         kl_BT=kl_BT, max_rel_error=cfg.max_rel_error if kronrod_ok else None, noise_nats=NOISE_NATS,
+        precision=precision or gradient_precision(cfg, pair.device),
     )  # fmt: skip
     drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
     gap_B = np.abs(got_B - drop_B)
@@ -83,7 +93,7 @@ def attribute_docs(
         ))  # fmt: skip
     redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
     if redo and 2 * steps <= cfg.max_steps:
-        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls)
+        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls, "float32")
         for b, f in zip(redo, finer):
             if f.rel_error < result[b].rel_error:
                 result[b] = f

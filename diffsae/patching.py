@@ -9,8 +9,8 @@ Positions < skip_first and padding keep h_ft (see diffsae/attribution.py, Conven
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, residual_at, run_from
 
 PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
+Precision = Literal["float32", "bfloat16"]  # matmul precision of the attribution's gradient passes
 
 
 class SAELike(Protocol):
@@ -51,6 +52,27 @@ def frozen(*models: nn.Module) -> Iterator[None]:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def autocast(device: torch.device, precision: Precision) -> ContextManager[object]:
+    """bfloat16: torch.autocast on `device` (linear layers and attention in bfloat16, each block's output added to
+    the float32 residual stream); float32: nothing changes."""
+    if precision == "float32":
+        return nullcontext()
+    if precision != "bfloat16":
+        raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
+    AMX tiles): where it does not, emulated bfloat16 can be slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False
 
 
 def _forward(model: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from diffsae.attribution import latent_doc_stats, promoted_suppressed
 from diffsae.config import AttributionConfig, ModelsConfig
-from diffsae.documents import PATCH_COLUMNS, attribute_docs
+from diffsae.documents import PATCH_COLUMNS, attribute_docs, gradient_precision
 from diffsae.extract import plan_batches
 from diffsae.methods import load_dictionary
 from storage import schemas
@@ -346,6 +346,7 @@ def commit(ctx: RunContext, inputs: ShardInputs, shard_keys: list[str]) -> Attri
         "attribution_docs_over_tolerance": float(sum(e > cfg.max_rel_error for e in errors)),
         "attribution_steps": float(cfg.steps),
         "attribution_tokens_selected": float(cfg.tokens == "select"),
+        "attribution_bfloat16": float(gradient_precision(cfg, pair.device) == "bfloat16"),  # this machine's
         "attribution_weighted_share": float(np.mean(patch["attr_weight"].to_numpy() > 0)) if patch.num_rows else 0.0,
         "attribution_seconds": seconds,
     })  # fmt: skip

@@ -81,7 +81,7 @@ def test_documents_missing_completeness_are_refined(pair, sae) -> None:
     ids_BT, _ = right_padded()
     docs = [Doc(b, str(b), "", "none", ids_BT[b, :n].tolist(), ["text"] * n) for b, n in enumerate(LENGTHS)]
     mp = ModelPair(base, ft, SimpleNamespace(pad_token_id=0), torch.device("cpu"), "b", "f")
-    cfg = AttributionConfig(steps=2, max_steps=2, tokens="all", rule="midpoint")
+    cfg = AttributionConfig(steps=2, max_steps=2, tokens="all", rule="midpoint", precision="float32")
     coarse = attribute_docs(mp, LAYER, sae, docs, cfg, 1, 2)
     assert [a.steps for a in coarse] == [2, 2, 2] and max(a.rel_error for a in coarse) > 0.05  # no refinement
     fine = attribute_docs(mp, LAYER, sae, docs, cfg.model_copy(update={"max_steps": 32}), 1, 2)
@@ -90,6 +90,48 @@ def test_documents_missing_completeness_are_refined(pair, sae) -> None:
     direct = attribute_batch(base, ft, LAYER, ids_BT[:1, :LENGTHS[0]], torch.ones(1, LENGTHS[0], dtype=torch.long),
                              sae, steps=fine[0].steps)  # fmt: skip
     np.testing.assert_allclose(fine[0].records["kl_attribution"], direct.attribution, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_gradient_passes_keep_the_float32_endpoints(pair, sae) -> None:
+    """precision="bfloat16" rounds only the gradient passes' block matmuls: the KL columns and the completeness target
+    are bit-identical to float32, the attributions close to them (not identical: the autocast is in effect), and
+    the attribution stage redoes a document that misses the tolerance in float32 with twice the points."""
+    from types import SimpleNamespace
+
+    from diffsae.config import AttributionConfig
+    from diffsae.data import Doc
+    from diffsae.documents import attribute_docs, gradient_precision
+    from diffsae.models import ModelPair
+    from diffsae.patching import fast_bfloat16
+
+    base, ft = pair
+    ids_BT, mask_BT = right_padded()
+    f32 = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=16, rule="gauss_legendre")
+    bf16 = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=16, rule="gauss_legendre", precision="bfloat16")
+    for name in ("kl_BT", "kl_patch_base_BT", "kl_patch_bias_BT", "kl_patch_recon_BT", "kl_drop_B", "activation"):
+        np.testing.assert_array_equal(getattr(bf16, name), getattr(f32, name))
+    scale = np.abs(f32.attribution).max()
+    assert not np.array_equal(bf16.attribution, f32.attribution)
+    np.testing.assert_allclose(bf16.attribution, f32.attribution, rtol=0, atol=0.02 * scale)
+    assert np.corrcoef(bf16.attribution, f32.attribution)[0, 1] > 0.999
+    assert completeness_errors(bf16).max() < 0.01 and completeness_errors(f32).max() < 0.01
+
+    cpu = torch.device("cpu")
+    assert gradient_precision(AttributionConfig(precision="float32"), cpu) == "float32"
+    assert gradient_precision(AttributionConfig(precision="bfloat16"), cpu) == "bfloat16"
+    assert gradient_precision(AttributionConfig(), cpu) == ("bfloat16" if fast_bfloat16(cpu) else "float32")
+
+    docs = [Doc(b, str(b), "", "none", ids_BT[b, :n].tolist(), ["text"] * n) for b, n in enumerate(LENGTHS)]
+    mp = ModelPair(base, ft, SimpleNamespace(pad_token_id=0), cpu, "b", "f")
+    cfg = AttributionConfig(steps=2, max_steps=4, tokens="all", rule="midpoint", precision="bfloat16")
+    out = attribute_docs(mp, LAYER, sae, docs, cfg, 1, 2)
+    redone = [b for b, a in enumerate(out) if a.steps == 4]
+    assert redone, "the case must have a document that misses the tolerance at 2 points"
+    for b in redone:
+        n = LENGTHS[b]
+        direct = attribute_batch(base, ft, LAYER, ids_BT[b : b + 1, :n], torch.ones(1, n, dtype=torch.long), sae,
+                                 steps=4)  # float32  # fmt: skip
+        np.testing.assert_allclose(out[b].records["kl_attribution"], direct.attribution, rtol=1e-5, atol=1e-7)
 
 
 # QUADPACK's 15-point Kronrod extension of the 7-point Gauss rule on [-1, 1] (qk15: xgk, wgk), the upper half.
