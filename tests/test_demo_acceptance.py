@@ -7,7 +7,7 @@ Issue 5: mean L0 within 5 % of k, dead fraction < 10 %, kl_gap_recovered >= 0.8 
 5.5 %, 0.976). Issues 6 and 9: every planted behaviour recovered (a top-10 latent under `attribution.rank_by`
 captures it), completeness within 1 %. Cost: the pair build is shared (conftest.demo_pair, ~200 s); each pipeline
 is ~3 min of training and attribution on 2 cores; the second pair adds a build. Issue 17: the S3 run then adds
-the crosscoder and the ADL (~4 min more: the crosscoder's training and two more attributions).
+the ADL as a second method.
 """
 
 from __future__ import annotations
@@ -96,26 +96,25 @@ def test_demo_pair_on_s3(demo_pair, s3_store: str) -> None:
     top = json.loads(buf.getvalue())
     assert [r["rank"] for r in top] == [1, 2, 3, 4, 5]
 
-    # Issue 17: the crosscoder and the ADL added to the finished run: only their stages and the comparison run;
-    # each has its tables (SQL schemas), its dashboards and its row in `methods`, on S3.
-    more = pipeline(config=cfg.model_copy(update={"methods": ["diff_sae", "crosscoder", "adl"]}))
+    # Issue 17: a second method (the ADL) added to the finished run on S3: only its stages and the comparison run;
+    # it has its tables (an SQL schema), its dashboards and its row in `methods`. (The crosscoder goes through the
+    # same per-method stages on the tiny pair, tests/test_methods.py; its quality on these pairs is measured by
+    # bench/suite.py --methods, docs/EVALUATION.md: training it here cost CI ~3.5 minutes.)
+    more = pipeline(config=cfg.model_copy(update={"methods": ["diff_sae", "adl"]}))
     ran = {name for name, counts in more.stages.items() if set(counts) != {"Cached"}}
     stages = ("train", "attribute", "commit_attribution", "rank", "validate", "dashboards")
-    assert ran == {f"{m}:{s}" for m in ("crosscoder", "adl") for s in stages} | {"compare"}, more.stages
+    assert ran == {f"adl:{s}" for s in stages} | {"compare"}, more.stages
     rows = {r["method"]: r for r in more.comparison.rows}
     print(json.dumps(rows, indent=1, default=str))
     assert rows["diff_sae"]["kl_gap_recovered"] == out.sae.kl_gap_recovered and rows["diff_sae"]["recovered_v2"] == 3
-    assert rows["crosscoder"]["n_latents"] == 2048 and rows["crosscoder"]["kl_gap_recovered"] >= 0.8  # seed 5: 0.966
     assert rows["adl"]["n_latents"] == 1
-    query = "select (select count(*) from crosscoder.latents), (select count(*) from adl.latents), count(*) "
-    query += "from methods"
+    query = "select (select count(*) from adl.latents), count(*) from methods"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["sql", query, "--store", s3_store, "--run", "demo", "--format", "csv"]) == 0
-    assert buf.getvalue().splitlines()[1].split(",") == [str(rows["crosscoder"]["n_ranked"]), "1", "3"]
+    assert buf.getvalue().splitlines()[1].split(",") == ["1", "2"]
     assert ctx.store.exists(more.comparison.index)
-    for method in ("crosscoder", "adl"):
-        assert ctx.store.exists(ctx.for_method(method).paths.url("dashboards", "index.html"))
+    assert ctx.store.exists(ctx.for_method("adl").paths.url("dashboards", "index.html"))
 
 
 def test_demo_pair_training_on_local_disk(demo_pair, tmp_path: Path) -> None:
