@@ -49,9 +49,9 @@ class AttributionConfig(_Section):
     rule: Literal["midpoint", "gauss_legendre"] = Field("gauss_legendre", description="Quadrature rule of the path")
     max_rel_error: float = Field(0.01, gt=0, description="Documents missing it get more points: Kronrod, then doubled")
     max_steps: int = Field(64, ge=1, description="Refinement stops at this many points (the error is reported)")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Matmuls of the gradient passes' upper blocks (auto: bfloat16 where the device has native "
-        "bfloat16, else float32); KL columns and completeness always float32, a missing document redone in float32"
+    precision: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Matmuls of the gradient passes' upper blocks (auto: bfloat16 where the device has "
+        "native bfloat16); KL columns and completeness always float32, a missing document redone in float32"
     )  # fmt: skip
     rank_by: RankBy = Field(
         "mean",
