@@ -1,6 +1,7 @@
 """The organism benchmark (issue 15 part 5, partial): recovery v2, baselines and false alarms over a grid of
 built-in pairs — seeds x mixes (audit: three planted behaviours and a broad drift; null: the same recipe without
-the behaviours) x SAE widths x k — with the product defaults otherwise.
+the behaviours; kinds / kinds_null: the other family of behaviour kinds and its null organism) x SAE widths x k —
+with the product defaults otherwise.
 
 What: runs the whole pipeline (`flows.pipeline`) per grid point into one store, saves each run's `recovery` and
 `false_alarms` rows and SAE metrics as JSON under `<store>/suite/` (an interrupted suite resumes), then prints per
