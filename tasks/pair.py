@@ -16,6 +16,7 @@ from prefect import task
 
 import organisms.demo_corpus
 import organisms.demo_pair
+import organisms.demo_sources
 import organisms.demo_train
 from diffsae.config import DataConfig, DemoConfig, ModelsConfig, PipelineConfig
 from storage.context import RunContext
@@ -33,7 +34,8 @@ class DemoPair(NamedTuple):
 
 def demo_key(demo: DemoConfig) -> str:
     """Preset, seed, mix and the builder's source (organisms/demo_*.py): a changed builder builds a new pair."""
-    src = "".join(inspect.getsource(m) for m in (organisms.demo_pair, organisms.demo_corpus, organisms.demo_train))
+    modules = (organisms.demo_pair, organisms.demo_corpus, organisms.demo_sources, organisms.demo_train)
+    src = "".join(inspect.getsource(m) for m in modules)
     return f"{demo.preset}-s{demo.seed}-{demo.mix}-" + stable_hash(demo.model_dump(), src)[:12]
 
 
