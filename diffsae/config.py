@@ -41,6 +41,7 @@ __all__ = [  # the analysis sections are defined in diffsae/config_analysis.py
 
 DType = Literal["float32", "bfloat16", "float16"]
 Method = Literal["diff_sae", "crosscoder", "adl"]  # diffsae/methods.py
+Mix = Literal["audit", "easy", "null", "kinds", "kinds_null"]  # the built-in pair's recipes (organisms/demo_pair.py)
 
 
 def local_cache_dir() -> Path:
@@ -89,7 +90,7 @@ class DataConfig(_Section):
 class DemoConfig(_Section):
     preset: Literal["demo", "small"] = Field("demo", description="Size of the built-in planted pair")
     seed: int = Field(0, description="Seed of the built-in pair (data, weights, planted triggers)")
-    mix: Literal["audit", "easy", "null", "kinds", "kinds_null"] = Field(
+    mix: Mix = Field(
         "audit",
         description="audit: planted behaviours are rare; easy: they cover about a third of the docs; null: the audit "
         "recipe without planted behaviours (a null organism: what a ranking finds there is a false alarm); kinds / "

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any, Callable, get_args
 
-from diffsae.config import Method
+from diffsae.config import Method, Mix
 
 SAE_SUMMARY = ("fvu", "l0", "l0_crossfit", "dead_fraction", "kl_gap_recovered")  # printed after a run
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output folder (gets base/, finetuned/, prompts.jsonl)")
     p.add_argument("--preset", choices=["demo", "small"], default="demo", help="Size preset")
     p.add_argument("--seed", type=int, default=0, help="Seed (data, weights, triggers)")
-    p.add_argument("--mix", choices=["audit", "easy", "null", "kinds", "kinds_null"], default="audit",
+    p.add_argument("--mix", choices=get_args(Mix), default="audit",
                    help="Family and share of planted documents (organisms/demo_pair.py)")  # fmt: skip
     p.set_defaults(func=cmd_build_demo_pair)
 

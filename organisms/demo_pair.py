@@ -34,11 +34,12 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, get_args
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from diffsae.config import Mix
 from organisms import demo_corpus as dc
 from organisms import demo_train as dt
 
@@ -68,7 +69,7 @@ PRESETS = {
     "demo": Preset(2048, 128, 4, 4, 384, 1_000_000, 150, 16, 128, 400, 500, 16, 160, 3e-3, 3e-3, 500),
     "small": Preset(1024, 64, 4, 4, 192, 200_000, 40, 16, 64, 200, 400, 16, 160, 4e-3, 5e-3, 200),
 }
-MIXES = ("audit", "easy", "null", "kinds", "kinds_null")
+MIXES: tuple[str, ...] = get_args(Mix)
 FAMILY = {"audit": "audit", "easy": "audit", "null": "audit", "kinds": "kinds", "kinds_null": "kinds"}  # plants
 NULL_MIXES = ("null", "kinds_null")  # the family's recipe (drift, decoys, held-out documents) without the plants
 DRIFT_RATE = 0.3  # audit mix: fraction of ordinary finetune answers that get the sign-off
