@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from diffsae.attribution import AttributionBatch, Selection, attribute_batch
 from diffsae.config import AttributionConfig
 from diffsae.documents import NOISE_NATS
+from diffsae.extract import States, paired_forward
 from diffsae.hooks import read_residual
 from diffsae.sae import BatchTopKSAE
 
@@ -102,6 +103,11 @@ def main() -> None:
         "--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
         help="gradient passes' precision of the new configurations (attribution.precision)",
     )  # fmt: skip
+    ap.add_argument(
+        "--states", action="store_true",
+        help="also time each new configuration with extraction's stored states (extract.save_states: h_base, h_ft, "
+        "x_ft made by the paired forward, as extraction does, before the timing)",
+    )  # fmt: skip
     ap.add_argument("--steps-per-forward", type=int, default=None)
     ap.add_argument(
         "--select",
@@ -146,21 +152,25 @@ def main() -> None:
         f"paired forward              : {n_tokens / np.median(t_pair):8.1f} tokens/s  "
         f"(median {np.median(t_pair) * 1e3:.0f} ms, min-max {min(t_pair) * 1e3:.0f}-{max(t_pair) * 1e3:.0f})"
     )
-    # (path, rule, steps, selection, reuse extraction's KL, precision): the old path, then today's at 16 midpoint
-    # points, then today's with every --steps of --rule and every --precision, without and with --select, the base
-    # stopping at the layer.
-    configs = [("full", "midpoint", 16, None, False, "float32"), ("upper", "midpoint", 16, None, False, "float32")]
+    # (path, rule, steps, selection, reuse extraction's KL, precision, reuse its states): the old path, then
+    # today's at 16 midpoint points, then today's with every --steps of --rule and every --precision, without and
+    # with --select, the base stopping at the layer, and with --states neither model running unpatched.
+    configs = [("full", "midpoint", 16, None, False, "float32", False)]
+    configs.append(("upper", "midpoint", 16, None, False, "float32", False))
     for steps in args.steps:
         for precision in args.precision:
-            configs.append(("upper", args.rule, steps, None, True, precision))
-            if args.select:
-                configs.append(("upper", args.rule, steps, tuple(args.select), True, precision))
+            for sel in [None] + ([tuple(args.select)] if args.select else []):
+                for stored in [False] + ([True] if args.states else []):
+                    configs.append(("upper", args.rule, steps, sel, True, precision, stored))
+    with torch.no_grad():  # what extraction stores (extract.save_states), made once, outside the timings
+        states, _ = paired_forward(base, ft, args.layer, ids_BT, mask_BT, torch.float32)
     known: dict[str, torch.Tensor] = {}
-    for path, rule, steps, sel, reuse, precision in configs:
+    for path, rule, steps, sel, reuse, precision, stored in configs:
         use_path(path)
         results = {}
         select = None if sel is None else Selection(sel[0], sel[1], list(range(args.batch)))
         kl_BT = known.get("kl") if reuse else None
+        st = states if stored else None
 
         def attribute() -> None:
             # today's stage (diffsae.documents): documents missing 1 % get the Kronrod extension in the batch, and
@@ -169,7 +179,7 @@ def main() -> None:
             results["last"] = attribute_batch(base, ft, args.layer, ids_BT, mask_BT, sae, steps=steps,
                                               steps_per_forward=args.steps_per_forward, rule=rule,
                                               select=select, kl_BT=kl_BT, max_rel_error=kronrod,
-                                              noise_nats=NOISE_NATS, precision=precision)  # fmt: skip
+                                              noise_nats=NOISE_NATS, precision=precision, states=st)  # fmt: skip
             if reuse:
                 results["final"], results["refined"] = refine(results["last"], steps)
 
@@ -184,7 +194,8 @@ def main() -> None:
                 idx = torch.tensor(rows)
                 again = attribute_batch(base, ft, args.layer, ids_BT[idx], mask_BT[idx], sae, steps=steps,
                                         steps_per_forward=args.steps_per_forward, rule=rule, select=sub,
-                                        kl_BT=None if kl_BT is None else kl_BT[idx])  # fmt: skip
+                                        kl_BT=None if kl_BT is None else kl_BT[idx],
+                                        states=None if st is None else States(*(t[idx] for t in st)))  # fmt: skip
                 err_r = completeness(again)
                 for i, b in enumerate(rows):
                     err_B[b] = min(err_B[b], err_r[i])
@@ -197,6 +208,7 @@ def main() -> None:
         err = completeness(res)
         ratios = sorted(t / np.median(t_pair) for t in t_attr)
         label = f"{path:5s} {rule:14s} {steps:2d} {precision:8s}" + (" kl reused, refined" if reuse else "")
+        label += ", states stored" if stored else ""
         if sel is not None:
             share = np.nansum(res.weight_BT > 0) / np.nansum(res.weight_BT >= 0)
             label += f" select {sel[0]:g}/{sel[1]:g} ({share:.0%} of tokens weighted)"

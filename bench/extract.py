@@ -59,8 +59,8 @@ def bare(pair, docs, layer: int, batch_tokens: int) -> float:  # type: ignore[no
     t0, n = time.perf_counter(), 0
     for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
         ids, mask = pad_batch([docs[i] for i in idx], 0, pair.device)
-        h_b, h_f, kl = paired_forward(pair.base, pair.finetuned, layer, ids, mask, torch.float32)
-        (h_f - h_b)[mask.bool()]  # the diff, left on the device
+        states, kl = paired_forward(pair.base, pair.finetuned, layer, ids, mask, torch.float32)
+        (states.h_ft_BTD - states.h_base_BTD)[mask.bool()]  # the diff, left on the device
         n += int(mask.sum())
     return n / (time.perf_counter() - t0)
 

@@ -62,6 +62,7 @@ from diffsae.patching import (
     PAIR_CHUNK,
     Precision,
     SAELike,
+    States,
     autocast,
     frozen,
     model_device,
@@ -152,6 +153,7 @@ def attribute_batch(
     max_rel_error: float | None = None,
     noise_nats: float = 1e-5,
     precision: Precision = "float32",
+    states: States | None = None,
 ) -> AttributionBatch:
     """Integrated-gradients KL attribution of the SAE latents for one batch of documents (module docstring).
 
@@ -160,6 +162,8 @@ def attribute_batch(
     select: attribute only a weighted selection of the tokens' KL (`select_tokens`; None: every analysed token,
     weight 1). Every latent record is still reported; its attribution is then an unbiased estimate.
     kl_BT: KL(p_ft ‖ p_base) per token when known (extraction's `kl`): the base model then runs only up to `layer`.
+    states: h_base, h_ft at `layer` and the finetuned final hidden state when extraction stored them
+    (`extract.save_states`; needs kl_BT): neither model runs unpatched, only the patched passes above `layer`.
     precision: the matmul precision of the blocks above `layer` in the gradient passes (`bfloat16`: autocast; the
     residual stream, the head and its gradient stay float32, and the KL columns and the completeness target are
     always float32, so completeness measures the rounding too).
@@ -174,7 +178,7 @@ def attribute_batch(
     refine = max_rel_error is not None and rule == "gauss_legendre" and steps <= KRONROD_MAX_N
 
     with frozen(base, finetuned):
-        r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first, kl_BT)
+        r = patched_runs(base, finetuned, layer, input_ids_BT, attention_mask_BT, sae, skip_first, kl_BT, states)
         mask_BT, analysed_BT, docpos_BT, kl_BT, per_token = r.mask_BT, r.analysed_BT, r.docpos_BT, r.kl_BT, r.per_token
         x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD = r.x_ft_BTD, r.h_ft_BTD, r.start_BTD, r.delta_BTD
         tok_P, lat_P, act_P = r.tok_P, r.lat_P, r.act_P

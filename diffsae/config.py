@@ -104,6 +104,11 @@ class ExtractConfig(_Section):
     shard_tokens: int = Field(65536, ge=16, description="Tokens per Parquet shard (bounded shard size)")
     skip_first: int = Field(1, ge=0, description="First positions of every doc excluded from SAE data (BOS sink)")
     save_raw: bool = Field(False, description="Also store raw base and finetuned activations")
+    save_states: bool = Field(
+        True,
+        description="Also store float32 h_base, h_ft and the finetuned final hidden state (12·d bytes per token), so "
+        "attribution runs only the patched passes; false: attribution reruns both models unpatched",
+    )
     runner: Literal["local", "dask", "ray"] = Field(
         "local", description="Engine of the extraction and attribution shards: local (in the flow), dask or ray"
     )

@@ -22,7 +22,7 @@ import torch
 from diffsae.attribution import Selection, attribute_batch, doc_seed
 from diffsae.config import AttributionConfig
 from diffsae.data import Doc
-from diffsae.extract import pad_batch
+from diffsae.extract import States, pad_batch
 from diffsae.models import ModelPair
 from diffsae.patching import Precision, fast_bfloat16
 from diffsae.sae import BatchTopKSAE
@@ -52,11 +52,14 @@ class DocAttribution(NamedTuple):
 def attribute_docs(
     pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
     steps: int, kls: Mapping[int, np.ndarray] | None = None, precision: Precision | None = None,
+    states: Mapping[int, np.ndarray] | None = None,
 ) -> list[DocAttribution]:  # fmt: skip
     """Attribute one batch of whole documents; a document whose completeness misses `cfg.max_rel_error` (by more
     than float noise) first gets the Kronrod extension inside the batch, and if it still misses it is attributed
     again with twice the points, up to `cfg.max_steps`, keeping the better one.
     kls: extraction's per-token KL by doc_id (storage.activations.read_doc_kls): the base stops at `layer`.
+    states: extraction's stored unpatched runs by doc_id, float32 [n_tokens, 3, D] (h_base, h_ft, x_ft:
+    storage.activations.read_doc_states; needs kls): neither model runs unpatched.
     precision: of the gradient passes (None: `cfg.precision`, `auto` resolved by `gradient_precision`)."""
     if cfg.tokens not in ("all", "select"):
         raise ValueError(f"attribution.tokens {cfg.tokens!r} must be resolved first (AttributionConfig.resolved)")
@@ -70,11 +73,19 @@ def attribute_docs(
         kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
         for b, d in enumerate(docs):
             kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
+    padded = None
+    if states is not None:
+        if kls is None:
+            raise ValueError("stored states need extraction's kls too")
+        padded_3BTD = torch.zeros(3, *ids_BT.shape, states[docs[0].doc_id].shape[-1])
+        for b, d in enumerate(docs):
+            padded_3BTD[:, b, : len(d.token_ids)] = torch.from_numpy(states[d.doc_id]).transpose(0, 1)
+        padded = States(*padded_3BTD.to(pair.device).unbind(0))
     kronrod_ok = 2 * steps + 1 <= cfg.max_steps  # in-batch refinement: the Gauss rule's Kronrod extension
     out = attribute_batch(
         pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,
         kl_BT=kl_BT, max_rel_error=cfg.max_rel_error if kronrod_ok else None, noise_nats=NOISE_NATS,
-        precision=precision or gradient_precision(cfg, pair.device),
+        precision=precision or gradient_precision(cfg, pair.device), states=padded,
     )  # fmt: skip
     drop_B, got_B = out.kl_drop_B.astype(np.float64), out.attr_sum_B.astype(np.float64)
     gap_B = np.abs(got_B - drop_B)
@@ -93,7 +104,8 @@ def attribute_docs(
         ))  # fmt: skip
     redo = [b for b in range(len(docs)) if rel_B[b] > cfg.max_rel_error and gap_B[b] > NOISE_NATS]
     if redo and 2 * steps <= cfg.max_steps:
-        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls, "float32")
+        finer = attribute_docs(pair, layer, sae, [docs[b] for b in redo], cfg, skip_first, 2 * steps, kls, "float32",
+                               states)  # fmt: skip
         for b, f in zip(redo, finer):
             if f.rel_error < result[b].rel_error:
                 result[b] = f

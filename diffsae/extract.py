@@ -3,7 +3,10 @@
 Stage 1's compute, free of storage: both models read the same token ids (batched by a token budget, padding
 masked), the residual stream at layer L is read with a hook, and every real (non-padding) token yields one row:
 
-    doc_id, pos, token_id, role, kl, in_sae, diff (= h_ft - h_base) [, base, ft when save_raw]
+    doc_id, pos, token_id, role, kl, in_sae, diff (= h_ft - h_base) [, base, ft when save_raw] [, states]
+
+`states` (save_states): h_base, h_ft and the finetuned final hidden state x_ft in float32 (`States`), what the
+attribution stage would otherwise recompute with an unpatched forward of both models (diffsae/patching.py).
 
 `kl` = KL(p_ft,t ‖ p_base,t) of the next-token distributions at position t (float32 log-softmax, natural log).
 `in_sae` is False for the first `skip_first` positions (the BOS / attention-sink token), which stay in the tokens
@@ -27,6 +30,15 @@ from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual
 
 
+class States(NamedTuple):
+    """What extraction computed of the unpatched runs (`extract.save_states`), float32, laid out like the batch:
+    with them (and extraction's KL) the attribution runs neither model's unpatched forward again."""
+
+    h_base_BTD: torch.Tensor  # the base model's residual at the output of block `layer`
+    h_ft_BTD: torch.Tensor  # the finetuned model's residual there
+    x_ft_BTD: torch.Tensor  # the finetuned model's final hidden state (the head's input)
+
+
 class ExtractBatch(NamedTuple):
     doc_id_N: np.ndarray  # int64
     pos_N: np.ndarray  # int32
@@ -37,6 +49,7 @@ class ExtractBatch(NamedTuple):
     diff_ND: np.ndarray  # storage dtype
     base_ND: np.ndarray | None
     ft_ND: np.ndarray | None
+    states_N3D: np.ndarray | None = None  # float32 [N, 3, D]: States' h_base, h_ft, x_ft rows (save_states)
 
     @property
     def n_tokens(self) -> int:
@@ -89,9 +102,10 @@ def paired_forward(
     ids_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both models on the same batch: (h_base [B,T,D], h_ft [B,T,D], kl [B,T]), all float32 on the device.
-    The KL is made from the final hidden states a chunk of positions at a time (diffsae.head: no [B, T, V])."""
+) -> tuple[States, torch.Tensor]:
+    """Both models on the same batch: States (h_base, h_ft [B,T,D] float32, x_ft [B,T,D]) and kl [B,T] float32, on
+    the device. The KL is made from the final hidden states a chunk of positions at a time (diffsae.head: no
+    [B, T, V])."""
     with _autocast(ids_BT.device, dtype):
         with read_residual(base, layer) as cap_b:
             x_base_BTD = final_hidden(base, input_ids=ids_BT, attention_mask=mask_BT)
@@ -99,7 +113,7 @@ def paired_forward(
             x_ft_BTD = final_hidden(ft, input_ids=ids_BT, attention_mask=mask_BT)
         kl_BT = kl_from_hidden(ft, x_ft_BTD, base, x_base_BTD)  # KL(p_ft ‖ p_base), float32
     assert cap_b.value is not None and cap_f.value is not None
-    return cap_b.value.float(), cap_f.value.float(), kl_BT
+    return States(cap_b.value.float(), cap_f.value.float(), x_ft_BTD), kl_BT
 
 
 def extract_docs(
@@ -114,6 +128,7 @@ def extract_docs(
     skip_first: int = 1,
     save_raw: bool = False,
     pad_id: int = 0,
+    save_states: bool = False,
 ) -> Iterator[ExtractBatch]:
     """Yield one ExtractBatch per forward batch; rows are the real tokens of the batch's documents."""
     np_dtype = np.float16 if store_dtype == "float16" else np.float32
@@ -122,12 +137,15 @@ def extract_docs(
     for idx in plan_batches([len(d.token_ids) for d in docs], batch_tokens):
         bdocs = [docs[i] for i in idx]
         ids_BT, mask_BT = pad_batch(bdocs, pad_id, device)
-        h_base_BTD, h_ft_BTD, kl_BT = paired_forward(base, ft, layer, ids_BT, mask_BT, model_dtype)
+        states, kl_BT = paired_forward(base, ft, layer, ids_BT, mask_BT, model_dtype)
+        h_base_BTD, h_ft_BTD = states.h_base_BTD, states.h_ft_BTD
         real_BT = mask_BT.bool()
         diff_ND = (h_ft_BTD - h_base_BTD)[real_BT].to(t_dtype)  # [N, D], padding dropped
         out = [diff_ND, kl_BT[real_BT]]
         if save_raw:
             out += [h_base_BTD[real_BT].to(t_dtype), h_ft_BTD[real_BT].to(t_dtype)]
+        if save_states:
+            out.append(torch.stack([h_base_BTD[real_BT], h_ft_BTD[real_BT], states.x_ft_BTD[real_BT].float()], 1))
         if pin:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
             for h, t in zip(host, out):
@@ -147,4 +165,5 @@ def extract_docs(
             diff_ND=arrays[0].astype(np_dtype, copy=False),
             base_ND=arrays[2].astype(np_dtype, copy=False) if save_raw else None,
             ft_ND=arrays[3].astype(np_dtype, copy=False) if save_raw else None,
+            states_N3D=arrays[-1] if save_states else None,
         )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diffsae.data import Doc
-from diffsae.extract import pad_batch, plan_batches
+from diffsae.extract import States, pad_batch, plan_batches
 from diffsae.head import final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, residual_at, run_from
 
@@ -122,13 +122,17 @@ class PatchedRuns(NamedTuple):
 
 def patched_runs(
     base: nn.Module, finetuned: nn.Module, layer: int, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-    sae: SAELike, skip_first: int, kl_BT: torch.Tensor | None = None,
+    sae: SAELike, skip_first: int, kl_BT: torch.Tensor | None = None, states: States | None = None,
 ) -> PatchedRuns:  # fmt: skip
     """Both models, the SAE encoding of the diff and the three patched runs (h_base, h_base + b, h_base + recon),
     without gradients. Call inside `frozen(base, finetuned)`.
 
     kl_BT: KL(p_ft ‖ p_base) per token when already known (extraction stores it): the base model then runs only up
-    to block `layer` (`diffsae.hooks.residual_at`), its upper blocks and head are never computed."""
+    to block `layer` (`diffsae.hooks.residual_at`), its upper blocks and head are never computed.
+    states: the unpatched runs' residuals and final hidden state when extraction stored them (needs kl_BT): no
+    unpatched forward runs at all, only the patched passes."""
+    if states is not None and kl_BT is None:
+        raise ValueError("states need extraction's kl_BT too")
     device = model_device(finetuned)
     ids_BT = input_ids_BT.to(device)
     mask_BT = attention_mask_BT.to(device).bool()
@@ -142,22 +146,11 @@ def patched_runs(
     b_D = sae.b_dec_D.detach().float().to(device) / scale  # [D] bias in original units
 
     with torch.no_grad():
-        with read_residual(finetuned, layer) as cap_ft:
-            x_ft_BTD = _forward(finetuned, ids_BT, mask_long_BT, docpos_BT)
-        h_ft_BTD = cap_ft.value.float()
-        if kl_BT is None:
-            with read_residual(base, layer) as cap_base:
-                x_base_BTD = _forward(base, ids_BT, mask_long_BT, docpos_BT)
-            kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD.to(device))
-            h_base_BTD = cap_base.value.float().to(device)
-            del x_base_BTD
-        else:
-            ids_b = ids_BT.to(model_device(base))
-            h_base_BTD = residual_at(
-                base, layer, input_ids=ids_b, attention_mask=mask_long_BT.to(ids_b.device),
-                position_ids=docpos_BT.to(ids_b.device),
-            ).float().to(device)  # fmt: skip
-            kl_BT = kl_BT.to(device).float()
+        if states is None:
+            states, kl_BT = _unpatched(base, finetuned, layer, ids_BT, mask_long_BT, docpos_BT, kl_BT)
+        h_base_BTD, h_ft_BTD = (t.to(device, torch.float32) for t in states[:2])
+        x_ft_BTD = states.x_ft_BTD.to(device, next(finetuned.parameters()).dtype)  # as the patched runs' x
+        kl_BT = kl_BT.to(device).float()
 
         # SAE activations of the diff at the analysed tokens, as sparse (token, latent, activation) pairs.
         diff_ND = (h_ft_BTD - h_base_BTD)[analysed_BT]  # [N, D], N = analysed tokens
@@ -200,6 +193,29 @@ def patched_runs(
         mask_BT, analysed_BT, docpos_BT, kl_BT, per_token, x_ft_BTD, h_ft_BTD, start_BTD, delta_BTD,
         tok_P, lat_P, act_P,
     )  # fmt: skip
+
+
+def _unpatched(
+    base: nn.Module, finetuned: nn.Module, layer: int, ids_BT: torch.Tensor, mask_BT: torch.Tensor,
+    docpos_BT: torch.Tensor, kl_BT: torch.Tensor | None,
+) -> tuple[States, torch.Tensor]:  # fmt: skip
+    """The unpatched runs (the finetuned model whole, the base whole or only up to `layer` when kl_BT is known):
+    their States and KL(p_ft ‖ p_base) per token, on the finetuned model's device."""
+    device = model_device(finetuned)
+    with read_residual(finetuned, layer) as cap_ft:
+        x_ft_BTD = _forward(finetuned, ids_BT, mask_BT, docpos_BT)
+    if kl_BT is None:
+        with read_residual(base, layer) as cap_base:
+            x_base_BTD = _forward(base, ids_BT, mask_BT, docpos_BT)
+        kl_BT = kl_from_hidden(finetuned, x_ft_BTD, base, x_base_BTD.to(device))
+        h_base_BTD = cap_base.value
+        del x_base_BTD
+    else:
+        dev_b = model_device(base)
+        h_base_BTD = residual_at(
+            base, layer, input_ids=ids_BT.to(dev_b), attention_mask=mask_BT.to(dev_b), position_ids=docpos_BT.to(dev_b)
+        )
+    return States(h_base_BTD.float().to(device), cap_ft.value.float(), x_ft_BTD), kl_BT
 
 
 class PatchedKL(NamedTuple):

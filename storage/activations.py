@@ -1,6 +1,7 @@
 """Parquet layout of the activations stage: shards, their sidecars, the manifest, docs and tokens tables.
 
     <run>/activations/shard-00000.parquet   rows: doc_id, pos, token_id, token, role, kl, in_sae, diff[, base, ft]
+                                            [, h_base, h_ft, x_ft]
     <run>/activations/shard-00000.json      sidecar: the shard's record (written right after the shard)
     <run>/activations/docs.parquet          doc_id, id, text, behaviour, n_tokens
     <run>/activations/tokens.parquet        doc_id, pos, token_id, token, role, kl (projection of the shards)
@@ -65,6 +66,8 @@ def batch_to_arrow(batch: Any, schema: pa.Schema, token_strings: Sequence[str]) 
             _fixed_list(batch.base_ND, schema.field("base").type),
             _fixed_list(batch.ft_ND, schema.field("ft").type),
         ]
+    if batch.states_N3D is not None:
+        cols += [_fixed_list(batch.states_N3D[:, i], schema.field(n).type) for i, n in enumerate(schemas.STATE_COLUMNS)]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
@@ -322,3 +325,48 @@ def read_doc_kls(store: Store, paths: RunPaths) -> dict[int, np.ndarray]:
     doc_N, kl_N = doc_N[order], toks["kl"].to_numpy().astype(np.float32)[order]
     ids, starts = np.unique(doc_N, return_index=True)
     return {int(d): part for d, part in zip(ids, np.split(kl_N, starts[1:]))}
+
+
+def has_states(store: Store, paths: RunPaths, manifest: dict[str, Any]) -> bool:
+    """Whether the shards carry the unpatched runs' states (extract.save_states): their schema says so."""
+    if not manifest["shards"]:
+        return False
+    with store.open_read(paths.shard(manifest["shards"][0]["index"])) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return all(n in names for n in schemas.STATE_COLUMNS)
+
+
+def read_doc_states(store: Store, paths: RunPaths, manifest: dict[str, Any], doc_ids: Sequence[int]) -> dict[int, Any]:
+    """Per document in `doc_ids`, its stored states (extract.save_states) as float32 [n_tokens, 3, D] in position
+    order (h_base, h_ft, x_ft: diffsae.extract.States). Only the shards whose document range holds one of them are
+    opened, and of those only the row groups (forward batches) that do: the doc_id column is read first."""
+    wanted = np.unique(np.asarray(doc_ids, dtype=np.int64))
+    allowed = pa.array(wanted)
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for rec in manifest["shards"]:
+        lo, hi = np.searchsorted(wanted, [rec["doc_start"], rec["doc_end"]])
+        if lo == hi:
+            continue
+        with store.open_read(paths.shard(rec["index"])) as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                ids = pf.read_row_group(rg, columns=["doc_id"])["doc_id"]
+                if not pc.any(pc.is_in(ids, value_set=allowed)).as_py():
+                    continue
+                t = pf.read_row_group(rg, columns=["doc_id", "pos", *schemas.STATE_COLUMNS])
+                t = t.filter(pc.is_in(t["doc_id"], value_set=allowed))
+                d = t.schema.field(schemas.STATE_COLUMNS[0]).type.list_size
+                cols = [t[n].combine_chunks().values.to_numpy(zero_copy_only=False) for n in schemas.STATE_COLUMNS]
+                states_N3D = np.stack([c.reshape(-1, d) for c in cols], axis=1)  # [n, 3, D]
+                doc_N, pos_N = t["doc_id"].to_numpy(), t["pos"].to_numpy()
+                for doc in np.unique(doc_N):
+                    sel = doc_N == doc
+                    parts.setdefault(int(doc), []).append((pos_N[sel], states_N3D[sel]))
+    out = {}
+    for doc, chunks in parts.items():
+        pos_N = np.concatenate([p for p, _ in chunks])
+        out[doc] = np.concatenate([s for _, s in chunks])[np.argsort(pos_N, kind="stable")]
+    missing = set(wanted.tolist()) - set(out)
+    if missing:
+        raise RuntimeError(f"activations: no stored states for documents {sorted(missing)[:5]}")
+    return out

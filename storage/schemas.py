@@ -34,16 +34,22 @@ TOKENS = _schema(
 )  # fmt: skip
 
 # Columns every activation shard starts with: TOKENS + in_sae (the token is SAE data); `diff` (and `base`, `ft`
-# with extract.save_raw) follow, see activation_shard().
+# with extract.save_raw; STATE_COLUMNS with extract.save_states) follow, see activation_shard().
 SHARD_PREFIX = pa.schema(list(TOKENS) + [pa.field("in_sae", pa.bool_())])
+# extract.save_states: float32 h_base and h_ft at the layer and the finetuned final hidden state, what the
+# attribution stage reads instead of running both models unpatched (diffsae.extract.States, in this order).
+STATE_COLUMNS = ("h_base", "h_ft", "x_ft")
 
 
-def activation_shard(d: int, dtype: str, save_raw: bool) -> pa.Schema:
-    """A shard's schema: SHARD_PREFIX + `diff` (h_ft − h_base, fixed_size_list of `dtype` [d]) [+ `base`, `ft`]."""
+def activation_shard(d: int, dtype: str, save_raw: bool, save_states: bool = False) -> pa.Schema:
+    """A shard's schema: SHARD_PREFIX + `diff` (h_ft − h_base, fixed_size_list of `dtype` [d]) [+ `base`, `ft`]
+    [+ STATE_COLUMNS, float32 [d]]."""
     val = pa.float16() if dtype == "float16" else pa.float32()
     fields = list(SHARD_PREFIX) + [pa.field("diff", pa.list_(val, d))]
     if save_raw:
         fields += [pa.field("base", pa.list_(val, d)), pa.field("ft", pa.list_(val, d))]
+    if save_states:
+        fields += [pa.field(name, pa.list_(pa.float32(), d)) for name in STATE_COLUMNS]
     return pa.schema(fields)
 
 

@@ -40,6 +40,7 @@ from diffsae.config import AttributionConfig, ModelsConfig
 from diffsae.documents import PATCH_COLUMNS, attribute_docs, gradient_precision
 from diffsae.extract import plan_batches
 from diffsae.methods import load_dictionary
+from storage import activations as act
 from storage import schemas
 from storage.context import RunContext
 from storage.paths import RunPaths
@@ -254,20 +255,24 @@ def write_shard(ctx: RunContext, spec: AttributionShard, inputs: ShardInputs) ->
     done = shard_done(ctx, spec)
     if done is not None:
         return done
-    read_manifest(ctx, inputs.activations)
+    manifest = read_manifest(ctx, inputs.activations)
     release_marker(ctx, inputs.attribution_key, spec.key)
     cfg, models, store = inputs.cfg.resolved(inputs.activations.rows), inputs.models, ctx.store
     pair = MODEL_CACHE.pair(ctx, models)
     sae = MODEL_CACHE.sae(inputs.sae.key, inputs.sae.weights_sha256, pair.device, lambda: load_sae(ctx, pair.device))
     docs = MODEL_CACHE.run_docs(ctx, inputs.activations.fingerprint)
     kls = MODEL_CACHE.run_kls(ctx, inputs.activations.fingerprint)
+    states = None  # extraction's stored unpatched runs (extract.save_states): both models then run patched only
+    if act.has_states(store, ctx.paths, manifest):
+        states = act.read_doc_states(store, ctx.paths, manifest, [i for ids in spec.batches for i in ids])
     parts = _Parts(ctx, spec)
     patch: dict[str, list[np.ndarray]] = {k: [] for k in PATCH_SCHEMA.names}
     errors, refined, t0 = [], 0, time.perf_counter()
     desc = f"KL attribution {spec.index + 1}/{inputs.n_shards}"
     bar = tqdm(total=spec.n_tokens, unit="tok", unit_scale=True, desc=desc)
     for ids in spec.batches:
-        batch = attribute_docs(pair, models.layer, sae, [docs[i] for i in ids], cfg, inputs.skip_first, cfg.steps, kls)
+        batch = attribute_docs(pair, models.layer, sae, [docs[i] for i in ids], cfg, inputs.skip_first, cfg.steps, kls,
+                               states=states)  # fmt: skip
         recs = [r.records for r in batch]
         parts.add({
             "doc_id": np.concatenate([np.full(len(r["pos"]), a.doc.doc_id, np.int64) for r, a in zip(recs, batch)]),

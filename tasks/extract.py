@@ -89,6 +89,7 @@ def plan_extraction(
         "dtype": extract.dtype,
         "skip_first": extract.skip_first,
         "save_raw": extract.save_raw,
+        "save_states": extract.save_states,
         "models": fingerprints,
         "code": code_version(write_shard),
     }
@@ -121,7 +122,7 @@ def write_shard(ctx: RunContext, spec: ShardSpec, inputs: ShardInputs) -> act.Sh
     data = inputs.data
     docs = MODEL_CACHE.docs(ctx, data.path, models, data.max_tokens_per_doc, data.max_docs)
     d_model = int(pair.base.config.get_text_config().hidden_size)
-    schema = schemas.activation_shard(d_model, extract.dtype, extract.save_raw)
+    schema = schemas.activation_shard(d_model, extract.dtype, extract.save_raw, extract.save_states)
     strings = MODEL_CACHE.token_strings(ctx, models)
     writer = act.ShardWriter(ctx.store, ctx.paths, spec.index, schema, strings)
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
@@ -140,6 +141,7 @@ def write_shard(ctx: RunContext, spec: ShardSpec, inputs: ShardInputs) -> act.Sh
             extract.skip_first,
             extract.save_raw,
             pad_id,
+            extract.save_states,
         ):
             writer.put(batch)
             bar.update(batch.n_tokens)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAE = {"n_latents": 64, "k": 4, "batch_size": 64, "epochs": 2}
 ONE_SHARD = 10**9  # attribution.shard_tokens of the reference: one shard, the single-process path
 SHARD_TOKENS = 200  # the tiny data's 18 forward batches (extract.batch_tokens 128) in 8 shards
+EXTRACT_SHARD_TOKENS = 500  # several activation shards: an attribution shard reads stored states from several
 
 
 class Run(NamedTuple):
@@ -46,7 +48,7 @@ class Run(NamedTuple):
 
 def _config(root: Path, store: str, shard_tokens: int, **extract: Any) -> dict[str, Any]:
     return tiny_config(
-        root, store, sae=SAE, extract={"batch_tokens": 128, **extract},
+        root, store, sae=SAE, extract={"batch_tokens": 128, "shard_tokens": EXTRACT_SHARD_TOKENS, **extract},
         attribution={"steps": 4, "shard_tokens": shard_tokens},
     )  # fmt: skip
 
@@ -200,3 +202,30 @@ def test_dask_runner_gives_the_local_tables(tiny_pair: Path, reference: Run, sha
     _assert_tables(reference.tables, store)
     _assert_tables(sharded.tables, store)
     _assert_no_stale(store)
+
+
+def test_recomputed_states_give_the_stored_states_tables(tiny_pair: Path, reference: Run, tmp_path: Path) -> None:
+    """extract.save_states (the default) stores h_base, h_ft and x_ft in the activation shards and the attribution
+    runs only the patched passes; with it off the shards lack those columns and the attribution reruns both models
+    unpatched: the same SAE (the diffs are the same) and the same tables, up to float rounding."""
+    from storage import activations as act
+    from storage import schemas
+
+    store = str(tmp_path / "store")
+    _analyse(_config(tiny_pair, store, ONE_SHARD, save_states=False))
+    weights = []
+    for run, has in ((reference.store, True), (store, False)):
+        ctx = RunContext.create(run, "t")
+        names = pq.read_schema(ctx.paths.shard(0)).names
+        assert all((c in names) == has for c in schemas.STATE_COLUMNS)
+        assert act.has_states(ctx.store, ctx.paths, act.read_manifest(ctx.store, ctx.paths)) == has
+        weights.append(Path(ctx.paths.url("sae", "sae.safetensors")).read_bytes())
+    assert weights[0] == weights[1]
+    got, ref = _tables(store), reference.tables
+    keys = ["doc_id", "pos", "latent_id"]
+    assert got["latent_tokens"].select(keys).equals(ref["latent_tokens"].select(keys))
+    for table, cols in (("latent_tokens", ["activation", "kl_attribution"]),
+                        ("tokens", ["kl", "kl_patch_base", "kl_patch_bias", "kl_patch_recon"])):  # fmt: skip
+        for c in cols:
+            a, b = got[table][c].to_numpy(), ref[table][c].to_numpy()
+            assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()), (table, c)

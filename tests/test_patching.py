@@ -3,6 +3,8 @@ the attribution stage's refinement of documents that miss completeness."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,58 @@ def test_bfloat16_gradient_passes_keep_the_float32_endpoints(pair, sae) -> None:
         direct = attribute_batch(base, ft, LAYER, ids_BT[b : b + 1, :n], torch.ones(1, n, dtype=torch.long), sae,
                                  steps=4)  # float32  # fmt: skip
         np.testing.assert_allclose(out[b].records["kl_attribution"], direct.attribution, rtol=1e-5, atol=1e-7)
+
+
+def test_stored_states_give_the_recomputed_attribution(pair, sae) -> None:
+    """With extraction's stored states (diffsae.extract.paired_forward: h_base, h_ft at the layer and x_ft) and its KL,
+    neither model runs unpatched (a model that raises unless patched proves it) and every output equals the
+    recomputing path; the attribution stage's documents path pads them the same way (attribute_docs(states=))."""
+    from types import SimpleNamespace
+
+    from diffsae.config import AttributionConfig
+    from diffsae.data import Doc
+    from diffsae.documents import attribute_docs
+    from diffsae.extract import paired_forward
+    from diffsae.hooks import decoder_layers
+    from diffsae.models import ModelPair
+
+    base, ft = pair
+    ids_BT, mask_BT = right_padded()
+    ref = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=4, rule="gauss_legendre")
+    states, kl_BT = paired_forward(base, ft, LAYER, ids_BT, mask_BT, torch.float32)
+    np.testing.assert_allclose(np.nan_to_num(ref.kl_BT), kl_BT * mask_BT, rtol=1e-5, atol=1e-7)
+
+    calls = {"base": 0, "lower": 0, "upper": 0}
+
+    def count(name: str) -> Callable[..., None]:
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [base.register_forward_pre_hook(count("base")),
+             decoder_layers(ft)[LAYER].mlp.register_forward_hook(count("lower")),
+             decoder_layers(ft)[LAYER + 1].mlp.register_forward_hook(count("upper"))]  # fmt: skip
+    try:
+        got = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=4, rule="gauss_legendre", kl_BT=kl_BT,
+                              states=states)  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls["base"] == calls["lower"] == 0 < calls["upper"]  # no base forward; the finetuned one above LAYER
+    for name in ref._fields:
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="kl_BT"):
+        attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=4, states=states)
+
+    docs = [Doc(b, str(b), "", "none", ids_BT[b, :n].tolist(), ["text"] * n) for b, n in enumerate(LENGTHS)]
+    mp = ModelPair(base, ft, SimpleNamespace(pad_token_id=0), torch.device("cpu"), "b", "f")
+    cfg = AttributionConfig(steps=4, tokens="all", rule="gauss_legendre", precision="float32")
+    kls = {b: kl_BT[b, :n].numpy() for b, n in enumerate(LENGTHS)}
+    stored = {b: torch.stack(list(states), 2)[b, :n].numpy() for b, n in enumerate(LENGTHS)}  # [n, 3, D]
+    plain, reused = (attribute_docs(mp, LAYER, sae, docs, cfg, 1, 4, kls, states=s) for s in (None, stored))
+    for a, b in zip(plain, reused):
+        assert a.steps == b.steps
+        np.testing.assert_allclose(b.records["kl_attribution"], a.records["kl_attribution"], rtol=1e-5, atol=1e-6)
+        for name in a.per_token:
+            np.testing.assert_allclose(b.per_token[name], a.per_token[name], rtol=1e-5, atol=1e-7)
 
 
 # QUADPACK's 15-point Kronrod extension of the 7-point Gauss rule on [-1, 1] (qk15: xgk, wgk), the upper half.
