@@ -2,7 +2,8 @@
 
 What: on `--docs` documents of a finished run (its pair, its SAE, its activations on the store), each attribution
 setting (`--settings`, e.g. `midpoint:16 gauss_legendre:4 gauss_legendre:4:select gauss_legendre:4:bfloat16`: rule,
-points, then `select` and/or `bfloat16` gradient passes) attributes the same documents
+points, then `select` and/or `bfloat16` gradient passes and/or `states`: extraction's stored states read, as the
+stage does when the run has them, instead of both models' unpatched forward) attributes the same documents
 in batches of `--batch-tokens` tokens as the stage does (`diffsae.documents.attribute_docs`: extraction's KL reused,
 documents missing 1 % refined: the Kronrod extension, then twice the points), and prints: seconds per token and
 the ratio to a paired forward of the same batches; documents refined; per-document completeness |Σ attr − drop| /
@@ -66,6 +67,12 @@ def main() -> None:
     start, end = (int(x) for x in args.docs.split(":"))
     docs = act.read_docs(ctx.store, ctx.paths)[start:end]
     kls = act.read_doc_kls(ctx.store, ctx.paths)
+    manifest = act.read_manifest(ctx.store, ctx.paths)
+    states = None
+    if any("states" in s.split(":") for s in args.settings):
+        if manifest is None or not act.has_states(ctx.store, ctx.paths, manifest):
+            raise SystemExit("error: a `states` setting needs a run extracted with extract.save_states")
+        states = act.read_doc_states(ctx.store, ctx.paths, manifest, [d.doc_id for d in docs])
     defaults = AttributionConfig()
     n_tok = sum(len(d.token_ids) for d in docs)
     print(f"run {cfg.run}: {len(docs)} documents, {n_tok} tokens, layer {models.layer}, "
@@ -94,8 +101,10 @@ def main() -> None:
         precision = "bfloat16" if "bfloat16" in rest else "float32"
         acfg = AttributionConfig(rule=rule, steps=int(steps), tokens=tokens, precision=precision)  # type: ignore[arg-type]
         reuse = kls if path == "upper" else None  # the old stage ran the base to the end for KL(0)
+        stored = states if "states" in rest else None
         for batch in batches:  # as the stage does: documents missing 1 % are refined (diffsae.documents)
-            for a in attribute_docs(pair, models.layer, sae, batch, acfg, cfg.extract.skip_first, acfg.steps, reuse):
+            for a in attribute_docs(pair, models.layer, sae, batch, acfg, cfg.extract.skip_first, acfg.steps, reuse,
+                                    states=stored):  # fmt: skip
                 errors.append(a.rel_error)
                 refined += a.steps > acfg.steps
                 np.add.at(totals, a.records["latent_id"], a.records["kl_attribution"].astype(np.float64))

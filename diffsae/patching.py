@@ -18,7 +18,7 @@ from torch import nn
 
 from diffsae.data import Doc
 from diffsae.extract import States, pad_batch, plan_batches
-from diffsae.head import final_hidden, kl_from_hidden
+from diffsae.head import check_head, final_hidden, kl_from_hidden
 from diffsae.hooks import read_residual, residual_at, run_from
 
 PAIR_CHUNK = 1 << 16  # active (token, latent) pairs per gather chunk
@@ -90,6 +90,7 @@ def patched_hidden(
 ) -> torch.Tensor:
     """The finetuned model's final hidden state [B, T, D] with the output of block `layer` replaced by `h_BTD`;
     only the blocks above `layer` run (diffsae.hooks.run_from: the lower blocks' output is replaced anyway)."""
+    check_head(model)  # its once-per-model unpatched check must not run inside run_from
     with run_from(model, layer, h_BTD):
         return _forward(model, ids_BT, mask_BT, pos_BT)  # [B, T, D]
 

@@ -148,6 +148,7 @@ def test_stored_states_give_the_recomputed_attribution(pair, sae) -> None:
     from diffsae.data import Doc
     from diffsae.documents import attribute_docs
     from diffsae.extract import paired_forward
+    from diffsae.head import _CHECKED
     from diffsae.hooks import decoder_layers
     from diffsae.models import ModelPair
 
@@ -162,18 +163,21 @@ def test_stored_states_give_the_recomputed_attribution(pair, sae) -> None:
     def count(name: str) -> Callable[..., None]:
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
 
+    _CHECKED.pop(ft, None)  # as in a fresh process (the stage's): the head's one-time check runs first, unpatched
+    kw = {"steps": 4, "rule": "gauss_legendre", "kl_BT": kl_BT, "states": states}
+    first = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, **kw)  # type: ignore[arg-type]
     hooks = [base.register_forward_pre_hook(count("base")),
              decoder_layers(ft)[LAYER].mlp.register_forward_hook(count("lower")),
              decoder_layers(ft)[LAYER + 1].mlp.register_forward_hook(count("upper"))]  # fmt: skip
     try:
-        got = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=4, rule="gauss_legendre", kl_BT=kl_BT,
-                              states=states)  # fmt: skip
+        got = attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, **kw)  # type: ignore[arg-type]
     finally:
         for h in hooks:
             h.remove()
     assert calls["base"] == calls["lower"] == 0 < calls["upper"]  # no base forward; the finetuned one above LAYER
     for name in ref._fields:
         np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(getattr(first, name), getattr(got, name))
     with pytest.raises(ValueError, match="kl_BT"):
         attribute_batch(base, ft, LAYER, ids_BT, mask_BT, sae, steps=4, states=states)
 
