@@ -90,6 +90,7 @@ class ShardWriter:
         self.rows = 0
         self._q: queue.Queue[Any] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
+        self._aborting = False  # abort(): the thread skips what is queued, then stops
         self._ctx = store.writing(paths.shard(index), "application/vnd.apache.parquet")
         self._tmp = self._ctx.__enter__()
         self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
@@ -101,7 +102,7 @@ class ShardWriter:
             item = self._q.get()
             if item is None:
                 return
-            if self._error is not None:
+            if self._error is not None or self._aborting:
                 continue
             try:
                 rb = batch_to_arrow(item, self.schema, self.token_strings)
@@ -140,6 +141,12 @@ class ShardWriter:
         return rec
 
     def abort(self) -> None:
+        """Stop the writer thread first (closing the Parquet writer while the thread writes a batch to it crashed
+        the process with SIGSEGV: a Ctrl-C mid-extraction, once in a CI run), then drop the partial file."""
+        self._aborting = True
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
         try:
             self._writer.close()
         except Exception:
