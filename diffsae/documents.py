@@ -49,6 +49,16 @@ class DocAttribution(NamedTuple):
     steps: int
 
 
+def _padded(per_doc: Mapping[int, np.ndarray], docs: list[Doc], T: int) -> torch.Tensor:
+    """Per-document float32 arrays [n_tokens, ...] by doc_id, right-padded with zeros into [B, T, ...], as
+    `pad_batch` lays out the documents' tokens."""
+    first = per_doc[docs[0].doc_id]
+    out = torch.zeros(len(docs), T, *first.shape[1:], dtype=torch.float32)
+    for b, d in enumerate(docs):
+        out[b, : len(d.token_ids)] = torch.from_numpy(per_doc[d.doc_id])
+    return out
+
+
 def attribute_docs(
     pair: ModelPair, layer: int, sae: BatchTopKSAE, docs: list[Doc], cfg: AttributionConfig, skip_first: int,
     steps: int, kls: Mapping[int, np.ndarray] | None = None, precision: Precision | None = None,
@@ -68,19 +78,10 @@ def attribute_docs(
     if cfg.tokens == "select":
         seeds = [doc_seed(cfg.select_seed, d.doc_id) for d in docs]
         select = Selection(cfg.select_top, cfg.select_sample, seeds)
-    kl_BT = None
-    if kls is not None:
-        kl_BT = torch.zeros(ids_BT.shape, dtype=torch.float32)
-        for b, d in enumerate(docs):
-            kl_BT[b, : len(d.token_ids)] = torch.from_numpy(kls[d.doc_id])
-    padded = None
-    if states is not None:
-        if kls is None:
-            raise ValueError("stored states need extraction's kls too")
-        padded_3BTD = torch.zeros(3, *ids_BT.shape, states[docs[0].doc_id].shape[-1])
-        for b, d in enumerate(docs):
-            padded_3BTD[:, b, : len(d.token_ids)] = torch.from_numpy(states[d.doc_id]).transpose(0, 1)
-        padded = States(*padded_3BTD.to(pair.device).unbind(0))
+    if states is not None and kls is None:
+        raise ValueError("stored states need extraction's kls too")
+    kl_BT = None if kls is None else _padded(kls, docs, ids_BT.shape[1])
+    padded = None if states is None else States(*_padded(states, docs, ids_BT.shape[1]).to(pair.device).unbind(2))
     kronrod_ok = 2 * steps + 1 <= cfg.max_steps  # in-batch refinement: the Gauss rule's Kronrod extension
     out = attribute_batch(
         pair.base, pair.finetuned, layer, ids_BT, mask_BT, sae, steps, skip_first, rule=cfg.rule, select=select,

@@ -48,6 +48,12 @@ def _fixed_list(arr_ND: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, arr_ND.shape[1])
 
 
+def _rows(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list<T>[d] column as a numpy [n, d] array of T (the inverse of `_fixed_list`)."""
+    col = column.combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+
+
 def batch_to_arrow(batch: Any, schema: pa.Schema, token_strings: Sequence[str]) -> pa.RecordBatch:
     """An diffsae.extract.ExtractBatch as an Arrow record batch of `schema`."""
     values = {
@@ -265,10 +271,7 @@ def _diff_row_groups(
                 t = t.filter(keep)
                 if t.num_rows == 0:
                     continue
-                col = t["diff"].combine_chunks()
-                d = col.type.list_size
-                flat = col.values.to_numpy(zero_copy_only=False)
-                yield t["doc_id"].to_numpy(), flat.reshape(-1, d).astype(np.float32, copy=False)
+                yield t["doc_id"].to_numpy(), _rows(t["diff"]).astype(np.float32, copy=False)
 
 
 def iter_diff_chunks(
@@ -362,9 +365,7 @@ def read_doc_states(store: Store, paths: RunPaths, manifest: dict[str, Any], doc
                     continue
                 t = pf.read_row_group(rg, columns=["doc_id", "pos", *schemas.STATE_COLUMNS])
                 t = t.filter(pc.is_in(t["doc_id"], value_set=allowed))
-                d = t.schema.field(schemas.STATE_COLUMNS[0]).type.list_size
-                cols = [t[n].combine_chunks().values.to_numpy(zero_copy_only=False) for n in schemas.STATE_COLUMNS]
-                states_N3D = np.stack([c.reshape(-1, d) for c in cols], axis=1)  # [n, 3, D]
+                states_N3D = np.stack([_rows(t[n]) for n in schemas.STATE_COLUMNS], axis=1)  # [n, 3, D]
                 doc_N, pos_N = t["doc_id"].to_numpy(), t["pos"].to_numpy()
                 for doc in np.unique(doc_N):
                     sel = doc_N == doc
