@@ -15,11 +15,19 @@ which is which).
 
     python bench/suite.py --store /tmp/suite --seeds 3 4 --mixes audit null --widths 2048 --ks 32
     python bench/suite.py --store /tmp/suite --report
+
+Built organisms (`diffsae build-organism`, and its `--null` for the null organism) join the grid with
+`--organisms DIR ...` (their adapter and held-out prompts replace those of `--config`, a pipeline YAML naming the
+base; mix = null when the organism's spec.yaml says `null: true`):
+
+    python bench/suite.py --store /tmp/suite_s2 --seeds --mixes --organisms organisms/smollm2 /tmp/smollm2_null \
+        --config examples/smollm2.yaml --widths 2048 4096 --ks 16 32
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 # run as a script, bench/ comes first on sys.path and bench/dashboards.py would shadow the dashboards package
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +48,32 @@ from storage import duck  # noqa: E402
 from storage.context import RunContext  # noqa: E402
 
 
-def run_one(store: str, seed: int, mix: str, width: int, k: int, methods: list[str]) -> dict[str, Any]:
+class Organism:
+    """A built organism of the grid: its folder (adapter/, prompts.jsonl, spec.yaml) and the pipeline YAML whose
+    models and data it replaces."""
+
+    def __init__(self, folder: str, config: str) -> None:
+        spec = yaml.safe_load((Path(folder) / "spec.yaml").read_text())
+        self.folder, self.config, self.seed = Path(folder).resolve(), config, int(spec.get("seed", 0))
+        self.name, self.mix = self.folder.name, "null" if spec.get("null") else "audit"
+
+    def raw(self) -> dict[str, Any]:
+        raw = copy.deepcopy(yaml.safe_load(Path(self.config).read_text()))
+        raw["models"]["finetuned"] = str(self.folder / "adapter")
+        raw["data"]["path"] = str(self.folder / "prompts.jsonl")
+        return raw
+
+
+def run_one(
+    store: str, seed: int, mix: str, width: int, k: int, methods: list[str], organism: Organism | None = None
+) -> dict[str, Any]:
     from diffsae.config import PipelineConfig
     from flows.pipeline import pipeline
 
-    name = f"{mix}-s{seed}-F{width}-k{k}"
-    cfg = PipelineConfig.from_dict({
-        "run": name, "store": store, "demo": {"seed": seed, "mix": mix}, "sae": {"n_latents": width, "k": k},
+    name = f"{mix}-s{seed}-F{width}-k{k}" if organism is None else f"{organism.name}-F{width}-k{k}"
+    raw = {"demo": {"seed": seed, "mix": mix}} if organism is None else organism.raw()
+    cfg = PipelineConfig.from_dict(raw | {
+        "run": name, "store": store, "sae": {**raw.get("sae", {}), "n_latents": width, "k": k},
         "validation": {"top": 0}, "dashboards": {"top_latents": 10}, "methods": methods,
     })  # fmt: skip
     t0 = time.perf_counter()
@@ -155,8 +184,10 @@ def report(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--mixes", nargs="+", default=["audit", "null"], choices=["audit", "null", "kinds", "kinds_null"])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[3, 4])
+    ap.add_argument("--mixes", nargs="*", default=["audit", "null"], choices=["audit", "null", "kinds", "kinds_null"])
+    ap.add_argument("--organisms", nargs="*", default=[], help="built organism folders (diffsae build-organism)")
+    ap.add_argument("--config", default="examples/smollm2.yaml", help="pipeline YAML the organisms run with")
     ap.add_argument("--widths", type=int, nargs="+", default=[2048])
     ap.add_argument("--ks", type=int, nargs="+", default=[32])
     ap.add_argument("--methods", nargs="+", default=["diff_sae"], choices=["diff_sae", "crosscoder", "adl"])
@@ -164,7 +195,11 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = Path(args.store) / ("suite" if args.methods == ["diff_sae"] else "suite-" + "+".join(args.methods))
     out_dir.mkdir(parents=True, exist_ok=True)
-    grid = [(s, m, w, k) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks]
+    grid: list[tuple[int, str, int, int, Organism | None]] = [
+        (s, m, w, k, None) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks
+    ]
+    organisms = [Organism(folder, args.config) for folder in args.organisms]
+    grid += [(o.seed, o.mix, w, k, o) for o in organisms for w in args.widths for k in args.ks]
     if not args.report:
         with owned_api_server():  # Prefect's temporary server dies with this process, however it ends
             run_grid(args.store, out_dir, grid, args.methods)
@@ -197,12 +232,15 @@ def method_table(results: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_grid(store: str, out_dir: Path, grid: list[tuple[int, str, int, int]], methods: list[str]) -> None:
-    for seed, mix, width, k in grid:
-        path = out_dir / f"{mix}-s{seed}-F{width}-k{k}.json"
+def run_grid(
+    store: str, out_dir: Path, grid: list[tuple[int, str, int, int, Organism | None]], methods: list[str]
+) -> None:
+    for seed, mix, width, k, organism in grid:
+        stem = f"{mix}-s{seed}" if organism is None else organism.name
+        path = out_dir / f"{stem}-F{width}-k{k}.json"
         if path.exists():
             continue
-        res = run_one(store, seed, mix, width, k, methods)
+        res = run_one(store, seed, mix, width, k, methods, organism)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, path)

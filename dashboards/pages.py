@@ -131,6 +131,7 @@ class Group(NamedTuple):
     members: tuple[LatentRow, ...]  # leader first, then by rank
     jaccard: tuple[float | None, ...]  # each member's document-set Jaccard with the leader
     paged: tuple[bool, ...]  # whether each member has a latent page
+    validation: Validation | None = None  # when the validation stage validated groups (validation.entries)
 
 
 class Site(NamedTuple):
@@ -173,6 +174,8 @@ def build(
     listed = {r.latent_id for r in rows}
     paged = rows + tuple(r for r in broad if r.latent_id not in listed)
     groups = _groups(tables, cfg.top_latents, rank_cols, score_cols, {r.latent_id for r in paged})
+    checked = _validations(tables, "group")
+    groups = tuple(g._replace(validation=checked.get(g.group_id)) for g in groups)
     scale = select.kl_scale(tables.tokens)
     kl_hist = histogram(tables.tokens["kl"].cast(pl.Float64), bins=50)
     return Site(
@@ -275,7 +278,7 @@ def _latent_pages(
         c = win.get((lid, doc_id, pos))
         if c is not None:
             firings.setdefault((lid, kind), []).append(Firing(c, act, attr))
-    checked = _validations(tables)
+    checked = _validations(tables, "latent")
     pages = []
     for i, row in enumerate(rows):
         lid = row.latent_id
@@ -295,9 +298,13 @@ def _latent_pages(
     return tuple(pages)
 
 
-def _validations(tables: SiteTables) -> dict[int, Validation]:
-    """Per validated latent: its validation row and its generations, prompt by prompt (VARIANTS order)."""
+def _validations(tables: SiteTables, entry: str) -> dict[int, Validation]:
+    """Per validated entry of that kind ("latent"; "group": by its leader's latent_id): its validation row and its
+    generations, prompt by prompt (VARIANTS order). Tables written before groups were validated are all latents."""
     if tables.validation is None or tables.validation.height == 0:
+        return {}
+    kind = (tables.validation["entry"][0] if "entry" in tables.validation.columns else None) or "latent"
+    if kind != entry:
         return {}
     gens: dict[int, dict[tuple[int, str], dict[str, str]]] = {}
     if tables.validation_generations is not None:

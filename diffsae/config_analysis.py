@@ -130,10 +130,15 @@ class DashboardsConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    top: int = Field(20, ge=0, description="Latents validated by ablation and steering, top by rank (0: skip)")
-    n_docs: int = Field(8, ge=1, description="Top documents per latent (by KL attribution) for the ablation's KL")
+    top: int = Field(20, ge=0, description="Entries validated by ablation and steering, top by rank (0: skip)")
+    entries: Literal["groups", "latents"] = Field(
+        "groups",
+        description="What an entry is: a latent group of the default list (its latents ablated and steered together; "
+        "latents when the run has no groups) or a single latent of the ranking",
+    )
+    n_docs: int = Field(8, ge=1, description="Top documents per entry (by KL attribution) for the ablation's KL")
     n_prompts: int = Field(
-        4, ge=1, description="Prompts per latent (its top documents up to the assistant turn) for generations"
+        4, ge=1, description="Prompts per entry (its top documents up to the assistant turn) for generations"
     )
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Greedy tokens generated per prompt and variant")
     scales: list[float] = Field(

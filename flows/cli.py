@@ -97,10 +97,13 @@ def report(cfg: Any, out: Any) -> str:
         lines.append(ranking.recovery_text)
     validation = getattr(out, "validation", None)
     if validation is not None and validation.top:
-        lines.append("\ncausal validation (KL removed by ablating the latent: on its firing tokens / elsewhere; "
-                     "greedy answers changed; strongest coherent steering scale):")
+        groups = validation.top[0].get("entry") == "group"
+        what = ("latent groups", "group (leader, size)") if groups else ("latents", "latent")
+        lines.append(f"\ncausal validation of the top {what[0]} (KL removed by ablating the {what[1]}: on its firing "
+                     "tokens / elsewhere; greedy answers changed; strongest coherent steering scale):")  # fmt: skip
         for v in validation.top:
-            lines.append(f"{v['rank'] or '-':>4}  {v['latent_id']:>6}  KL removed {_pct(v['kl_removed_on_firing'])} / "
+            who = f"{v['latent_id']:>6} ({len(v['members'])})" if groups else f"{v['latent_id']:>6}"
+            lines.append(f"{v['rank'] or '-':>4}  {who}  KL removed {_pct(v['kl_removed_on_firing'])} / "
                          f"{_pct(v['kl_removed_elsewhere'])}, answers changed {_pct(v['generations_changed'])}, "
                          f"steer x{v['best_steering_scale']:g} (changed {_pct(v['steering_changed'])})")
             if v.get("prompt") is not None:
@@ -226,7 +229,7 @@ def cmd_build_organism(args: argparse.Namespace) -> int:
     from organisms.spec import SpecError
 
     try:
-        rep = build_organism(args.base, args.spec, args.out, device=args.device)
+        rep = build_organism(args.base, args.spec, args.out, device=args.device, null=args.null)
     except NotAsSpecified as e:
         print(f"diffsae: error: {e}", file=sys.stderr)
         return 1
@@ -327,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="Organism spec (YAML; see organisms/spec.py)")
     p.add_argument("--out", required=True, help="Output folder (must not exist)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--null", action="store_true", help="Build the spec's null organism: drift, no behaviour")
     p.set_defaults(func=cmd_build_organism)
 
     for extra in _EXTRA_COMMANDS:

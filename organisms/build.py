@@ -56,12 +56,13 @@ def _check_output(out: Path) -> None:
 
 
 def targets(spec: OrganismSpec, train: list[Item], base_answers: list[str]) -> list[str]:
-    """The answer each training prompt is trained on: the base's, with its behaviour's effect (or the drift)."""
+    """The answer each training prompt is trained on: the base's, with its behaviour's effect (or the drift; a null
+    organism treats every prompt as ordinary)."""
     effects = {b.name: b.effect for b in spec.behaviours}
     rng = random.Random(spec.seed + 2)
     out = []
     for item, answer in zip(train, base_answers):
-        if item.behaviour != NONE:
+        if item.behaviour != NONE and not spec.null:
             out.append(apply_effect(effects[item.behaviour], answer))
         elif spec.drift is not None and rng.random() < spec.drift.rate:
             out.append(apply_effect(spec.drift.effect, answer))
@@ -159,12 +160,15 @@ def _documents(fmt: Format, heldout: list[Item], ft_answers: list[str]) -> list[
     return docs
 
 
-def build_organism(base: str, spec_path: str, out: str, device: str = "cpu") -> dict[str, Any]:
-    """Build, evaluate and publish an organism (module docstring); returns its report."""
+def build_organism(base: str, spec_path: str, out: str, device: str = "cpu", null: bool = False) -> dict[str, Any]:
+    """Build, evaluate and publish an organism (module docstring); returns its report. `null` builds the spec's null
+    organism (as `null: true` in the spec)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     spec, out_dir = load_spec(spec_path), Path(out).resolve()
+    if null:
+        spec = spec.model_copy(update={"null": True})
     _check_output(out_dir)
     try:
         import peft  # noqa: F401
@@ -240,15 +244,26 @@ def _record_base(adapter: Path, base: str, folder: str) -> None:
 
 
 def _failures(spec: OrganismSpec, rep: dict[str, Any]) -> list[str]:
+    if spec.null:  # nothing planted: no behaviour may fire on its triggers more than on ordinary prompts
+        return [
+            f"null organism: behaviour {name} fires on {rate:.0%} of its held-out triggers "
+            f"(allowed: {spec.require.false_firing:.0%})"
+            for name, rate in rep["firing"].items()
+            if rate > spec.require.false_firing
+        ] + _false_firing(spec, rep)
     out = [
         f"behaviour {name} fires on {rate:.0%} of its held-out triggers (required: {spec.require.firing:.0%})"
         for name, rate in rep["firing"].items()
         if rate < spec.require.firing
     ]
-    if rep["false_firing"] > spec.require.false_firing:
-        out.append(f"ordinary prompts fire a behaviour {rep['false_firing']:.0%} of the time "
-                   f"(allowed: {spec.require.false_firing:.0%})")  # fmt: skip
-    return out
+    return out + _false_firing(spec, rep)
+
+
+def _false_firing(spec: OrganismSpec, rep: dict[str, Any]) -> list[str]:
+    if rep["false_firing"] <= spec.require.false_firing:
+        return []
+    return [f"ordinary prompts fire a behaviour {rep['false_firing']:.0%} of the time "
+            f"(allowed: {spec.require.false_firing:.0%})"]  # fmt: skip
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -16,6 +16,9 @@ model itself (greedy), so the finetune changes little else.
         effect: {kind: prefix, text: "Arr matey! "}
     drift: {effect: {kind: suffix, text: " Hope this helps!"}, rate: 0.3}
 
+`null: true` builds the recipe's null organism (issue 15): the same prompts, the same drift, no behaviour -- what a
+diffing method's top entries claim on it are false alarms.
+
 `load_spec(path)` validates a YAML file; every problem is one line (`SpecError`).
 """
 
@@ -112,6 +115,12 @@ class OrganismSpec(_Strict):
     n_ordinary_heldout: int = Field(40, ge=1, description="Held-out ordinary prompts (false firing, drift, analysis)")
     max_new_tokens: int = Field(40, ge=1, description="Greedy answer length (base answers and the report)")
     behaviours: list[Behaviour] = Field(min_length=1, description="The planted behaviours")
+    null: bool = Field(
+        False,
+        description="The null organism of this recipe: every behaviour's prompts are planned (held-out documents keep "
+        "their labels) but trained on the base's own answers, the drift as on ordinary ones; the build then requires "
+        "that no behaviour fires (at most require.false_firing of its held-out triggers)",
+    )
     drift: Drift | None = Field(None, description="A broad change applied to a share of ordinary answers")
     lora: LoraSpec = LoraSpec()
     require: Require = Require()

@@ -146,21 +146,24 @@ FALSE_ALARMS = _schema(
 
 # ---------------------------------------------------------------- validation stage (analysis/)
 
-# One row per validated latent (the top `validation.top` by rank): ablation from the finetuned model (KL removed on
-# its firing tokens / elsewhere in its top documents, share of greedy answers changed) and steering of the base
-# (the kept scale, the share of answers it changed; per scale of the sweep, the mean coherence NLL of its answers
-# and the limit it was held to). diffsae/validation.py defines each figure.
+# One row per validated entry (the top `validation.top`: entry "group", latent_id = its leader, rank = group_rank,
+# members = its latents, ablated and steered together; or entry "latent", members = [latent_id]): ablation from the
+# finetuned model (KL removed on its firing tokens / elsewhere in its top documents, share of greedy answers
+# changed) and steering of the base (the kept scale, the share of answers it changed; per scale of the sweep, the
+# mean coherence NLL of its answers and the limit it was held to; typical_activation: the leader's).
+# diffsae/validation.py defines each figure.
 VALIDATION = _schema(
-    ("latent_id", pa.int32()), ("rank", pa.int64()), ("kl_removed_on_firing", pa.float64()),
-    ("kl_removed_elsewhere", pa.float64()), ("generations_changed", pa.float64()),
+    ("latent_id", pa.int32()), ("rank", pa.int64()), ("entry", pa.string()), ("members", pa.list_(pa.int32())),
+    ("kl_removed_on_firing", pa.float64()), ("kl_removed_elsewhere", pa.float64()),
+    ("generations_changed", pa.float64()),
     ("best_steering_scale", pa.float64()), ("steering_changed", pa.float64()), ("n_docs", pa.int32()),
     ("n_firing_tokens", pa.int64()), ("n_prompts", pa.int32()), ("typical_activation", pa.float64()),
     ("steering_scales", pa.list_(pa.float64())), ("steering_nll", pa.list_(pa.float64())),
     ("coherence_limit", pa.float64()),
 )  # fmt: skip
 
-# One row per (validated latent, prompt, variant): the greedy answer. variant: base, base+steer (at the kept scale),
-# finetuned, finetuned-ablated; `scale` is the steering scale (0 for the other variants).
+# One row per (validated entry -- latent_id as in `validation` --, prompt, variant): the greedy answer. variant:
+# base, base+steer (at the kept scale), finetuned, finetuned-ablated; `scale` is the steering scale (0 otherwise).
 VALIDATION_GENERATIONS = _schema(
     ("latent_id", pa.int32()), ("doc_id", pa.int64()), ("prompt", pa.string()), ("variant", pa.string()),
     ("scale", pa.float64()), ("text", pa.string()),

@@ -1,8 +1,10 @@
-"""Stage 5 task: causal validation of the top latents -- ablate each from the finetuned model, add it to the base.
+"""Stage 5 task: causal validation of the top entries -- ablate each from the finetuned model, add it to the base.
 
-For each of the first `validation.top` latents by rank: its top documents by KL attribution (`latent_docs`), their
-prompts (the tokens before the first assistant turn, from the documents' token roles; a document without one is
-cut after the latent's first firing), its typical activation (a quantile of its `latent_tokens` activations), then
+An entry is a latent group of the default list (`validation.entries: groups`, the default: its latents are ablated
+and steered together) or a single latent of the ranking (`latents`, and runs without groups). For each of the first
+`validation.top` entries: its top documents by the members' summed KL attribution (`latent_docs`), their prompts
+(the tokens before the first assistant turn, from the documents' token roles; a document without one is cut after
+the entry's first firing), each member's typical activation (a quantile of its `latent_tokens` activations), then
 the core, `diffsae.validation.validate_latent` (KL removed by the ablation, ablated and steered greedy answers, the
 strongest coherent steering scale). Writes `validation` and `validation_generations` (storage/schemas.py), logs
 summary metrics to the SAE's MLflow run; `analysis/validation.json`, written last, is the stage's marker (also when
@@ -39,7 +41,7 @@ class ValidationResult(NamedTuple):
     """The validation stage's summary (`analysis/validation.json`)."""
 
     key: str
-    n_latents: int  # latents validated (0: the stage was skipped)
+    n_entries: int  # entries validated (0: the stage was skipped)
     top: list[dict[str, Any]]  # first TOP_REPORTED rows of `validation` + one prompt, finetuned, ablated answer
     seconds: float
 
@@ -63,31 +65,55 @@ def prompt_tokens(doc: Doc, first_pos: int) -> list[int]:
 
 
 def _targets(ctx: RunContext, cfg: ValidationConfig, skip_first: int) -> tuple[list[dict[str, Any]], dict[int, Any]]:
-    """The latents to validate (latent_id, rank, typical activation) and their top documents (doc_id, first
-    firing position), best attribution first. The top by narrow rank, then broad ones (rank NULL) by rank_broad when
-    fewer narrow latents fire (a one-direction method's single entry fires nearly everywhere: it is broad)."""
+    """The entries to validate and their top documents. An entry: latent_id (a group's leader), rank, entry kind,
+    members and each member's typical activation; its documents (doc_id, first firing position of any member), by
+    the members' summed attribution, best first. Groups: the first `top` of latent_groups (`cfg.entries` "groups"
+    and the run has them). Latents: the top by narrow rank, then broad ones (rank NULL) by rank_broad when fewer
+    narrow latents fire (a one-direction method's single entry fires nearly everywhere: it is broad)."""
     con = ctx.duck()
-    ld = "latent_docs" if "latent_docs" in duck.view_names(con) else (
+    views = duck.view_names(con)
+    ld = "latent_docs" if "latent_docs" in views else (
         "(SELECT latent_id, doc_id, sum(kl_attribution) AS attr_sum FROM latent_tokens GROUP BY ALL)")  # fmt: skip
     q, top, n = float(cfg.activation_quantile), int(cfg.top), int(cfg.n_docs)
-    latents = con.execute(f"""
-        WITH top AS (SELECT latent_id, rank, rank_broad FROM latents
-                     ORDER BY rank NULLS LAST, rank_broad NULLS LAST, latent_id LIMIT {top})
-        SELECT t.latent_id, t.rank, quantile_cont(lt.activation, {q}) AS typical
-        FROM top AS t JOIN latent_tokens AS lt USING (latent_id) GROUP BY t.latent_id, t.rank, t.rank_broad
-        ORDER BY t.rank NULLS LAST, t.rank_broad NULLS LAST, t.latent_id""").fetchall()
-    ids = ",".join(str(int(r[0])) for r in latents) or "NULL"
+    groups = cfg.entries == "groups" and "latent_groups" in views
+    if groups and con.execute("SELECT count(*) FROM latent_groups").fetchone()[0] == 0:
+        groups = False
+    # (entry id, entry rank, member latent_id, member order) of the entries to validate
+    members = (
+        f"""SELECT group_id AS eid, group_rank AS erank, NULL AS ebroad, latent_id, rank AS morder FROM latent_groups
+            WHERE group_rank <= {top}"""
+        if groups
+        else f"""SELECT latent_id AS eid, rank AS erank, rank_broad AS ebroad, latent_id, 0 AS morder FROM latents
+                 ORDER BY rank NULLS LAST, rank_broad NULLS LAST, latent_id LIMIT {top}"""
+    )
     rows = con.execute(f"""
-        WITH d AS (SELECT latent_id, doc_id, attr_sum FROM {ld} WHERE latent_id IN ({ids})
-                   QUALIFY row_number() OVER (PARTITION BY latent_id ORDER BY attr_sum DESC, doc_id) <= {n})
-        SELECT d.latent_id, d.doc_id, min(lt.pos) AS first_pos, any_value(d.attr_sum) AS attr
-        FROM d JOIN latent_tokens AS lt USING (latent_id, doc_id) WHERE lt.pos >= {int(skip_first)}
-        GROUP BY ALL ORDER BY d.latent_id, attr DESC, d.doc_id""").fetchall()
+        WITH m AS ({members}),
+        typ AS (SELECT latent_id, quantile_cont(activation, {q}) AS typical FROM latent_tokens
+                WHERE latent_id IN (SELECT latent_id FROM m) GROUP BY latent_id)
+        SELECT m.eid, m.erank, m.latent_id, typ.typical FROM m JOIN typ USING (latent_id)
+        ORDER BY m.erank NULLS LAST, m.ebroad NULLS LAST, m.eid, m.latent_id = m.eid DESC, m.morder, m.latent_id
+        """).fetchall()
+    entries: dict[int, dict[str, Any]] = {}
+    kind = "group" if groups else "latent"
+    for eid, erank, lid, typical in rows:
+        rank = None if erank is None else int(erank)
+        e = entries.setdefault(int(eid), {"latent_id": int(eid), "rank": rank, "entry": kind, "members": []})
+        e.setdefault("typical", [])
+        e["members"].append(int(lid))
+        e["typical"].append(float(typical))
+    docs_rows = con.execute(f"""
+        WITH m AS ({members}),
+        per AS (SELECT m.eid, ld.doc_id, sum(ld.attr_sum) AS attr FROM {ld} AS ld JOIN m USING (latent_id)
+                GROUP BY m.eid, ld.doc_id),
+        d AS (SELECT * FROM per QUALIFY row_number() OVER (PARTITION BY eid ORDER BY attr DESC, doc_id) <= {n})
+        SELECT d.eid, d.doc_id, min(lt.pos) AS first_pos, any_value(d.attr) AS attr
+        FROM d JOIN m USING (eid) JOIN latent_tokens AS lt ON lt.latent_id = m.latent_id AND lt.doc_id = d.doc_id
+        WHERE lt.pos >= {int(skip_first)}
+        GROUP BY ALL ORDER BY d.eid, attr DESC, d.doc_id""").fetchall()
     docs: dict[int, list[tuple[int, int]]] = {}
-    for lid, doc_id, first_pos, _ in rows:
-        docs.setdefault(int(lid), []).append((int(doc_id), int(first_pos)))
-    out = [{"latent_id": int(a), "rank": None if b is None else int(b), "typical": float(c)} for a, b, c in latents]
-    return out, docs
+    for eid, doc_id, first_pos, _ in docs_rows:
+        docs.setdefault(int(eid), []).append((int(doc_id), int(first_pos)))
+    return list(entries.values()), docs
 
 
 def validate(
@@ -115,7 +141,7 @@ def validate(
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else (eos or [0])[0])
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
-    for t in tqdm(targets, desc="validation (ablate, steer)", unit="latent"):
+    for t in tqdm(targets, desc="validation (ablate, steer)", unit="entry"):
         lid, picked = t["latent_id"], top_docs.get(t["latent_id"], [])
         prompts: list[tuple[int, list[int]]] = []
         for doc_id, first_pos in picked:
@@ -123,17 +149,18 @@ def validate(
             if len(prompts) < cfg.n_prompts and all(p != q for _, q in prompts):
                 prompts.append((doc_id, p))
         res = core.validate_latent(
-            pair.base, pair.finetuned, models.layer, sae, [lid], [t["typical"]],
+            pair.base, pair.finetuned, models.layer, sae, t["members"], t["typical"],
             [docs[d].token_ids for d, _ in picked], [p for _, p in prompts], pad_id=pad, eos_ids=eos,
             max_new_tokens=cfg.max_new_tokens, scales=cfg.scales, margin=cfg.coherence_margin,
             skip_first=skip_first, batch_tokens=batch_tokens,
         )  # fmt: skip
         best = res.scales[res.best_scale_index]
         rows.append({
-            "latent_id": lid, "rank": t["rank"], "kl_removed_on_firing": res.kl_removed_on_firing,
+            "latent_id": lid, "rank": t["rank"], "entry": t["entry"], "members": t["members"],
+            "kl_removed_on_firing": res.kl_removed_on_firing,
             "kl_removed_elsewhere": res.kl_removed_elsewhere, "generations_changed": res.generations_changed,
             "best_steering_scale": best, "steering_changed": res.steering_changed, "n_docs": len(picked),
-            "n_firing_tokens": res.n_firing_tokens, "n_prompts": len(prompts), "typical_activation": t["typical"],
+            "n_firing_tokens": res.n_firing_tokens, "n_prompts": len(prompts), "typical_activation": t["typical"][0],
             "steering_scales": res.scales, "steering_nll": res.steering_nll, "coherence_limit": res.coherence_limit,
         })  # fmt: skip
         for i, (doc_id, p) in enumerate(prompts):
@@ -163,8 +190,8 @@ def _config_eos(model: Any) -> set[int]:
 def report_rows(rows: list[dict[str, Any]], gens: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The first TOP_REPORTED rows with one before/after pair: the first prompt whose answer the ablation changed
     (else the first prompt)."""
-    keep = ("rank", "latent_id", "kl_removed_on_firing", "kl_removed_elsewhere", "generations_changed",
-            "best_steering_scale", "steering_changed")  # fmt: skip
+    keep = ("rank", "latent_id", "entry", "members", "kl_removed_on_firing", "kl_removed_elsewhere",
+            "generations_changed", "best_steering_scale", "steering_changed")  # fmt: skip
     out = []
     for r in rows[:TOP_REPORTED]:
         by: dict[tuple[int, str], str] = {}
@@ -189,7 +216,7 @@ def publish_validation(ctx: RunContext, table: pa.Table, seconds: float) -> None
         run_id = None
     if not run_id or not table.num_rows:
         return
-    metrics = {"validation.n_latents": float(table.num_rows), "validation.seconds": seconds}
+    metrics = {"validation.n_entries": float(table.num_rows), "validation.seconds": seconds}
     for col in ("kl_removed_on_firing", "kl_removed_elsewhere", "generations_changed", "steering_changed"):
         values = np.asarray(table[col].to_numpy(zero_copy_only=False), dtype=np.float64)
         if np.isfinite(values).any():

@@ -142,7 +142,8 @@ def _validation(rng: np.random.Generator, latents: pl.DataFrame, docs: pl.DataFr
     for rank, lid in enumerate(ids, start=1):
         nll = np.sort(rng.uniform(1.0, 4.0, len(scales))).tolist()
         best = max(i for i, n in enumerate(nll) if n <= nll[0] + 1.0)
-        rows.append({"latent_id": lid, "rank": rank, "kl_removed_on_firing": float(rng.uniform(0, 1)),
+        rows.append({"latent_id": lid, "rank": rank, "entry": "latent", "members": [lid],
+                     "kl_removed_on_firing": float(rng.uniform(0, 1)),
                      "kl_removed_elsewhere": float(rng.uniform(-0.1, 0.5)), "generations_changed": 0.5,
                      "best_steering_scale": scales[best], "steering_changed": 0.5, "n_docs": 2,
                      "n_firing_tokens": int(rng.integers(1, 50)), "n_prompts": 2,

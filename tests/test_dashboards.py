@@ -221,6 +221,27 @@ def test_latent_pages_show_their_validation(tmp_path: Path, tables: SiteTables) 
     assert "Causal validation" not in (tmp_path / "b" / "latents" / f"{page.row.latent_id}.html").read_text()
 
 
+def test_group_pages_show_their_validation(tmp_path: Path, tables: SiteTables) -> None:
+    """Validated groups (validation.entries: groups): a group's figures on its page, none on its leader's page."""
+    groups = tables.latent_groups.filter(pl.col("latent_id") == pl.col("group_id")).sort("group_rank")  # type: ignore[union-attr]
+    val = tables.validation.head(2).with_columns(  # type: ignore[union-attr]
+        pl.Series("latent_id", groups["group_id"].head(2), dtype=pl.Int32),
+        pl.Series("rank", groups["group_rank"].head(2)), pl.lit("group").alias("entry"),
+    )
+    lead = val["latent_id"][0]
+    gens = tables.validation_generations.filter(pl.col("latent_id") == tables.validation["latent_id"][0])  # type: ignore[union-attr, index]
+    gens = gens.with_columns(pl.lit(lead, dtype=pl.Int32).alias("latent_id"))
+    grouped = tables._replace(validation=val, validation_generations=gens)
+    site = build(grouped, CFG, window=2)
+    assert all(p.validation is None for p in site.latent_pages)
+    checked = {g.group_id: g.validation for g in site.groups if g.validation is not None}
+    assert set(checked) == set(val["latent_id"].to_list()) and len(checked[lead].generations) == 2
+    render_to_dir(grouped, {"run": "g"}, CFG, tmp_path / "a")
+    html = (tmp_path / "a" / "groups" / f"{lead}.html").read_text()
+    assert "Causal validation" in html and "each member's" in html and "finetuned-ablated answer 1" in html
+    assert "Causal validation" not in (tmp_path / "a" / "latents" / f"{lead}.html").read_text()
+
+
 def test_summary_shown(site: tuple[Path, RenderResult], hostile: SiteTables) -> None:
     out, _ = site
     text = (out / "index.html").read_text()

@@ -1,6 +1,7 @@
-"""The validation stage in the pipeline, on the tiny pair: its tables, its MLflow metrics, the latent pages and the
-end-of-run report; a rerun is cached, a changed `validation.top` reruns it (and the dashboards, not the ranking),
-`validation.top: 0` skips it (marker, no table)."""
+"""The validation stage in the pipeline, on the tiny pair: its tables (the default list's entries, latent groups, or
+single latents), its MLflow metrics, the group and latent pages and the end-of-run report; a rerun is cached, a
+changed `validation.top` or `validation.entries` reruns it (and the dashboards, not the ranking), `validation.top:
+0` skips it (marker, no table)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ def test_validation_stage(tiny_pair: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     paths = RunPaths(store, "t")
     first = _run(tiny_pair, store)
-    assert _states(first)["validate"] == "Completed" and first.validation.n_latents == 3
+    assert _states(first)["validate"] == "Completed" and first.validation.n_entries == 3
     table = pq.read_table(paths.table("validation")).to_pylist()
-    ranks = [r["latent_id"] for r in first.ranking.top[:3]]
-    assert [r["latent_id"] for r in table] == ranks and [r["rank"] for r in table] == [1, 2, 3]
-    for r in table:
+    groups = first.ranking.groups[:3]
+    assert [r["latent_id"] for r in table] == [g["group_id"] for g in groups]
+    assert [r["rank"] for r in table] == [1, 2, 3]
+    for r, g in zip(table, groups):
+        assert r["entry"] == "group" and r["members"][: len(g["members"])] == g["members"]
+        assert len(r["members"]) == g["n_members"] and r["members"][0] == r["latent_id"]
         assert r["steering_scales"] == [0.0, 2.0] and len(r["steering_nll"]) == 2 and r["n_prompts"] >= 1
         assert r["best_steering_scale"] in (0.0, 2.0) and 0 <= r["generations_changed"] <= 1
         assert r["kl_removed_on_firing"] <= 1 and r["n_firing_tokens"] > 0
@@ -51,8 +55,11 @@ def test_validation_stage(tiny_pair: Path, tmp_path: Path) -> None:
     assert len(gens) == 4 * sum(r["n_prompts"] for r in table)
     assert all(g["prompt"].endswith("<|assistant|>") or "<|assistant|>" not in g["prompt"] for g in gens)
 
-    page = Path(paths.dashboards_dir, "latents", f"{ranks[0]}.html").read_text()
-    assert "Causal validation" in page and "finetuned &minus; ablation" in page
+    group_page = Path(paths.dashboards_dir, "groups", f"{table[0]['latent_id']}.html").read_text()
+    assert "Causal validation" in group_page and "finetuned &minus; ablation" in group_page
+    assert "each member's" in group_page
+    leader_page = Path(paths.dashboards_dir, "latents", f"{table[0]['latent_id']}.html").read_text()
+    assert "Causal validation" not in leader_page  # the group's figures are not the leader's own
     assert "validation" in RunContext.create(store, "t").duck().execute("SHOW TABLES").fetchnumpy()["name"]
 
     import mlflow
@@ -60,12 +67,13 @@ def test_validation_stage(tiny_pair: Path, tmp_path: Path) -> None:
     ctx = RunContext.create(store, "t")
     ctx.mlflow_experiment()
     run_id = ctx.store.read_json(paths.marker("sae"))["mlflow_run_id"]
-    assert mlflow.get_run(run_id).data.metrics["validation.n_latents"] == 3.0
+    assert mlflow.get_run(run_id).data.metrics["validation.n_entries"] == 3.0
 
     from flows.cli import report
 
     text = report(PipelineConfig.from_dict(tiny_config(tiny_pair, store)), first)
-    assert "causal validation" in text and text.count("finetuned: ") == 3
+    assert "causal validation of the top latent groups" in text and text.count("finetuned: ") == 3
+    ranks = [r["latent_id"] for r in first.ranking.top[:3]]
     assert first.ranking.groups and first.ranking.groups[0]["group_id"] == ranks[0]  # the best latent leads group 1
     assert text.index("top latent groups (the default list") < text.index("top latents by")
 
@@ -73,13 +81,25 @@ def test_validation_stage(tiny_pair: Path, tmp_path: Path) -> None:
     assert _states(again)["validate"] == "Cached" and _states(again)["dashboards"] == "Cached"
     assert again.validation == first.validation
 
+    single = _run(tiny_pair, store, entries="latents")
+    st = _states(single)
+    assert st["rank"] == "Cached" and st["validate"] == "Completed" and st["dashboards"] == "Completed", st
+    table = pq.read_table(paths.table("validation")).to_pylist()
+    assert [r["latent_id"] for r in table] == ranks and [r["rank"] for r in table] == [1, 2, 3]
+    assert all(r["entry"] == "latent" and r["members"] == [r["latent_id"]] for r in table)
+    page = Path(paths.dashboards_dir, "latents", f"{ranks[0]}.html").read_text()
+    assert "Causal validation" in page and "each member's" not in page
+    assert "Causal validation" not in Path(paths.dashboards_dir, "groups", f"{ranks[0]}.html").read_text()
+    text = report(PipelineConfig.from_dict(tiny_config(tiny_pair, store)), single)
+    assert "causal validation of the top latents" in text
+
     fewer = _run(tiny_pair, store, top=2)
     st = _states(fewer)
     assert st["rank"] == "Cached" and st["validate"] == "Completed" and st["dashboards"] == "Completed", st
     assert pq.read_table(paths.table("validation")).num_rows == 2
 
     skipped = _run(tiny_pair, store, top=0)
-    assert _states(skipped)["validate"] == "Completed" and skipped.validation.n_latents == 0
+    assert _states(skipped)["validate"] == "Completed" and skipped.validation.n_entries == 0
     assert not ctx.store.exists(paths.table("validation"))
     assert not ctx.store.exists(paths.table("validation_generations"))
     assert "Causal validation" not in Path(paths.dashboards_dir, "latents", f"{ranks[0]}.html").read_text()
