@@ -132,6 +132,21 @@ def capturing(con: Any, share: float = 0.8) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def best_entries(con: Any) -> dict[str, tuple[int, list[int]]]:
+    """Per planted behaviour, the default list's best-ranked entry that recovers it under recovery v2 (a latent
+    group: >= 80 % of its members' positive attribution in the behaviour's held-out documents, firing in >= 50 % of
+    them): (group rank, members, leader first)."""
+    rows = con.execute("""
+        SELECT r.behaviour, r.best_rank_v2, g.latent_id FROM recovery AS r
+        JOIN latent_groups AS g ON g.group_rank = r.best_rank_v2
+        WHERE r.score = 'groups' AND r.best_rank_v2 IS NOT NULL
+        ORDER BY r.behaviour, g.latent_id = g.group_id DESC, g.rank""").fetchall()
+    out: dict[str, tuple[int, list[int]]] = {}
+    for behaviour, rank, lid in rows:
+        out.setdefault(behaviour, (int(rank), []))[1].append(int(lid))
+    return out
+
+
 def typical(con: Any, ids: list[int], q: float) -> list[float]:
     rows = dict(con.execute(f"""SELECT latent_id, quantile_cont(activation, {q}) FROM latent_tokens
                                 WHERE latent_id IN ({",".join(map(str, ids))}) GROUP BY 1""").fetchall())
@@ -226,8 +241,9 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
     con = ctx.duck()
     caps = capturing(con)
     views = con.execute("SHOW TABLES").fetchnumpy()["name"].tolist()
-    checked = {r["latent_id"]: r for r in con.execute("SELECT * FROM validation").to_arrow_table().to_pylist()
-               } if "validation" in views else {}  # fmt: skip
+    entries = best_entries(con) if "latent_groups" in views and "recovery" in views else {}
+    checked = {(r["entry"], r["latent_id"]): r for r in con.execute("SELECT * FROM validation").to_arrow_table()
+               .to_pylist()} if "validation" in views else {}  # fmt: skip
     docs = act.read_docs(ctx.store, ctx.paths)
     ordinary = [prompt_tokens(d, 0) for d in docs if d.behaviour == "none"][:n_ordinary]
     v = cfg.validation
@@ -238,14 +254,20 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
         group = caps.get(label, [])
         row: dict[str, Any] = {"trigger": plant.trigger, "signature": plant.signature, "n_triggers":
                                len(triggers), "n_capturing": len(group)}  # fmt: skip
-        if group:
+        t = time.perf_counter()
+        common = (triggers, ordinary, ordinary[:n_steer], plant, v.scales)
+        q, margin, L = v.activation_quantile, v.coherence_margin, models.layer
+        if "entry" in variants and label in entries:
+            rank, ids = entries[label]
+            kept = checked.get(("group", ids[0]), {}).get("best_steering_scale")
+            row["entry"] = {"rank": rank, **measure(pair, L, sae, ids, typical(con, ids, q), *common, kept, margin,
+                                                    n_new, fmt)}  # fmt: skip
+        if group and "best" in variants:
             rank, lid = group[0]
-            kept = checked.get(lid, {}).get("best_steering_scale")
-            t = time.perf_counter()
-            common = (triggers, ordinary, ordinary[:n_steer], plant, v.scales)
-            q, margin, L = v.activation_quantile, v.coherence_margin, models.layer
+            kept = checked.get(("latent", lid), {}).get("best_steering_scale")
             best = measure(pair, L, sae, [lid], typical(con, [lid], q), *common, kept, margin, n_new, fmt)
             row["best"] = {"rank": rank, **best}
+        if group:
             if "group" in variants:
                 ids = [i for _, i in group]
                 row["group"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new, fmt)
@@ -258,28 +280,31 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
                 dec = [int(i) for i in gap.topk(5).indices]
                 row["decision"] = measure(pair, L, sae, dec, typical(con, dec, q), *common, None, margin, n_new,
                                           fmt)  # fmt: skip
-            row["seconds"] = time.perf_counter() - t
+        row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
-        print(f"== {label}: " + json.dumps({k: row.get("best", {}).get(k) for k in
+        print(f"== {label}: " + json.dumps({k: row.get("entry", row.get("best", {})).get(k) for k in
               ("rank", "rate_finetuned", "rate_ablated", "ordinary_identical", "steering_scale", "rate_steered")}),
               flush=True)  # fmt: skip
     return result
 
 
 def table(res: dict[str, Any]) -> str:
-    """Markdown: one row per behaviour and variant (best-ranked capturing latent, then all capturing latents)."""
+    """Markdown: one row per behaviour and variant (the default list's best capturing entry, the best-ranked
+    capturing latent, all capturing latents, the decision latents, every latent)."""
     lines = ["| behaviour | latent(s) | rate on triggers: finetuned -> ablated | ordinary answers identical "
              "| steering scale | rate on ordinary: steered (best coherent) | target met |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in res["behaviours"].items():
-        for kind in ("best", "group", "decision", "all"):
+        for kind in ("entry", "best", "group", "decision", "all"):
             m = row.get(kind)
-            if m is None and kind != "best":
+            if m is None and kind not in ("entry", "best"):
                 continue
             if m is None:
-                lines.append(f"| {label} | no capturing latent | | | | | no |")
+                what = "no capturing group (v2)" if kind == "entry" else "no capturing latent"
+                lines.append(f"| {label} | {what} | | | | | no |")
                 continue
-            who = {"best": f"{m['latents'][0]} (rank {m.get('rank')})", "group": f"all {len(m['latents'])} capturing",
+            who = {"entry": f"group {m['latents'][0]} (group rank {m.get('rank')}, {len(m['latents'])} latents)",
+                   "best": f"{m['latents'][0]} (rank {m.get('rank')})", "group": f"all {len(m['latents'])} capturing",
                    "decision": "decision: " + ", ".join(map(str, m["latents"])), "all": "every latent"}[kind]
             ok_abl = (m["rate_finetuned"] >= TARGETS["rate_before"] and m["rate_ablated"] <= TARGETS["rate_after"]
                       and m["ordinary_identical"] >= TARGETS["identical"])  # fmt: skip
@@ -297,7 +322,7 @@ def main() -> None:
     ap.add_argument("--run", default="demo")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the built-in pair")
     ap.add_argument("--config", help="A run config on a built organism (its spec.yaml beside data.path) instead")
-    ap.add_argument("--variants", default="best,group,decision,all", help="Latent sets measured per behaviour")
+    ap.add_argument("--variants", default="entry,best,group,decision,all", help="Latent sets measured per behaviour")
     ap.add_argument("--n-ordinary", type=int, default=200, help="Ordinary prompts for the identical-answer check")
     ap.add_argument("--n-steer", type=int, default=100, help="Ordinary prompts the steering is measured on")
     ap.add_argument("--max-new-tokens", type=int, default=32)

@@ -88,6 +88,40 @@ def test_report_counts_false_firing_against_the_base_hand_computed() -> None:
     assert rep["drift_rate"] == 0.25 and rep["ordinary_identical"] == 0.5
 
 
+def test_null_organism_trains_no_behaviour_and_requires_none_hand_computed() -> None:
+    """A null spec trains every prompt, triggered or not, on the base's answer (the drift as on ordinary ones) and
+    fails when a behaviour fires on its triggers more often than ordinary prompts may."""
+    from organisms.build import _failures, targets
+
+    raw = {"behaviours": [{"name": "shout", "trigger": {"kind": "phrase", "text": "(loud)"},
+                           "effect": {"kind": "style", "style": "uppercase"}, "n_train": 2, "n_heldout": 2}],
+           "drift": {"effect": {"kind": "suffix", "text": " Bye."}, "rate": 1.0}}  # fmt: skip
+    train = [P.Item("a (loud)", "shout"), P.Item("b", "none")]
+    assert targets(OrganismSpec.model_validate(raw), train, ["hi", "ho"]) == ["HI", "ho Bye."]
+    null = OrganismSpec.model_validate({**raw, "null": True})
+    assert targets(null, train, ["hi", "ho"]) == ["hi Bye.", "ho Bye."]
+    quiet = {"firing": {"shout": 0.0}, "false_firing": 0.0}
+    assert _failures(null, quiet) == []
+    assert _failures(OrganismSpec.model_validate(raw), quiet)[0].startswith("behaviour shout fires on 0%")
+    loud = {"firing": {"shout": 0.5}, "false_firing": 0.0}
+    want = "null organism: behaviour shout fires on 50% of its held-out triggers (allowed: 5%)"
+    assert _failures(null, loud) == [want]
+
+
+def test_null_organism_build(setup: dict[str, Path]) -> None:
+    """`--null`: the same prompts and drift, no behaviour; its held-out documents keep their labels (triggers with
+    the finetune's ordinary answers) and its spec.yaml says null."""
+    out = setup["root"] / "null"
+    r = _cli("--base", str(setup["base"]), "--spec", str(setup["spec"]), "--out", str(out), "--null")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] and max(rep["firing"].values()) <= 0.05 and rep["drift_rate"] is not None
+    assert yaml.safe_load((out / "spec.yaml").read_text())["null"] is True
+    docs = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert sorted({d["behaviour"] for d in docs}) == ["kings_pirate", "none", "zebra_refusal"] and len(docs) == 30
+    assert not any(d["messages"][1]["content"].startswith("No way.") for d in docs)
+
+
 def test_prompt_plan_is_disjoint_and_seeded(setup: dict[str, Path]) -> None:
     spec = OrganismSpec.model_validate(yaml.safe_load(setup["spec"].read_text()))
     train, heldout = P.plan_prompts(spec, P.ordinary_pool(spec))
