@@ -199,7 +199,7 @@ def main() -> None:
         (s, m, w, k, None) for s in args.seeds for m in args.mixes for w in args.widths for k in args.ks
     ]
     organisms = [Organism(folder, args.config) for folder in args.organisms]
-    grid += [(o.seed, o.mix, w, k, o) for o in organisms for w in args.widths for k in args.ks]
+    grid += [(o.seed, o.mix, w, k, o) for w in args.widths for k in args.ks for o in organisms]  # side by side
     if not args.report:
         with owned_api_server():  # Prefect's temporary server dies with this process, however it ends
             run_grid(args.store, out_dir, grid, args.methods)

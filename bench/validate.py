@@ -125,7 +125,8 @@ def capturing(con: Any, share: float = 0.8) -> dict[str, list[tuple[int, int]]]:
     rows = con.execute(f"""
         WITH mass AS ({mass})
         SELECT m.behaviour, l.rank, l.latent_id FROM mass AS m JOIN latents AS l USING (latent_id)
-        WHERE l.pos_mass > 0 AND m.pos_mass / l.pos_mass >= {share} ORDER BY m.behaviour, l.rank""").fetchall()
+        WHERE l.rank IS NOT NULL AND l.pos_mass > 0 AND m.pos_mass / l.pos_mass >= {share}
+        ORDER BY m.behaviour, l.rank""").fetchall()
     out: dict[str, list[tuple[int, int]]] = {}
     for behaviour, rank, lid in rows:
         out.setdefault(behaviour, []).append((int(rank), int(lid)))
