@@ -224,7 +224,7 @@ def last_token_acts(pair: Any, layer: int, sae: Any, prompts: list[list[int]]) -
 
 
 def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: int, n_steer: int, n_new: int,
-             variants: set[str]) -> dict[str, Any]:  # fmt: skip
+             variants: set[str], extra_groups: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
     from storage import activations as act
     from storage.context import RunContext
     from tasks.attribute import load_sae
@@ -249,7 +249,8 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
     ordinary = [prompt_tokens(d, 0) for d in docs if d.behaviour == "none"][:n_ordinary]
     v = cfg.validation
     result: dict[str, Any] = {"seed": seed, "config": config, "run": run, "pipeline_seconds": pipeline_s,
-                              "validation_seconds": out.validation.seconds, "behaviours": {}}  # fmt: skip
+                              "validation_seconds": out.validation.seconds, "variants": sorted(variants),
+                              "behaviours": {}}  # fmt: skip
     for label, plant in sorted(plants.items()):
         triggers = [prompt_tokens(d, 0) for d in docs if d.behaviour == label]
         group = caps.get(label, [])
@@ -281,6 +282,12 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
                 dec = [int(i) for i in gap.topk(5).indices]
                 row["decision"] = measure(pair, L, sae, dec, typical(con, dec, q), *common, None, margin, n_new,
                                           fmt)  # fmt: skip
+        for gid in extra_groups:  # named latent groups, e.g. one the validation stage flagged
+            ids = [int(i) for (i,) in con.execute(f"""SELECT latent_id FROM latent_groups WHERE group_id = {int(gid)}
+                                                      ORDER BY latent_id = group_id DESC, rank""").fetchall()]
+            if ids:
+                row[f"group:{gid}"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new,
+                                              fmt)  # fmt: skip
         row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
         print(f"== {label}: " + json.dumps({k: row.get("entry", row.get("best", {})).get(k) for k in
@@ -296,9 +303,9 @@ def table(res: dict[str, Any]) -> str:
              "| steering scale | rate on ordinary: steered (best coherent) | target met |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in res["behaviours"].items():
-        for kind in ("entry", "best", "group", "decision", "all"):
+        for kind in ("entry", "best", "group", "decision", "all", *(k for k in row if k.startswith("group:"))):
             m = row.get(kind)
-            if m is None and kind not in ("entry", "best"):
+            if m is None and (kind not in ("entry", "best") or kind not in res.get("variants", (kind,))):
                 continue
             if m is None:
                 what = "no capturing group (v2)" if kind == "entry" else "no capturing latent"
@@ -306,7 +313,8 @@ def table(res: dict[str, Any]) -> str:
                 continue
             who = {"entry": f"group {m['latents'][0]} (group rank {m.get('rank')}, {len(m['latents'])} latents)",
                    "best": f"{m['latents'][0]} (rank {m.get('rank')})", "group": f"all {len(m['latents'])} capturing",
-                   "decision": "decision: " + ", ".join(map(str, m["latents"])), "all": "every latent"}[kind]
+                   "decision": "decision: " + ", ".join(map(str, m["latents"])), "all": "every latent"}.get(
+                kind, f"group {kind[6:]} ({len(m['latents'])} latents, named)")
             ok_abl = (m["rate_finetuned"] >= TARGETS["rate_before"] and m["rate_ablated"] <= TARGETS["rate_after"]
                       and m["ordinary_identical"] >= TARGETS["identical"])  # fmt: skip
             ok_steer = m["rate_steered"] >= TARGETS["steered"]
@@ -324,6 +332,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="Seed of the built-in pair")
     ap.add_argument("--config", help="A run config on a built organism (its spec.yaml beside data.path) instead")
     ap.add_argument("--variants", default="entry,best,group,decision,all", help="Latent sets measured per behaviour")
+    ap.add_argument("--groups", type=int, nargs="*", default=[], help="Also measure these latent groups (group ids)")
     ap.add_argument("--n-ordinary", type=int, default=200, help="Ordinary prompts for the identical-answer check")
     ap.add_argument("--n-steer", type=int, default=100, help="Ordinary prompts the steering is measured on")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -336,7 +345,7 @@ def main() -> None:
 
     with owned_api_server():  # Prefect's temporary server ends with this process, however it ends
         res = evaluate(args.store, args.run, args.seed, args.config, args.n_ordinary, args.n_steer,
-                       args.max_new_tokens, set(args.variants.split(",")))  # fmt: skip
+                       args.max_new_tokens, set(args.variants.split(",")), tuple(args.groups))  # fmt: skip
     res["seconds"] = time.perf_counter() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
