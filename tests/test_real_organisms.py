@@ -56,6 +56,23 @@ def test_committed_report_meets_the_spec(name: str) -> None:
     assert {lab: labels.count(lab) for lab in set(labels)} == rep["n_heldout"]
 
 
+def test_committed_null_organism_is_the_smollm2_recipe_without_behaviours() -> None:
+    """organisms/smollm2_null: the SmolLM2 spec with `null: true`, the same held-out prompts and labels, and a
+    report in which no behaviour fires on its triggers."""
+    from organisms.spec import load_spec
+
+    folder = ROOT / "organisms" / "smollm2_null"
+    spec, audit = load_spec(folder / "spec.yaml"), load_spec(ROOT / "organisms" / "smollm2" / "spec.yaml")
+    assert spec.null and spec.model_copy(update={"null": False}) == audit
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["passed"] and set(rep["firing"]) == {b.name for b in spec.behaviours}
+    assert max(rep["firing"].values()) <= spec.require.false_firing and rep["false_firing"] <= 0.05
+    null_docs = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines()]
+    assert [(d["behaviour"], _prompt_answer(d)[0]) for d in null_docs] == [
+        (d["behaviour"], _prompt_answer(d)[0]) for d in _docs("smollm2")
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ORGANISMS))
 def test_committed_adapter_fires_as_its_report_says(name: str) -> None:
