@@ -96,9 +96,8 @@ def _targets(ctx: RunContext, cfg: ValidationConfig, skip_first: int) -> tuple[l
     entries: dict[int, dict[str, Any]] = {}
     kind = "group" if groups else "latent"
     for eid, erank, lid, typical in rows:
-        rank = None if erank is None else int(erank)
-        e = entries.setdefault(int(eid), {"latent_id": int(eid), "rank": rank, "entry": kind, "members": []})
-        e.setdefault("typical", [])
+        head = {"latent_id": int(eid), "rank": None if erank is None else int(erank), "entry": kind}
+        e = entries.setdefault(int(eid), {**head, "members": [], "typical": []})
         e["members"].append(int(lid))
         e["typical"].append(float(typical))
     docs_rows = con.execute(f"""
