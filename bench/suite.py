@@ -27,7 +27,6 @@ base; mix = null when the organism's spec.yaml says `null: true`):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -58,7 +57,7 @@ class Organism:
         self.name, self.mix = self.folder.name, "null" if spec.get("null") else "audit"
 
     def raw(self) -> dict[str, Any]:
-        raw = copy.deepcopy(yaml.safe_load(Path(self.config).read_text()))
+        raw = yaml.safe_load(Path(self.config).read_text())  # a fresh dict per run
         raw["models"]["finetuned"] = str(self.folder / "adapter")
         raw["data"]["path"] = str(self.folder / "prompts.jsonl")
         return raw

@@ -245,6 +245,12 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
     entries = best_entries(con) if "latent_groups" in views and "recovery" in views else {}
     checked = {(r["entry"], r["latent_id"]): r for r in con.execute("SELECT * FROM validation").to_arrow_table()
                .to_pylist()} if "validation" in views else {}  # fmt: skip
+    named = {}  # named latent groups (e.g. one the validation stage flagged): their members, leader first
+    for gid in extra_groups:
+        ids = [int(i) for (i,) in con.execute(f"""SELECT latent_id FROM latent_groups WHERE group_id = {int(gid)}
+                                                  ORDER BY latent_id = group_id DESC, rank""").fetchall()]
+        if ids:
+            named[int(gid)] = ids
     docs = act.read_docs(ctx.store, ctx.paths)
     ordinary = [prompt_tokens(d, 0) for d in docs if d.behaviour == "none"][:n_ordinary]
     v = cfg.validation
@@ -282,12 +288,8 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
                 dec = [int(i) for i in gap.topk(5).indices]
                 row["decision"] = measure(pair, L, sae, dec, typical(con, dec, q), *common, None, margin, n_new,
                                           fmt)  # fmt: skip
-        for gid in extra_groups:  # named latent groups, e.g. one the validation stage flagged
-            ids = [int(i) for (i,) in con.execute(f"""SELECT latent_id FROM latent_groups WHERE group_id = {int(gid)}
-                                                      ORDER BY latent_id = group_id DESC, rank""").fetchall()]
-            if ids:
-                row[f"group:{gid}"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new,
-                                              fmt)  # fmt: skip
+        for gid, ids in named.items():
+            row[f"group:{gid}"] = measure(pair, L, sae, ids, typical(con, ids, q), *common, None, margin, n_new, fmt)
         row["seconds"] = time.perf_counter() - t
         result["behaviours"][label] = row
         print(f"== {label}: " + json.dumps({k: row.get("entry", row.get("best", {})).get(k) for k in
