@@ -108,12 +108,17 @@ class RankConfig(_Section):
         "apart (rank_broad, with latents firing this widely on any token), not in the narrow ranking",
     )
 
+    group_by: Literal["documents", "attribution"] = Field(
+        "documents",
+        description="What links two latents into a group: their document sets (Jaccard) or their KL attribution over "
+        "documents (weighted Jaccard)",
+    )
     group_jaccard: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="Latents whose document sets overlap this much (Jaccard) with a better-ranked group leader join "
-        "its group (latent_groups)",
+        description="Latents that overlap this much (group_by's Jaccard) with a better-ranked group leader join its "
+        "group (latent_groups)",
     )
     group_top: int = Field(500, ge=1, description="Latents grouped: the first this many of the narrow ranking")
 

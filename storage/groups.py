@@ -21,6 +21,8 @@ from storage import schemas
 from storage.duck import view_names
 from storage.ranking import latent_docs_sql, load_sql, registered, render, role_filter
 
+LINKS = {"documents": "latent_groups.sql", "attribution": "latent_groups_attribution.sql"}
+
 
 def leaders(order: list[int], linked: set[tuple[int, int]]) -> dict[int, int]:
     """Leader clustering: walk the latents best rank first; each joins the first earlier leader it is linked to
@@ -44,18 +46,23 @@ def latent_groups(
     roles: tuple[str, ...] | None = None,
     top: int = 500,
     min_jaccard: float = 0.5,
+    by: str = "documents",
 ) -> pa.Table:
     """The `latent_groups` table: one row per grouped latent (rank <= top): group_id (its best member's latent_id),
     group_rank (1 = the group with the best-ranked member), n_members, the latent's own rank and its Jaccard with
-    the group's best member, its leader (1.0 for the leader itself)."""
+    the group's best member, its leader (1.0 for the leader itself). `by`: what a link compares, the latents'
+    document sets (`documents`, latent_groups.sql) or their attribution over documents (`attribution`, weighted
+    Jaccard, latent_groups_attribution.sql)."""
     if not 0 < min_jaccard <= 1:
         raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard}")
+    if by not in LINKS:
+        raise ValueError(f"group_by must be one of {sorted(LINKS)}, got {by!r}")
     views = view_names(con)
     head = latents.select(["latent_id", "rank"]).filter(pc.less_equal(latents["rank"], top))
     ranks = dict(zip(head["latent_id"].to_pylist(), head["rank"].to_pylist()))
     with registered(con, head=head) as names:
         sql = render(
-            load_sql("latent_groups.sql"),
+            load_sql(LINKS[by]),
             latent_docs=latent_docs_sql(views, roles_where=role_filter(con, roles)),
             latents=names["head"],
         )

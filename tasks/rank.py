@@ -75,7 +75,8 @@ def rank(ctx: RunContext, rank_by: str, cfg: RankConfig, skip_first: int, key: s
     q = f"SELECT count(*) FROM tokens WHERE pos >= {int(skip_first)} AND {roles_where}"
     analysed = con.execute(q).fetchone()[0]
     latents = ranking.rank_latents(con, rank_by, latent_dirs=dirs, n_tokens=int(analysed), params=params)
-    groups = latent_groups(con, latents, roles=params.roles, top=cfg.group_top, min_jaccard=cfg.group_jaccard)
+    groups = latent_groups(con, latents, roles=params.roles, top=cfg.group_top, min_jaccard=cfg.group_jaccard,
+                           by=cfg.group_by)
     store.write_parquet(paths.table("latents"), latents)
     store.write_parquet(paths.table("latent_groups"), groups)
     rec, alarms, text = judge(ctx, con, latents, params.roles, groups)

@@ -98,3 +98,18 @@ def test_groups_summary_by_hand(con) -> None:
     ]  # fmt: skip
     assert [g["kl_attr_sum"] for g in top] == pytest.approx([7.4, 3.0, 1.0, 0.4])
     assert top[0]["dominant_behaviour"] == "alpha" and top[1]["dominant_behaviour"] == "none"
+
+
+def test_groups_by_attribution_by_hand(con) -> None:
+    """group_by attribution: each latent's attribution over its documents is uniform here (p = 1/|D|), so the
+    weighted Jaccard s / (2 - s), s = sum_d min(p_a, p_b), is the set Jaccard for equal-size sets (J(1, 7) = 0.6 both
+    ways) but not for unequal ones: 4 spreads half its attribution over documents 2-3, where 3 never fires, so
+    s(3, 4) = 2 x min(1/2, 1/4) = 0.5 and J = 1/3 (the set Jaccard was 0.5): 4 leads its own group, and 8 (s(4, 8) =
+    3/4, J = 0.6) joins it."""
+    latents = rank_latents(con, "total")
+    g = latent_groups(con, latents, by="attribution")
+    assert groups_of(g) == {1: [1, 2, 7], 2: [3], 3: [4, 8], 4: [5]}
+    rows = {r["latent_id"]: r for r in g.to_pylist()}
+    assert [rows[i]["jaccard"] for i in (2, 7, 8)] == pytest.approx([1.0, 0.6, 0.6])
+    with pytest.raises(ValueError, match="group_by must be one of"):
+        latent_groups(con, latents, by="cosine")
