@@ -58,10 +58,10 @@ demo: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-# The tests pin the float kernels (MKL's AVX2 code path in its conditional-numerical-reproducibility mode, ATen's
-# AVX2 kernels): the demo pair and its SAE are trained in the tests, and other CPUs' default kernels round float32
-# differently and grow another pair from the same seed (docs/EVALUATION.md "Links between latents"); pinned, every
-# x86 CPU with AVX2 computes the same. ~10 % slower here. `make demo` keeps the machine's fastest kernels.
+# The tests pin the float kernels: oneMKL's AVX2 code path in its conditional numerical reproducibility mode and
+# ATen's AVX2 kernels. The tests train the demo pair and its SAE, and another CPU's default kernels round float32
+# differently and grow another pair from the same seed (docs/EVALUATION.md "Links between latents"); pinned, Intel
+# CPUs with AVX2 compute the same at a fixed thread count. ~10 % slower here; `make demo` keeps the fastest kernels.
 PINNED := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2
 
 test: install browser
