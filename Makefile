@@ -58,17 +58,11 @@ demo: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-# The tests pin the float kernels: oneMKL's AVX2 code path in its conditional numerical reproducibility mode and
-# ATen's AVX2 kernels. The tests train the demo pair and its SAE, and another CPU's default kernels round float32
-# differently and grow another pair from the same seed (docs/EVALUATION.md "Links between latents"); pinned, Intel
-# CPUs with AVX2 compute the same at a fixed thread count. ~10 % slower here; `make demo` keeps the fastest kernels.
-PINNED := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2
-
 test: install browser
-	$(PINNED) $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 test-fast: install
-	$(PINNED) $(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
