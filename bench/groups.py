@@ -4,7 +4,8 @@ by recovery v2 on the SAE's held-out documents and, on null runs, by the trigger
 What: for every run named (all runs of `--store` by default), the rank stage's `latents` table is regrouped under
 each variant `BY:J` (BY = documents: the Jaccard of the latents' document sets; attribution: the weighted Jaccard
 of their attribution over documents; J = the link threshold) with storage/groups.py, and recovery v2 is recomputed
-with storage/recovery.py exactly as the rank stage does. Nothing is retrained; a run's tables are not rewritten.
+with storage/recovery.py as the rank stage does, with its default roles and `group_top` (the settings of the suite's
+runs; a run's own rank settings are not stored). Nothing is retrained; a run's tables are not rewritten.
 A run whose name starts with `null` counts claimed labels (any top-10 group capturing a label the null finetune
 does not have); every other run counts behaviours recovered.
 

@@ -141,7 +141,7 @@ def best_entries(con: Any) -> dict[str, tuple[int, list[int]]]:
         SELECT r.behaviour, r.best_rank_v2, g.latent_id FROM recovery AS r
         JOIN latent_groups AS g ON g.group_rank = r.best_rank_v2
         WHERE r.score = 'groups' AND r.best_rank_v2 IS NOT NULL
-        ORDER BY r.behaviour, g.latent_id = g.group_id DESC, g.rank""").fetchall()
+        ORDER BY r.behaviour, g.rank""").fetchall()
     out: dict[str, tuple[int, list[int]]] = {}
     for behaviour, rank, lid in rows:
         out.setdefault(behaviour, (int(rank), []))[1].append(int(lid))
@@ -248,7 +248,7 @@ def evaluate(store: str, run: str, seed: int, config: str | None, n_ordinary: in
     named = {}  # named latent groups (e.g. one the validation stage flagged): their members, leader first
     for gid in extra_groups:
         ids = [int(i) for (i,) in con.execute(f"""SELECT latent_id FROM latent_groups WHERE group_id = {int(gid)}
-                                                  ORDER BY latent_id = group_id DESC, rank""").fetchall()]
+                                                  ORDER BY rank""").fetchall()]
         if ids:
             named[int(gid)] = ids
     docs = act.read_docs(ctx.store, ctx.paths)

@@ -4,7 +4,8 @@ Several latents often encode one behaviour (different tokens of the same answers
 crowd the top of the ranking. storage/sql/latent_groups.sql links two narrow latents when their document sets
 overlap with Jaccard >= `min_jaccard` (0.5: each fires on most of the documents the other does); groups form by
 leader clustering in rank order (a latent joins the best-ranked leader it is linked to; no chains), ranked by their
-leader. Why documents and not decoder cosine: latents of one behaviour
+leader. `rank.group_by: attribution` links by the latents' attribution over documents instead
+(latent_groups_attribution.sql, weighted Jaccard). Why documents and not decoder cosine: latents of one behaviour
 on different tokens point different ways but mark the same documents, and near-parallel decoder directions fire
 together anyway. Only the head of the list (rank <= `top`) is grouped; every latent stays queryable on its own.
 
@@ -27,7 +28,8 @@ LINKS = {"documents": "latent_groups.sql", "attribution": "latent_groups_attribu
 def leaders(order: list[int], linked: set[tuple[int, int]]) -> dict[int, int]:
     """Leader clustering: walk the latents best rank first; each joins the first earlier leader it is linked to
     (pairs (a, b), a < b), else leads a new group. Only links to leaders count, so groups never chain: two
-    latents in one group are each linked to its leader. Returns latent -> its leader."""
+    latents in one group are each linked to its leader. A leader is its group's best-ranked member, so rank order
+    lists a group leader first (what readers of `latent_groups` rely on). Returns latent -> its leader."""
     leader: dict[int, int] = {}
     heads: list[int] = []
     for lid in order:

@@ -91,7 +91,7 @@ def _targets(ctx: RunContext, cfg: ValidationConfig, skip_first: int) -> tuple[l
         typ AS (SELECT latent_id, quantile_cont(activation, {q}) AS typical FROM latent_tokens
                 WHERE latent_id IN (SELECT latent_id FROM m) GROUP BY latent_id)
         SELECT m.eid, m.erank, m.latent_id, typ.typical FROM m JOIN typ USING (latent_id)
-        ORDER BY m.erank NULLS LAST, m.ebroad NULLS LAST, m.eid, m.latent_id = m.eid DESC, m.morder, m.latent_id
+        ORDER BY m.erank NULLS LAST, m.ebroad NULLS LAST, m.eid, m.morder, m.latent_id
         """).fetchall()
     entries: dict[int, dict[str, Any]] = {}
     kind = "group" if groups else "latent"
